@@ -1,0 +1,252 @@
+// steer_gguf._native: the bridge between Python and the patched libllama.
+// Holds what must run inside llama.cpp's compute loop without the GIL: the routing
+// recorder and the hook engine (steering by rewriting tensors in the eval callback).
+#include "steer.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+static llama_context * as_ctx(uintptr_t p) { return reinterpret_cast<llama_context *>(p); }
+
+// "ffn_moe_topk-12" -> ("ffn_moe_topk", 12); names without a layer give -1
+static std::pair<std::string, int> split_name(const char * name) {
+    const char * dash = std::strrchr(name, '-');
+    if (!dash || dash[1] == '\0') {
+        return {name, -1};
+    }
+    char * end = nullptr;
+    long il = std::strtol(dash + 1, &end, 10);
+    if (*end != '\0') {
+        return {name, -1};
+    }
+    return {std::string(name, dash - name), (int) il};
+}
+
+static bool is_weights_name(const std::string & base) {
+    return base == "ffn_moe_weights" || base == "ffn_moe_weights_softmax" ||
+           base == "ffn_moe_weights_norm" || base == "ffn_moe_weights_scaled";
+}
+
+struct Observer {
+    int n_layer;
+    // recorder: per layer, rows of k selected experts / weights in token order
+    bool record = false;
+    std::vector<std::vector<int32_t>> experts;
+    std::vector<std::vector<float>>   weights;
+    std::vector<int> k_of;
+    // hook engine
+    bool hook = false;
+    int n_expert = 0;
+    bool grouped = false;
+    std::string logit_stage, select_stage;
+    std::vector<float> act, deact, add_logit, add_sel;  // [n_layer * n_expert]
+    std::vector<char> layer_steered;
+    std::string error;
+
+    std::vector<char> scratch;
+
+    explicit Observer(int n_layer) : n_layer(n_layer), experts(n_layer), weights(n_layer), k_of(n_layer, 0),
+                                     layer_steered(n_layer, 0) {}
+
+    bool wants(const std::string & base, int il) const {
+        if (il < 0 || il >= n_layer) {
+            return false;
+        }
+        if (record && (base == "ffn_moe_topk" || is_weights_name(base))) {
+            return true;
+        }
+        if (hook && layer_steered[il] && (base == logit_stage || (!select_stage.empty() && base == select_stage))) {
+            return true;
+        }
+        return false;
+    }
+
+    void on_tensor(ggml_tensor * t, const std::string & base, int il) {
+        const size_t nbytes = ggml_nbytes(t);
+        scratch.resize(nbytes);
+        ggml_backend_tensor_get(t, scratch.data(), 0, nbytes);
+        const char * data = scratch.data();
+
+        if (base == "ffn_moe_topk") {
+            if (t->type != GGML_TYPE_I32) { error = "ffn_moe_topk is not int32"; return; }
+            const int64_t k = t->ne[0], n_tok = t->ne[1];
+            k_of[il] = (int) k;
+            auto & dst = experts[il];
+            for (int64_t i = 0; i < n_tok; ++i) {
+                const int32_t * row = (const int32_t *) (data + i * t->nb[1]);
+                dst.insert(dst.end(), row, row + k);
+            }
+            weights[il].resize(dst.size(), 0.0f);  // filled by the weights tensor that follows
+            return;
+        }
+        if (is_weights_name(base)) {
+            if (t->type != GGML_TYPE_F32) { error = base + " is not f32"; return; }
+            // [1, k, T] before normalization, [k, T] after
+            const bool lead1 = t->ne[0] == 1;
+            const int64_t k = lead1 ? t->ne[1] : t->ne[0];
+            const int64_t n_tok = lead1 ? t->ne[2] : t->ne[1];
+            const size_t se = lead1 ? t->nb[1] : t->nb[0];
+            const size_t st = lead1 ? t->nb[2] : t->nb[1];
+            auto & dst = weights[il];
+            if ((int64_t) dst.size() < n_tok * k) { error = "weights before top-k in layer " + std::to_string(il); return; }
+            float * out = dst.data() + dst.size() - n_tok * k;  // the block of the latest top-k
+            for (int64_t i = 0; i < n_tok; ++i) {
+                for (int64_t j = 0; j < k; ++j) {
+                    out[i * k + j] = *(const float *) (data + i * st + j * se);
+                }
+            }
+            return;
+        }
+        // hook engine: same arithmetic, in the same order, as llama_adapter_steer::steer
+        if (t->type != GGML_TYPE_F32 || t->ne[0] != n_expert || !ggml_is_contiguous(t)) {
+            error = "cannot hook " + base + "-" + std::to_string(il) + ": unexpected layout";
+            return;
+        }
+        const bool sel = base == select_stage && base != logit_stage;
+        const float * a = act.data() + (size_t) il * n_expert;
+        const float * d = deact.data() + (size_t) il * n_expert;
+        const float * add = (sel ? add_sel.data() : add_logit.data()) + (size_t) il * n_expert;
+        bool any_a = false, any_d = false;
+        for (int e = 0; e < n_expert; ++e) { any_a |= a[e] != 0.0f; any_d |= d[e] != 0.0f; }
+        if (sel && !any_a && !any_d) {
+            return;
+        }
+        const int64_t n_tok = t->ne[1];
+        std::vector<float> x(n_expert);
+        for (int64_t i = 0; i < n_tok; ++i) {
+            float * row = (float *) (scratch.data() + i * t->nb[1]);
+            for (int e = 0; e < n_expert; ++e) {
+                x[e] = (sel && grouped) ? std::clamp(row[e], -1e4f, 1e4f) : row[e];
+            }
+            const float mx = *std::max_element(x.begin(), x.end());
+            const float mn = *std::min_element(x.begin(), x.end());
+            for (int e = 0; e < n_expert; ++e) {
+                float out = x[e];
+                if (any_a) { out = out - (x[e] - mx) * a[e]; }
+                if (any_d) { out = out - (x[e] - mn) * d[e]; }
+                row[e] = out + add[e];
+            }
+        }
+        ggml_backend_tensor_set(t, scratch.data(), 0, nbytes);
+    }
+
+    static bool callback(ggml_tensor * t, bool ask, void * ud) {
+        auto * self = static_cast<Observer *>(ud);
+        auto [base, il] = split_name(t->name);
+        if (ask) {
+            return self->wants(base, il);
+        }
+        if (self->wants(base, il)) {
+            self->on_tensor(t, base, il);
+        }
+        return true;  // false would abort the graph computation
+    }
+
+    void attach(uintptr_t ctx) { llama_steer_set_eval_callback(as_ctx(ctx), &Observer::callback, this); }
+    void detach(uintptr_t ctx) { llama_steer_set_eval_callback(as_ctx(ctx), nullptr, nullptr); }
+
+    void clear_records() {
+        for (auto & v : experts) v.clear();
+        for (auto & v : weights) v.clear();
+        error.clear();
+    }
+
+    // per layer: (experts int32 [n, k], weights float32 [n, k]); layers never seen are absent
+    py::dict take() {
+        py::dict out;
+        for (int il = 0; il < n_layer; ++il) {
+            if (experts[il].empty()) continue;
+            const py::ssize_t k = k_of[il];
+            const py::ssize_t n = (py::ssize_t) experts[il].size() / k;
+            py::array_t<int32_t> e({n, k});
+            py::array_t<float> w({n, k});
+            std::memcpy(e.mutable_data(), experts[il].data(), experts[il].size() * sizeof(int32_t));
+            std::memcpy(w.mutable_data(), weights[il].data(), weights[il].size() * sizeof(float));
+            out[py::int_(il)] = py::make_tuple(e, w);
+        }
+        clear_records();
+        return out;
+    }
+
+    void set_hook(py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
+                  py::array_t<float, py::array::c_style | py::array::forcecast> bias,
+                  float eps, std::string logit_stage_, std::string select_stage_, bool grouped_) {
+        if (actions.ndim() != 2 || actions.shape(0) != n_layer || bias.ndim() != 2 ||
+            bias.shape(0) != actions.shape(0) || bias.shape(1) != actions.shape(1)) {
+            throw py::value_error("hook table must be [n_layer, n_expert] for actions and bias");
+        }
+        n_expert = (int) actions.shape(1);
+        const size_t n = (size_t) n_layer * n_expert;
+        act.assign(n, 0.0f); deact.assign(n, 0.0f); add_logit.assign(n, 0.0f); add_sel.assign(n, 0.0f);
+        std::fill(layer_steered.begin(), layer_steered.end(), 0);
+        const int8_t * av = actions.data();
+        const float * bv = bias.data();
+        for (size_t i = 0; i < n; ++i) {
+            const float off = av[i] == LLAMA_STEER_ACTIVATE ? eps : av[i] == LLAMA_STEER_DEACTIVATE ? -eps : 0.0f;
+            act[i] = av[i] == LLAMA_STEER_ACTIVATE ? 1.0f : 0.0f;
+            deact[i] = av[i] == LLAMA_STEER_DEACTIVATE ? 1.0f : 0.0f;
+            add_sel[i] = off;
+            add_logit[i] = off + bv[i];
+            if (av[i] != LLAMA_STEER_NONE || bv[i] != 0.0f) layer_steered[i / n_expert] = 1;
+        }
+        logit_stage = std::move(logit_stage_);
+        select_stage = std::move(select_stage_);
+        grouped = grouped_;
+        hook = true;
+    }
+
+    void clear_hook() { hook = false; }
+};
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "steer-gguf native bridge (patched libllama)";
+    m.attr("API_VERSION") = llama_steer_api_version();
+    m.attr("LLAMA_CPP_PYTHON_VERSION") = STEER_LLAMA_CPP_PYTHON_VERSION;
+
+    m.def("set_table", [](uintptr_t ctx, py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
+                          py::object bias, float eps) {
+        if (actions.ndim() != 2) {
+            return py::make_tuple((int) LLAMA_STEER_ERR_SHAPE, std::string("actions must be 2-D [n_layer, n_expert]"));
+        }
+        py::array_t<float, py::array::c_style | py::array::forcecast> b;
+        const float * bp = nullptr;
+        if (!bias.is_none()) {
+            b = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(bias);
+            if (!b || b.ndim() != 2 || b.shape(0) != actions.shape(0) || b.shape(1) != actions.shape(1)) {
+                return py::make_tuple((int) LLAMA_STEER_ERR_SHAPE, std::string("bias must have the shape of actions"));
+            }
+            bp = b.data();
+        }
+        int32_t rc;
+        {
+            py::gil_scoped_release release;
+            rc = llama_steer_set(as_ctx(ctx), actions.data(), bp, (int32_t) actions.shape(0), (int32_t) actions.shape(1), eps);
+        }
+        return py::make_tuple(rc, std::string(rc == 0 ? "" : llama_steer_last_error()));
+    }, py::arg("ctx"), py::arg("actions"), py::arg("bias"), py::arg("eps"));
+
+    m.def("clear_table", [](uintptr_t ctx) { llama_steer_clear(as_ctx(ctx)); });
+
+    py::class_<Observer>(m, "Observer")
+        .def(py::init<int>())
+        .def_readwrite("record", &Observer::record)
+        .def_readonly("error", &Observer::error)
+        .def("attach", &Observer::attach)
+        .def("detach", &Observer::detach)
+        .def("take", &Observer::take)
+        .def("clear_records", &Observer::clear_records)
+        .def("set_hook", &Observer::set_hook)
+        .def("clear_hook", &Observer::clear_hook);
+}
