@@ -216,7 +216,7 @@ PYBIND11_MODULE(_native, m) {
     m.attr("LLAMA_CPP_PYTHON_VERSION") = STEER_LLAMA_CPP_PYTHON_VERSION;
 
     m.def("set_table", [](uintptr_t ctx, py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
-                          py::object bias, float eps) {
+                          py::object bias, float eps) -> py::tuple {
         if (actions.ndim() != 2) {
             return py::make_tuple((int) LLAMA_STEER_ERR_SHAPE, std::string("actions must be 2-D [n_layer, n_expert]"));
         }
@@ -234,7 +234,7 @@ PYBIND11_MODULE(_native, m) {
             py::gil_scoped_release release;
             rc = llama_steer_set(as_ctx(ctx), actions.data(), bp, (int32_t) actions.shape(0), (int32_t) actions.shape(1), eps);
         }
-        return py::make_tuple(rc, std::string(rc == 0 ? "" : llama_steer_last_error()));
+        return py::make_tuple((int) rc, std::string(rc == 0 ? "" : llama_steer_last_error()));
     }, py::arg("ctx"), py::arg("actions"), py::arg("bias"), py::arg("eps"));
 
     m.def("clear_table", [](uintptr_t ctx) { llama_steer_clear(as_ctx(ctx)); });

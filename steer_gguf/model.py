@@ -1,0 +1,157 @@
+"""What a GGUF file says about its MoE layout, read without loading the model."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import SteerError
+
+# llama.cpp's llama_expert_gating_func_type
+GATING_NAMES = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax-after-topk", 4: "sqrt-softplus"}
+# architectures whose gating is fixed in code rather than stored in the file
+GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk"}
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    architecture: str
+    n_layer: int
+    moe_layers: list[int]
+    n_expert: int
+    n_expert_used: int
+    gating: str
+    n_expert_groups: int = 0
+    n_group_used: int = 0
+    n_shared_expert: int = 0
+    has_selection_bias: bool = False     # exp_probs_b (DeepSeek-V3 style)
+    has_router_bias: bool = False        # ffn_gate_inp.bias (gpt-oss)
+    n_embd: int = 0
+    fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def logit_stage(self) -> str:
+        """Name of the graph tensor that holds the final router logits (the hook engine
+        rewrites it). With softmax-after-top-k gating llama.cpp uses the logits themselves
+        as probs, and that tensor ends up named ffn_moe_probs."""
+        if self.gating == "softmax-after-topk":
+            return "ffn_moe_probs"
+        return "ffn_moe_logits_biased" if self.has_router_bias else "ffn_moe_logits"
+
+    @property
+    def select_stage(self) -> str:
+        """Graph tensor whose values pick the experts, when it differs from the logits."""
+        if self.n_expert_groups > 1:
+            return "ffn_moe_probs_masked"
+        if self.has_selection_bias:
+            return "ffn_moe_probs_biased"
+        return ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _open(path: str | os.PathLike):
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SteerError(f"{path}: no such file")
+    if os.path.isdir(path) or not os.access(path, os.R_OK):
+        raise SteerError(f"{path}: not a readable file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SteerError(f"{path}: cannot read: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise SteerError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises assorted errors on truncation
+        raise SteerError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _tensor_data(t) -> np.ndarray:
+    """A tensor's values as float32, dequantizing when needed."""
+    import gguf
+
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(t.data, dtype=np.float32)
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+
+def model_info(path: str | os.PathLike) -> ModelInfo:
+    """Read the MoE layout of a GGUF file. Raises SteerError for a missing, truncated,
+    non-GGUF or non-MoE file."""
+    path = os.fspath(path)
+    r = _open(path)
+    arch = _field(r, "general.architecture")
+    if not arch:
+        raise SteerError(f"{path}: GGUF has no general.architecture")
+    n_layer = int(_field(r, f"{arch}.block_count", 0) or 0)
+    n_expert = int(_field(r, f"{arch}.expert_count", 0) or 0)
+    n_used = int(_field(r, f"{arch}.expert_used_count", 0) or 0)
+    if n_expert <= 1 or n_used <= 0:
+        raise SteerError(f"{path}: not a Mixture-of-Experts model ({arch} has no {arch}.expert_count)")
+
+    routers: dict[int, object] = {}
+    sel_bias = router_bias = False
+    for t in r.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b\.bias|ffn_gate_inp\.bias)", t.name)
+        if not m:
+            continue
+        il = int(m.group(1))
+        if m.group(2) == "ffn_gate_inp.weight":
+            routers[il] = t
+        elif m.group(2) == "exp_probs_b.bias":
+            sel_bias = True
+        else:
+            router_bias = True
+    if not routers:
+        raise SteerError(f"{path}: not a Mixture-of-Experts model (no router tensors blk.N.ffn_gate_inp)")
+    moe_layers = sorted(il for il in routers if il < n_layer)
+
+    gating_id = _field(r, f"{arch}.expert_gating_func")
+    if arch in GATING_BY_ARCH:
+        gating = GATING_BY_ARCH[arch]
+    elif gating_id is not None:
+        gating = GATING_NAMES.get(int(gating_id), f"type-{gating_id}")
+    else:
+        gating = "softmax"
+
+    # router weights are never quantized by llama.cpp, and a float's sign survives every
+    # float conversion (F32/F16/BF16), so the sign pattern identifies the model at any quant
+    h = hashlib.sha256(f"{arch}|{n_layer}|{n_expert}|{n_used}".encode())
+    for il in moe_layers:
+        w = _tensor_data(routers[il]).reshape(-1)
+        h.update(np.packbits(np.signbit(w[: 1 << 16])).tobytes())
+    return ModelInfo(
+        path=path,
+        architecture=str(arch),
+        n_layer=n_layer,
+        moe_layers=moe_layers,
+        n_expert=n_expert,
+        n_expert_used=n_used,
+        gating=gating,
+        n_expert_groups=int(_field(r, f"{arch}.expert_group_count", 0) or 0),
+        n_group_used=int(_field(r, f"{arch}.expert_group_used_count", 0) or 0),
+        n_shared_expert=int(_field(r, f"{arch}.expert_shared_count", 0) or 0),
+        has_selection_bias=sel_bias,
+        has_router_bias=router_bias,
+        n_embd=int(_field(r, f"{arch}.embedding_length", 0) or 0),
+        fingerprint=h.hexdigest()[:32],
+    )

@@ -1,0 +1,49 @@
+"""Make llama-cpp-python run on our patched libllama, and load the native bridge.
+
+llama-cpp-python picks its library when `llama_cpp` is first imported (LLAMA_CPP_LIB_PATH),
+so this must run before anything imports `llama_cpp`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from .errors import SteerError
+
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def lib_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("STEER_GGUF_LIB_DIR") or PACKAGE_DIR / "lib")
+
+
+def _loaded_lib_path(llama_cpp_module) -> str | None:
+    lib = getattr(getattr(llama_cpp_module, "llama_cpp", None), "_lib", None)
+    return getattr(lib, "_name", None)
+
+
+def load():
+    """Import llama_cpp on our library and return (llama_cpp, _native)."""
+    d = lib_dir()
+    if not any(d.glob("*llama.*")):
+        raise SteerError(f"steer-gguf's patched libllama is missing from {d}: reinstall with `pip install .` "
+                         f"(or set STEER_GGUF_LIB_DIR)")
+    if "llama_cpp" in sys.modules:
+        loaded = _loaded_lib_path(sys.modules["llama_cpp"])
+        if loaded is None or pathlib.Path(loaded).resolve().parent != d.resolve():
+            raise SteerError(f"llama_cpp was imported before steer_gguf and uses another library ({loaded}); "
+                             f"import steer_gguf first, before llama_cpp")
+    else:
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
+    import llama_cpp
+
+    try:
+        from . import _native
+    except ImportError as e:
+        raise SteerError(f"steer-gguf's native module failed to load ({e}); reinstall with `pip install .`") from None
+    if llama_cpp.__version__ != _native.LLAMA_CPP_PYTHON_VERSION:
+        raise SteerError(f"llama-cpp-python {llama_cpp.__version__} is installed but steer-gguf was built for "
+                         f"{_native.LLAMA_CPP_PYTHON_VERSION}: pip install llama-cpp-python=={_native.LLAMA_CPP_PYTHON_VERSION} "
+                         f"(see README: install it without its own native build)")
+    return llama_cpp, _native

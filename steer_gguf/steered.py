@@ -1,0 +1,186 @@
+"""SteeredLlama: a llama_cpp.Llama whose MoE routing follows a steering profile."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import runtime
+from .errors import SteerError
+from .model import ModelInfo, model_info
+from .profile import Profile, as_profile
+from .trace import RoutingTrace
+
+llama_cpp, _native = runtime.load()
+
+ENGINES = ("graph", "hook")
+
+
+class SteeredLlama(llama_cpp.Llama):
+    """A `llama_cpp.Llama` with expert steering.
+
+    engine="graph" steers inside llama.cpp's MoE gating (the patched graph: no extra cost
+    on unsteered layers, works with every backend); engine="hook" rewrites the router
+    logits from the scheduler's eval callback instead (slower; the test oracle).
+
+    Safe to share between threads: generation, tracing and profile switches take one lock.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, profile: Profile | str | os.PathLike | None = None, *,
+                 engine: str = "graph", force: bool = False, **llama_kwargs):
+        if engine not in ENGINES:
+            raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.info: ModelInfo = model_info(model_path)
+        llama_kwargs.setdefault("verbose", False)
+        try:
+            super().__init__(model_path=os.fspath(model_path), **llama_kwargs)
+        except ValueError as e:
+            raise SteerError(f"{model_path}: llama.cpp could not load the model ({e})") from None
+        self.engine = engine
+        self.force = force
+        self.profile: Profile | None = None
+        self.lock = threading.RLock()
+        self._observer = _native.Observer(self.info.n_layer)
+        self._hooking = False
+        self._attached = False
+        self.set_profile(profile)
+
+    # ---- steering ------------------------------------------------------------------------
+    @property
+    def _ctx_ptr(self) -> int:
+        return ctypes.cast(self._ctx.ctx, ctypes.c_void_p).value
+
+    def set_profile(self, profile: Profile | str | os.PathLike | None, force: bool | None = None) -> None:
+        """Switch steering; None (or an empty profile) restores upstream routing. Takes
+        effect on the next decode; cached prompt state is dropped so no token keeps routing
+        computed under the previous profile."""
+        p = as_profile(profile)
+        if p is not None:
+            p.check(self.info, force=self.force if force is None else force)
+            if p.is_empty:
+                p = None
+        with self.lock:
+            self._apply(p)
+            self.profile = p
+            self.reset()
+
+    def _apply(self, p: Profile | None) -> None:
+        ctx = self._ctx_ptr
+        _native.clear_table(ctx)
+        self._observer.clear_hook()
+        self._hooking = False
+        if p is not None:
+            actions, bias = p.to_arrays(self.info)
+            if self.engine == "graph":
+                rc, msg = _native.set_table(ctx, actions, bias, float(p.eps))
+                if rc != 0:
+                    raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
+            else:
+                if bias is None:
+                    bias = np.zeros(actions.shape, dtype=np.float32)
+                self._observer.set_hook(actions, bias, float(p.eps), self.info.logit_stage,
+                                        self.info.select_stage, self.info.n_expert_groups > 1)
+                self._hooking = True
+        self._sync_observer()
+
+    def _sync_observer(self) -> None:
+        want = self._hooking or self._observer.record
+        if want != self._attached:
+            if want:
+                self._observer.attach(self._ctx_ptr)
+            else:
+                self._observer.detach(self._ctx_ptr)
+            self._attached = want
+
+    @contextlib.contextmanager
+    def steering(self, profile: Profile | str | os.PathLike | None) -> Iterator["SteeredLlama"]:
+        """Temporarily steer with `profile`, restoring the previous one afterwards."""
+        with self.lock:
+            old = self.profile
+            self.set_profile(profile)
+            try:
+                yield self
+            finally:
+                self.set_profile(old, force=True)
+
+    # ---- routing trace -------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, bool]:
+        """Render messages with the model's own chat template: (text, template_added_bos)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise SteerError(f"{self.model_path}: the model has no chat template (tokenizer.chat_template)")
+        vocab = self._model
+        eos = self._model.token_get_text(self._model.token_eos()) if self._model.token_eos() >= 0 else ""
+        bos = self._model.token_get_text(self._model.token_bos()) if self._model.token_bos() >= 0 else ""
+        del vocab
+        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
+                                  add_generation_prompt=add_generation_prompt)
+        try:
+            r = fmt(messages=messages)
+        except Exception as e:
+            raise SteerError(f"chat template failed on these messages: {e}".splitlines()[0]) from None
+        return r.prompt, bool(getattr(r, "added_special", False))
+
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text, added = self.render_chat(messages, add_generation_prompt)
+        return self.tokenize(text.encode("utf-8"), add_bos=not added, special=True)
+
+    def trace(self, tokens: Sequence[int] | None = None, text: str | None = None,
+              messages: list[dict] | None = None, add_generation_prompt: bool = False) -> RoutingTrace:
+        """Prefill one sequence and record the experts every token was routed to in every
+        MoE layer (under the current profile)."""
+        given = [x is not None for x in (tokens, text, messages)]
+        if sum(given) != 1:
+            raise SteerError("trace takes exactly one of tokens=, text=, messages=")
+        if text is not None:
+            toks = self.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        elif messages is not None:
+            toks = self.chat_tokens(messages, add_generation_prompt)
+        else:
+            toks = [int(t) for t in tokens]
+        if not toks:
+            raise SteerError("nothing to trace: no tokens")
+        if len(toks) > self.n_ctx():
+            raise SteerError(f"{len(toks)} tokens do not fit the context ({self.n_ctx()}); raise --ctx")
+        n_vocab = self.n_vocab()
+        if min(toks) < 0 or max(toks) >= n_vocab:
+            raise SteerError(f"token id out of range (vocabulary has {n_vocab} tokens)")
+        with self.lock:
+            self.reset()
+            self._ctx.kv_cache_seq_rm(-1, 0, -1)
+            self._observer.clear_records()
+            self._observer.record = True
+            self._sync_observer()
+            try:
+                for i in range(0, len(toks), self.n_batch):
+                    chunk = toks[i:i + self.n_batch]
+                    # every traced token is an output, so the last layer computes all rows
+                    self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+                    self._ctx.decode(self._batch)
+                rec = self._observer.take()
+                err = self._observer.error
+            finally:
+                self._observer.record = False
+                self._sync_observer()
+                self.reset()
+        return self._make_trace(toks, rec, err)
+
+    def _make_trace(self, toks: list[int], rec: dict, err: str) -> RoutingTrace:
+        layers = self.info.moe_layers
+        if err:
+            raise SteerError(f"routing recorder: {err}")
+        missing = [il for il in layers if il not in rec or rec[il][0].shape[0] != len(toks)]
+        if missing:
+            got = {il: rec[il][0].shape[0] for il in rec}
+            raise SteerError(f"routing recorder saw an incomplete trace in layers {missing} "
+                             f"({len(toks)} tokens expected, got {got})")
+        experts = np.stack([rec[il][0] for il in layers], axis=1).astype(np.int32)
+        weights = np.stack([rec[il][1] for il in layers], axis=1).astype(np.float32)
+        pieces = [self.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
+        return RoutingTrace(np.asarray(toks, dtype=np.int32), list(layers), experts, weights, pieces)
