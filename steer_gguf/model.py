@@ -108,6 +108,11 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
     if n_expert <= 1 or n_used <= 0:
         raise SteerError(f"{path}: not a Mixture-of-Experts model ({arch} has no {arch}.expert_count)")
 
+    size = os.path.getsize(path)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
+    if end > size:
+        raise SteerError(f"{path}: truncated GGUF (tensor data needs {end} bytes, file has {size})")
+
     routers: dict[int, object] = {}
     sel_bias = router_bias = False
     for t in r.tensors:

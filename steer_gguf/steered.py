@@ -36,6 +36,8 @@ class SteeredLlama(llama_cpp.Llama):
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.info: ModelInfo = model_info(model_path)
         llama_kwargs.setdefault("verbose", False)
+        from llama_cpp import _logger
+        _logger.set_verbose(bool(llama_kwargs["verbose"]))
         try:
             super().__init__(model_path=os.fspath(model_path), **llama_kwargs)
         except ValueError as e:
@@ -108,6 +110,23 @@ class SteeredLlama(llama_cpp.Llama):
                 self.set_profile(old, force=True)
 
     # ---- routing trace -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["RoutingLog"]:
+        """Record the routing of every decode inside the block (generation included).
+        Holds the lock for the whole block."""
+        log = RoutingLog(list(self.info.moe_layers))
+        with self.lock:
+            self._observer.clear_records()
+            self._observer.record = True
+            self._sync_observer()
+            try:
+                yield log
+            finally:
+                rec = self._observer.take()
+                self._observer.record = False
+                self._sync_observer()
+                log.per_layer = {il: rec[il][0] for il in rec}
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, bool]:
         """Render messages with the model's own chat template: (text, template_added_bos)."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -184,3 +203,23 @@ class SteeredLlama(llama_cpp.Llama):
         weights = np.stack([rec[il][1] for il in layers], axis=1).astype(np.float32)
         pieces = [self.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
         return RoutingTrace(np.asarray(toks, dtype=np.int32), list(layers), experts, weights, pieces)
+
+
+class RoutingLog:
+    """Routing recorded during ordinary decoding. Layers may hold different numbers of rows:
+    llama.cpp computes the last layer only for tokens whose logits are requested (in a
+    prompt, just the last one), so use tail(n) for the n most recent tokens."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.per_layer: dict[int, np.ndarray] = {}
+
+    def tail(self, n: int) -> np.ndarray:
+        """int32 [n, len(layers), k]: the experts of the n most recently decoded tokens."""
+        rows = []
+        for il in self.layers:
+            a = self.per_layer.get(il)
+            if a is None or a.shape[0] < n:
+                raise SteerError(f"routing log has {0 if a is None else a.shape[0]} rows in layer {il}, asked for {n}")
+            rows.append(a[a.shape[0] - n:])
+        return np.stack(rows, axis=1)

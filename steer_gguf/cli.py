@@ -1,0 +1,305 @@
+"""The `steer-gguf` command line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import SteerError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SteerError as e:
+            click.echo(f"steer-gguf: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("steer-gguf: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(1)
+
+
+def llama_options(f):
+    """The llama.cpp options every model-loading command takes."""
+    f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+                     help="context size in tokens")(f)
+    f = click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+                     help="layers to offload to the GPU (-1: all)")(f)
+    f = click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: llama.cpp's choice)")(f)
+    f = click.option("--engine", type=click.Choice(["graph", "hook"]), default="graph", show_default=True,
+                     help="graph: steering inside llama.cpp's gating; hook: eval-callback oracle")(f)
+    f = click.option("--force", is_flag=True, help="apply a profile made for another model of the same shape")(f)
+    f = click.option("--verbose", is_flag=True, help="show llama.cpp's log")(f)
+    return f
+
+
+def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
+               engine: str, force: bool, verbose: bool, **extra):
+    from .steered import SteeredLlama
+
+    return SteeredLlama(model, profile=profile, engine=engine, force=force, n_ctx=n_ctx,
+                        n_gpu_layers=n_gpu_layers, n_threads=n_threads, verbose=verbose, **extra)
+
+
+def _model_arg():
+    return click.argument("model", type=click.Path(dir_okay=False))
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="steer-gguf")
+def main():
+    """Steer Mixture-of-Experts GGUF models by their experts (SteerMoE for llama.cpp)."""
+
+
+# ---- info / models ----------------------------------------------------------------------------
+@main.command()
+@_model_arg()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def info(model, as_json):
+    """MoE layout, gating and fingerprint of a GGUF model."""
+    from .model import model_info
+
+    i = model_info(model)
+    if as_json:
+        click.echo(json.dumps(i.to_dict(), indent=2))
+        return
+    click.echo(f"model         {i.path}")
+    click.echo(f"architecture  {i.architecture}")
+    click.echo(f"layers        {i.n_layer} ({len(i.moe_layers)} MoE: {_layer_list(i.moe_layers)})")
+    click.echo(f"experts       {i.n_expert}, {i.n_expert_used} per token"
+               + (f", {i.n_shared_expert} shared" if i.n_shared_expert else ""))
+    if i.n_expert_groups > 1:
+        click.echo(f"groups        {i.n_expert_groups}, {i.n_group_used} used per token")
+    click.echo(f"gating        {i.gating}" + (" + selection bias" if i.has_selection_bias else "")
+               + (" + router bias" if i.has_router_bias else ""))
+    click.echo(f"fingerprint   {i.fingerprint}")
+
+
+def _layer_list(xs: list[int]) -> str:
+    if xs and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}..{xs[-1]}"
+    return ",".join(map(str, xs))
+
+
+@main.command()
+def models():
+    """The MoE architectures steer-gguf supports, and how far each is verified."""
+    from .runtime import PACKAGE_DIR
+
+    for p in (PACKAGE_DIR / "models.txt", PACKAGE_DIR.parent / "models.txt"):
+        if p.is_file():
+            click.echo(p.read_text(), nl=False)
+            return
+    raise SteerError("models.txt is missing from the installation")
+
+
+# ---- generate / chat ----------------------------------------------------------------------------
+@main.command()
+@_model_arg()
+@click.option("--prompt", "-p", required=True, help="prompt text (a user message with --chat)")
+@click.option("--profile", type=click.Path(dir_okay=False), help="steering profile (JSON)")
+@click.option("--chat", is_flag=True, help="use the model's chat template")
+@click.option("--system", help="system message (with --chat)")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON object")
+@llama_options
+def generate(model, prompt, profile, chat, system, max_tokens, temperature, seed, as_json, **kw):
+    """Generate one answer, steered by --profile if given."""
+    llm = open_model(model, profile, seed=seed, **kw)
+    text = _complete(llm, prompt, chat, system, max_tokens, temperature, seed)
+    if as_json:
+        click.echo(json.dumps({"model": model, "profile": llm.profile.name if llm.profile else None,
+                               "prompt": prompt, "text": text}))
+    else:
+        click.echo(text)
+
+
+def _messages(prompt: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def _complete(llm, prompt, chat, system, max_tokens, temperature, seed) -> str:
+    if chat:
+        r = llm.create_chat_completion(messages=_messages(prompt, system), max_tokens=max_tokens,
+                                       temperature=temperature, seed=seed)
+        return r["choices"][0]["message"]["content"] or ""
+    r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    return r["choices"][0]["text"]
+
+
+@main.command()
+@_model_arg()
+@click.option("--profile", type=click.Path(dir_okay=False), help="steering profile (JSON)")
+@click.option("--system", help="system message")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@llama_options
+def chat(model, profile, system, max_tokens, temperature, seed, **kw):
+    """Interactive chat. Commands: /profile PATH|off, /compare, /quit."""
+    from .profile import Profile
+
+    llm = open_model(model, profile, seed=seed, **kw)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    last_prompt: str | None = None
+    click.echo(f"steer-gguf chat: {os.path.basename(model)}, profile: {_pname(llm)}. "
+               f"/profile PATH|off, /compare, /quit")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line.startswith("/profile"):
+            arg = line[len("/profile"):].strip()
+            try:
+                llm.set_profile(None if arg in ("off", "none") else Profile.load(arg))
+            except SteerError as e:
+                click.echo(f"error: {e}", err=True)
+                continue
+            if not arg:
+                click.echo("usage: /profile PATH|off")
+                continue
+            click.echo(f"profile: {_pname(llm)}")
+            continue
+        if line == "/compare":
+            if last_prompt is None:
+                click.echo("nothing to compare yet: ask something first")
+                continue
+            msgs = [m for m in history[:-2]] + [{"role": "user", "content": last_prompt}]
+            current = llm.profile
+            with llm.steering(None):
+                plain = llm.create_chat_completion(messages=msgs, max_tokens=max_tokens, temperature=temperature,
+                                                   seed=seed)["choices"][0]["message"]["content"]
+            with llm.steering(current):
+                steered = llm.create_chat_completion(messages=msgs, max_tokens=max_tokens, temperature=temperature,
+                                                     seed=seed)["choices"][0]["message"]["content"]
+            click.echo(f"--- unsteered\n{plain}\n--- steered ({_pname(llm)})\n{steered}")
+            continue
+        if line.startswith("/"):
+            click.echo("unknown command: /profile PATH|off, /compare, /quit")
+            continue
+        history.append({"role": "user", "content": line})
+        parts = []
+        for chunk in llm.create_chat_completion(messages=history, max_tokens=max_tokens, temperature=temperature,
+                                                seed=seed, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            parts.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(parts)})
+        last_prompt = line
+
+
+def _pname(llm) -> str:
+    return llm.profile.name if llm.profile else "none"
+
+
+# ---- trace ---------------------------------------------------------------------------------------
+@main.command()
+@_model_arg()
+@click.option("--prompt", "-p", help="text to trace")
+@click.option("--messages", type=click.Path(dir_okay=False), help="JSON file with a list of chat messages")
+@click.option("--chat", is_flag=True, help="with -p: trace it as a user message in the chat template")
+@click.option("--profile", type=click.Path(dir_okay=False), help="trace under this steering profile")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="trace.json or trace.npz")
+@llama_options
+def trace(model, prompt, messages, chat, profile, output, **kw):
+    """Record the experts every token is routed to, in every MoE layer."""
+    if (prompt is None) == (messages is None):
+        raise SteerError("give exactly one of -p TEXT or --messages FILE")
+    if not (output.endswith(".json") or output.endswith(".npz")):
+        raise SteerError(f"{output}: output must end in .json or .npz")
+    msgs = None
+    if messages is not None:
+        msgs = _read_messages(messages)
+    elif chat:
+        msgs = [{"role": "user", "content": prompt}]
+    llm = open_model(model, profile, **kw)
+    tr = llm.trace(messages=msgs, add_generation_prompt=chat) if msgs is not None else llm.trace(text=prompt)
+    tr.save(output)
+    click.echo(f"traced {len(tr)} tokens x {len(tr.layers)} MoE layers x k={tr.experts.shape[2]} -> {output}")
+
+
+def _read_messages(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise SteerError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SteerError(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise SteerError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    if not isinstance(data, list) or not data:
+        raise SteerError(f"{path}: expected a non-empty list of messages")
+    for i, m in enumerate(data):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise SteerError(f"{path}: messages[{i}] must be an object with string 'role' and 'content'")
+    return data
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def profile():
+    """Show, validate and make steering profiles."""
+
+
+@profile.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+def profile_show(path):
+    """Print a profile's summary and experts."""
+    from .profile import Profile
+
+    p = Profile.load(path)
+    m = p.model
+    click.echo(p.summary())
+    click.echo(f"model: {m.architecture or '?'} n_layer={m.n_layer or '?'} n_expert={m.n_expert or '?'} "
+               f"k={m.n_expert_used} fingerprint={m.fingerprint or '(none: checked by shape)'}")
+    for r in p.experts:
+        rd = f"  risk_diff={r.risk_diff:+.4f}" if r.risk_diff is not None else ""
+        click.echo(f"  layer {r.layer:3d} expert {r.expert:4d} {r.action}{rd}")
+    for b in p.bias:
+        click.echo(f"  layer {b.layer:3d} expert {b.expert:4d} bias {b.value:+g}")
+    if p.provenance:
+        click.echo(f"provenance: {json.dumps(p.provenance)}")
+
+
+@profile.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--model", type=click.Path(dir_okay=False), help="also check it fits this GGUF model")
+@click.option("--force", is_flag=True, help="accept a fingerprint mismatch (shape must still match)")
+def profile_validate(path, model, force):
+    """Check a profile (and, with --model, that it applies to a model)."""
+    from .model import model_info
+    from .profile import Profile
+
+    p = Profile.load(path)
+    if model:
+        p.check(model_info(model), force=force, source=path)
+        click.echo(f"{path}: valid for {model}")
+    else:
+        click.echo(f"{path}: valid ({p.summary()})")
+
+
+if __name__ == "__main__":
+    main()

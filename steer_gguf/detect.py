@@ -1,0 +1,336 @@
+"""Detection statistics (design.md, "The method, exactly"): per (layer, expert) counts of
+router selections on behavior-1 and behavior-2 target tokens, the risk difference, the
+ranking, and the rule that turns a ranking into a steering profile. Pure numpy; the
+model-driving part is at the bottom."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import SteerError
+from .model import ModelInfo
+from .fileio import atomic_write
+from .profile import ExpertRule, ModelRef, Profile
+
+COUNT_COLUMNS = ("layer", "expert", "a1", "d1", "a2", "d2")
+CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
+# risk differences that are equal as fractions can differ in the last bits as floats;
+# ranking on a rounded key keeps such ties resolved by (layer, expert), reproducibly
+_RANK_DECIMALS = 12
+
+
+@dataclass
+class Row:
+    layer: int
+    expert: int
+    a1: int
+    d1: int
+    a2: int
+    d2: int
+    p1: float
+    p2: float
+    risk_diff: float
+
+
+def _rate(a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    n = a + d
+    out = np.zeros(a.shape, dtype=np.float64)
+    np.divide(a, n, out=out, where=n > 0)
+    return out
+
+
+def ranking(layer: np.ndarray, expert: np.ndarray, risk_diff: np.ndarray) -> np.ndarray:
+    """Indices ordering rows by |risk_diff| descending, then layer, then expert."""
+    key = np.round(np.abs(risk_diff), _RANK_DECIMALS)
+    return np.lexsort((expert, layer, -key))
+
+
+@dataclass(eq=False)  # numpy columns: elementwise == would make the generated __eq__ ambiguous
+class DetectionTable:
+    """One row per (layer, expert), always complete (every expert 0..n_expert-1 of every
+    layer present) and sorted by the ranking. `meta` keys, when known: architecture,
+    fingerprint, n_layer, n_expert, n_expert_used, dataset, pairs, table (a CSV it came from)."""
+    layer: np.ndarray
+    expert: np.ndarray
+    a1: np.ndarray
+    d1: np.ndarray
+    a2: np.ndarray
+    d2: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+    p1: np.ndarray = field(init=False)
+    p2: np.ndarray = field(init=False)
+    risk_diff: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        cols = [np.asarray(getattr(self, c), dtype=np.int64).reshape(-1) for c in COUNT_COLUMNS]
+        if len({c.shape for c in cols}) != 1:
+            raise ValueError("DetectionTable columns must have the same length")
+        if any((c < 0).any() for c in cols):
+            raise ValueError("DetectionTable columns must be non-negative")
+        layer, expert = cols[0], cols[1]
+        if len(layer):
+            keys = layer * (int(expert.max()) + 1) + expert
+            n_layers = len(np.unique(layer))
+            if len(np.unique(keys)) != len(keys) or len(keys) != n_layers * (int(expert.max()) + 1):
+                raise ValueError("DetectionTable must have exactly one row per (layer, expert)")
+        p1, p2 = _rate(cols[2], cols[3]), _rate(cols[4], cols[5])
+        rd = p1 - p2
+        order = ranking(layer, expert, rd)
+        for name, c in zip(COUNT_COLUMNS, cols):
+            setattr(self, name, c[order])
+        self.p1, self.p2, self.risk_diff = p1[order], p2[order], rd[order]
+        self.meta = dict(self.meta or {})
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_counts(cls, counts_1: np.ndarray, counts_2: np.ndarray, n_tokens_1: int, n_tokens_2: int,
+                    layers: list[int], meta: dict[str, Any] | None = None) -> "DetectionTable":
+        """counts_b: int [len(layers), n_expert], how many behavior-b target tokens selected
+        each expert in each layer; n_tokens_b: the number of those tokens (d = n_tokens - a)."""
+        c1, c2 = np.asarray(counts_1, dtype=np.int64), np.asarray(counts_2, dtype=np.int64)
+        if c1.ndim != 2 or c1.shape != c2.shape:
+            raise ValueError(f"counts must be two equal 2-D arrays, got {c1.shape} and {c2.shape}")
+        if c1.shape[0] != len(layers):
+            raise ValueError(f"counts have {c1.shape[0]} rows but {len(layers)} layers were given")
+        if len(set(layers)) != len(layers):
+            raise ValueError("layers must be distinct")
+        for c, n in ((c1, n_tokens_1), (c2, n_tokens_2)):
+            if c.size and (c.min() < 0 or c.max() > n):
+                raise ValueError(f"counts must lie in 0..n_tokens ({n})")
+        n_expert = c1.shape[1]
+        layer = np.repeat(np.asarray(layers, dtype=np.int64), n_expert)
+        expert = np.tile(np.arange(n_expert, dtype=np.int64), len(layers))
+        a1, a2 = c1.reshape(-1), c2.reshape(-1)
+        return cls(layer, expert, a1, n_tokens_1 - a1, a2, n_tokens_2 - a2, dict(meta or {}))
+
+    # ---- shape -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    @property
+    def n_expert(self) -> int:
+        return int(self.expert.max()) + 1 if len(self) else 0
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in np.unique(self.layer)]
+
+    def row(self, i: int) -> Row:
+        return Row(int(self.layer[i]), int(self.expert[i]), int(self.a1[i]), int(self.d1[i]), int(self.a2[i]),
+                   int(self.d2[i]), float(self.p1[i]), float(self.p2[i]), float(self.risk_diff[i]))
+
+    def top(self, n: int) -> list[Row]:
+        """The n best-ranked rows. Rows, not a table: a table is always complete."""
+        return [self.row(i) for i in range(min(max(n, 0), len(self)))]
+
+    def concentration(self) -> int:
+        """How many of the best-ranked experts hold half of the total |risk_diff|: small
+        means the behavior lives in a few experts. 0 when nothing differs."""
+        mags = np.abs(self.risk_diff)  # already in ranking order, i.e. descending
+        total = float(mags.sum())
+        if total <= 0:
+            return 0
+        cum = np.cumsum(mags)
+        return int(np.searchsorted(cum, total / 2 - 1e-12 * total, side="left")) + 1
+
+    # ---- CSV ---------------------------------------------------------------------------
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """Write atomically: an error or Ctrl-C never leaves a partial table."""
+        lines = [",".join(CSV_COLUMNS)]
+        for i in range(len(self)):
+            lines.append(f"{self.layer[i]},{self.expert[i]},{self.a1[i]},{self.d1[i]},{self.a2[i]},{self.d2[i]},"
+                         f"{self.p1[i]:.6f},{self.p2[i]:.6f},{self.risk_diff[i]:.6f}")
+        atomic_write(os.fspath(path), "\n".join(lines) + "\n")
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> "DetectionTable":
+        """Read our table or any CSV with SteerMoE's count columns (layer, expert, a1, a2,
+        d1, d2) in any order; other columns are ignored and p/risk_diff are recomputed."""
+        path = os.fspath(path)
+        try:
+            f = open(path, newline="", encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise SteerError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise SteerError(f"{path}: is a directory, not a CSV file") from None
+        except OSError as e:
+            raise SteerError(f"{path}: cannot read: {e.strerror}") from None
+        with f:
+            try:
+                return cls._read_csv(path, csv.reader(f))
+            except UnicodeDecodeError:
+                raise SteerError(f"{path}: not UTF-8 text") from None
+            except csv.Error as e:
+                raise SteerError(f"{path}: bad CSV: {e}") from None
+
+    @classmethod
+    def _read_csv(cls, path: str, reader) -> "DetectionTable":
+        header = next(reader, None)
+        if header is None:
+            raise SteerError(f"{path}: empty file (expected a header with {', '.join(COUNT_COLUMNS)})")
+        hline = reader.line_num
+        names = [h.strip() for h in header]
+        index: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name in COUNT_COLUMNS and name in index:
+                raise SteerError(f"{path}:{hline}: column '{name}' appears twice")
+            index.setdefault(name, i)
+        missing = [c for c in COUNT_COLUMNS if c not in index]
+        if missing:
+            raise SteerError(f"{path}:{hline}: missing column(s) {', '.join(missing)} "
+                             f"(a detection table needs {', '.join(COUNT_COLUMNS)})")
+        values: dict[str, list[int]] = {c: [] for c in COUNT_COLUMNS}
+        seen: dict[tuple[int, int], int] = {}
+        for row in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in row):
+                continue  # blank lines carry nothing
+            parsed = {}
+            for c in COUNT_COLUMNS:
+                i = index[c]
+                if i >= len(row) or not row[i].strip():
+                    raise SteerError(f"{path}:{line}: column '{c}': missing value")
+                v = _parse_count(row[i])
+                if v is None:
+                    raise SteerError(f"{path}:{line}: column '{c}': {row[i].strip()!r} is not an integer")
+                if v < 0:
+                    what = "count" if c not in ("layer", "expert") else c
+                    raise SteerError(f"{path}:{line}: column '{c}': negative {what} {v}")
+                parsed[c] = v
+            key = (parsed["layer"], parsed["expert"])
+            if key in seen:
+                raise SteerError(f"{path}:{line}: duplicate row for layer {key[0]} expert {key[1]} "
+                                 f"(first on line {seen[key]})")
+            seen[key] = line
+            for c in COUNT_COLUMNS:
+                values[c].append(parsed[c])
+        if not seen:
+            raise SteerError(f"{path}: no rows after the header")
+        n_expert = max(e for _, e in seen) + 1
+        layers = sorted({layer for layer, _ in seen})
+        if len(seen) != len(layers) * n_expert:
+            n_missing = len(layers) * n_expert - len(seen)
+            layer, expert = next((layer, e) for layer in layers for e in range(n_expert) if (layer, e) not in seen)
+            raise SteerError(f"{path}: missing row for layer {layer} expert {expert} ({n_missing} missing in all: "
+                             f"the table needs experts 0..{n_expert - 1} for each of its {len(layers)} layers)")
+        return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path})
+
+    # ---- profile rule ------------------------------------------------------------------
+    def make_profile(self, info_or_k: ModelInfo | int, activate: int, deactivate: int = 0, reverse: bool = False,
+                     eps: float = 0.01, name: str = "profile", provenance: dict[str, Any] | None = None) -> Profile:
+        """design.md's rule. activate N: walk the ranking, take experts with risk_diff > 0,
+        at most k per layer (an expert over the cap is skipped, the walk goes on), until N.
+        deactivate M: the first M experts with risk_diff < 0; each layer must keep >= k.
+        reverse: steer toward behavior 2 (risk_diff negated; |risk_diff| and so the ranking
+        are unchanged). Each rule records the signed risk_diff used, i.e. after the flip.
+        info_or_k: a ModelInfo binds the profile to that model; a bare k gives a profile
+        that carries only the table's shape (n_expert) and k."""
+        k, ref = self._model_ref(info_or_k)
+        for what, v in (("activate", activate), ("deactivate", deactivate)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise SteerError(f"{what}: must be a non-negative integer, got {v!r}")
+        if activate == 0 and deactivate == 0:
+            raise SteerError("activate and deactivate are both 0: the profile would be empty")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise SteerError(f"eps: must be a finite number >= 0, got {eps!r}")
+        rd = -self.risk_diff if reverse else self.risk_diff
+        direction = "behavior 2 (reversed)" if reverse else "behavior 1"
+
+        rules: list[ExpertRule] = []
+        per_layer: dict[int, int] = {}
+        if activate:
+            for i in np.flatnonzero(rd > 0):  # flatnonzero keeps ranking order
+                layer = int(self.layer[i])
+                if per_layer.get(layer, 0) >= k:
+                    continue
+                per_layer[layer] = per_layer.get(layer, 0) + 1
+                rules.append(ExpertRule(layer, int(self.expert[i]), "activate", float(rd[i])))
+                if len(rules) == activate:
+                    break
+            if len(rules) < activate:
+                raise SteerError(f"activate {activate}: only {len(rules)} experts with risk_diff > 0 toward "
+                                 f"{direction} can be activated (at most k={k} per layer)")
+        if deactivate:
+            neg = np.flatnonzero(rd < 0)
+            if len(neg) < deactivate:
+                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have risk_diff < 0 toward "
+                                 f"{direction}")
+            n_expert = ref.n_expert if ref.n_expert is not None else self.n_expert
+            off: dict[int, int] = {}
+            for i in neg[:deactivate]:
+                layer = int(self.layer[i])
+                off[layer] = off.get(layer, 0) + 1
+                rules.append(ExpertRule(layer, int(self.expert[i]), "deactivate", float(rd[i])))
+            for layer, c in sorted(off.items()):
+                if n_expert - c < k:
+                    raise SteerError(f"deactivate {deactivate}: layer {layer} would lose {c} of its {n_expert} experts, "
+                                     f"leaving {n_expert - c}, fewer than k={k}")
+        prov: dict[str, Any] = {"method": "risk_diff", "dataset": self.meta.get("dataset"),
+                                "pairs": self.meta.get("pairs"), "activate": int(activate),
+                                "deactivate": int(deactivate), "reverse": bool(reverse)}
+        if self.meta.get("table"):
+            prov["table"] = self.meta["table"]
+        prov.update(provenance or {})
+        return Profile(model=ref, experts=rules, eps=float(eps), name=name, provenance=prov)
+
+    def _model_ref(self, info_or_k: ModelInfo | int) -> tuple[int, ModelRef]:
+        if not len(self):
+            raise SteerError("the detection table is empty")
+        if isinstance(info_or_k, ModelInfo):
+            info = info_or_k
+            src = os.path.basename(info.path) or "the model"
+            fp = self.meta.get("fingerprint")
+            if fp and info.fingerprint and fp != info.fingerprint:
+                raise SteerError(f"the detection table was computed on another model than {src} (fingerprint differs)")
+            if self.n_expert != info.n_expert:
+                raise SteerError(f"the detection table has {self.n_expert} experts per layer but {src} has "
+                                 f"{info.n_expert}")
+            bad = [layer for layer in self.layers if layer not in set(info.moe_layers)]
+            if bad:
+                raise SteerError(f"the detection table has layer {bad[0]}, which is not a MoE layer of {src}")
+            return info.n_expert_used, ModelRef.of(info)
+        k = info_or_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SteerError(f"k: must be a positive integer, got {k!r}")
+        k = int(k)
+        if k > self.n_expert:
+            raise SteerError(f"k={k} is more than the table's {self.n_expert} experts per layer")
+        known = self.meta.get("n_expert_used")
+        if known is not None and int(known) != k:
+            raise SteerError(f"k={k} but the detection table was made on a model with k={known}")
+        return k, ModelRef(n_expert_used=k, n_layer=None, n_expert=self.n_expert)
+
+
+def _parse_count(s: str) -> int | None:
+    """An integer, also written as a float with a zero fraction ("12.0": pandas writes
+    integer columns that way once they held a NaN)."""
+    s = s.strip()
+    m = re.fullmatch(r"([+-]?\d+)(?:\.0*)?", s)
+    return int(m.group(1)) if m else None
+
+
+def accumulate(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """Add the selections of T target tokens to counts [n_layers, n_expert], in place.
+    experts: int [T, n_layers, k], the experts each token selected in each traced layer
+    (layer axis in the same order as counts' rows). Returns counts."""
+    e = np.asarray(experts)
+    if e.ndim != 3 or counts.ndim != 2 or e.shape[1] != counts.shape[0]:
+        raise ValueError(f"experts must be [T, {counts.shape[0]}, k], got {e.shape}")
+    if e.size == 0:
+        return counts
+    n_layers, n_expert = counts.shape
+    if int(e.min()) < 0 or int(e.max()) >= n_expert:
+        raise ValueError(f"expert ids must lie in 0..{n_expert - 1}")
+    flat = np.arange(n_layers, dtype=np.int64)[None, :, None] * n_expert + e.astype(np.int64)
+    counts += np.bincount(flat.reshape(-1), minlength=n_layers * n_expert).reshape(n_layers, n_expert).astype(
+        counts.dtype, copy=False)
+    return counts
+
+
+# ---- driving a model (lead) ----

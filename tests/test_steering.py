@@ -1,0 +1,194 @@
+"""Steering inside llama.cpp's gating, for every MoE architecture family we support."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+
+TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
+
+
+def _profile(info, rules, bias=()):
+    return Profile(ModelRef.of(info), [ExpertRule(l, e, a) for l, e, a in rules], list(bias), name="t")
+
+
+def _rarely_chosen(tr, j):
+    """An expert the layer (column j of the trace) picks least often: forcing it on is a real change."""
+    counts = np.bincount(tr.experts[:, j, :].ravel(), minlength=64)[:tr_n_expert(tr)]
+    return int(np.argmin(counts))
+
+
+def tr_n_expert(tr):
+    return int(tr.experts.max()) + 1
+
+
+@pytest.fixture(scope="module")
+def llms(moe_path):
+    graph = SteeredLlama(moe_path, n_ctx=256)
+    hook = SteeredLlama(moe_path, n_ctx=256, engine="hook")
+    yield graph, hook
+    graph.close()
+    hook.close()
+
+
+def test_trace_covers_every_token_and_moe_layer(llms, moe_path):
+    llm, _ = llms
+    info = model_info(moe_path)
+    toks = llm.tokenize(TEXT.encode(), add_bos=True, special=True)
+    tr = llm.trace(tokens=toks)
+    assert tr.layers == info.moe_layers
+    assert tr.experts.shape == (len(toks), len(info.moe_layers), info.n_expert_used)
+    assert tr.weights.shape == tr.experts.shape
+    assert (tr.experts >= 0).all() and (tr.experts < info.n_expert).all()
+    # k distinct experts per token, in every layer, the last one included
+    srt = np.sort(tr.experts, axis=-1)
+    assert (np.diff(srt, axis=-1) > 0).all()
+    assert np.isfinite(tr.weights).all() and (tr.weights > 0).all()
+    # routing varies across tokens (the recorder reads rows with their stride)
+    assert len({tuple(r) for r in srt[:, -1, :]}) > 1
+
+
+def test_activate_and_deactivate(llms, moe_path):
+    llm, _ = llms
+    info = model_info(moe_path)
+    base = llm.trace(text=TEXT)
+    first, last = info.moe_layers[0], info.moe_layers[-1]
+    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    off = int(np.argmax(np.bincount(base.experts[:, 0, :].ravel(), minlength=info.n_expert)))
+    assert not (base.experts[:, -1, :] == on).any(axis=1).all(), "fixture: expert already always chosen"
+    assert (base.experts[:, 0, :] == off).any(), "fixture: expert never chosen"
+    llm.set_profile(_profile(info, [(last, on, "activate"), (first, off, "deactivate")]))
+    try:
+        tr = llm.trace(text=TEXT)
+    finally:
+        llm.set_profile(None)
+    assert (tr.experts[:, -1, :] == on).any(axis=1).all(), "activated expert missing from some token's top-k"
+    assert not (tr.experts[:, 0, :] == off).any(), "deactivated expert still selected"
+
+
+def test_unsteered_layers_route_as_upstream(llms, moe_path):
+    llm, _ = llms
+    info = model_info(moe_path)
+    base = llm.trace(text=TEXT)
+    last = info.moe_layers[-1]
+    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    with llm.steering(_profile(info, [(last, on, "activate")])):
+        tr = llm.trace(text=TEXT)
+    # layers before the steered one see identical inputs, so identical routing and weights
+    np.testing.assert_array_equal(tr.experts[:, :-1], base.experts[:, :-1])
+    np.testing.assert_array_equal(tr.weights[:, :-1], base.weights[:, :-1])
+    assert not np.array_equal(tr.experts[:, -1], base.experts[:, -1])
+
+
+def test_empty_profile_is_bit_identical(moe_path):
+    info = model_info(moe_path)
+    llm = SteeredLlama(moe_path, n_ctx=256, logits_all=True)
+    toks = llm.tokenize(TEXT.encode(), add_bos=True, special=True)
+    llm.eval(toks)
+    plain = np.array(llm.scores[: len(toks)])
+    llm.set_profile(Profile.empty(info))
+    llm.eval(toks)
+    empty = np.array(llm.scores[: len(toks)])
+    llm.set_profile(_profile(info, [(info.moe_layers[0], 0, "activate")]))
+    llm.eval(toks)
+    steered = np.array(llm.scores[: len(toks)])
+    llm.close()
+    assert np.array_equal(plain, empty)
+    assert not np.array_equal(plain, steered)
+
+
+def test_graph_and_hook_engines_agree(llms, moe_path):
+    graph, hook = llms
+    info = model_info(moe_path)
+    base = graph.trace(text=TEXT)
+    rules = []
+    for j, il in enumerate(info.moe_layers):
+        counts = np.bincount(base.experts[:, j, :].ravel(), minlength=info.n_expert)
+        rules.append((il, int(np.argmin(counts)), "activate"))
+        rules.append((il, int(np.argmax(counts)), "deactivate"))
+    p = _profile(info, rules)
+    graph.set_profile(p)
+    hook.set_profile(p)
+    try:
+        a, b = graph.trace(text=TEXT), hook.trace(text=TEXT)
+    finally:
+        graph.set_profile(None)
+        hook.set_profile(None)
+    np.testing.assert_array_equal(np.sort(a.experts, -1), np.sort(b.experts, -1))
+    np.testing.assert_allclose(np.sort(a.weights, -1), np.sort(b.weights, -1), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(np.sort(a.experts, -1), np.sort(base.experts, -1))
+
+
+def test_soft_bias_moves_routing(llms, moe_path):
+    llm, _ = llms
+    info = model_info(moe_path)
+    from steer_gguf import BiasRule
+
+    base = llm.trace(text=TEXT)
+    last = info.moe_layers[-1]
+    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    with llm.steering(_profile(info, [], [BiasRule(last, on, 1e3)])):
+        tr = llm.trace(text=TEXT)
+    # soft steering is a strength, not a guarantee (sigmoid gating saturates), so ask for a
+    # large shift rather than every token
+    before = (base.experts[:, -1, :] == on).any(axis=1).mean()
+    after = (tr.experts[:, -1, :] == on).any(axis=1).mean()
+    assert after >= 0.6 and after - before >= 0.4, (before, after)
+
+
+def test_profile_switch_between_generations(llms, moe_path):
+    llm, _ = llms
+    info = model_info(moe_path)
+    base = llm.trace(text=TEXT)
+    last = info.moe_layers[-1]
+    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    gen = dict(max_tokens=6, temperature=0.0)
+    with llm.recording() as plain_log:
+        llm.create_completion("Once upon a time", **gen)
+    llm.set_profile(_profile(info, [(last, on, "activate")]))
+    with llm.recording() as steered_log:
+        out = llm.create_completion("Once upon a time", **gen)
+    llm.set_profile(None)
+    with llm.recording() as back_log:
+        llm.create_completion("Once upon a time", **gen)
+    n = out["usage"]["completion_tokens"] - 1  # the last sampled token is never decoded
+    assert n >= 1
+    assert (steered_log.tail(n)[:, -1, :] == on).any(axis=1).all()
+    np.testing.assert_array_equal(back_log.tail(n), plain_log.tail(n))
+
+
+def test_c_api_rejects_invalid_tables(moe_path):
+    from steer_gguf.steered import _native
+
+    info = model_info(moe_path)
+    llm = SteeredLlama(moe_path, n_ctx=256)
+    ctx = llm._ctx_ptr
+    L, E, k = info.n_layer, info.n_expert, info.n_expert_used
+    il = info.moe_layers[-1]
+    base = llm.trace(text=TEXT)
+
+    def table():
+        return np.zeros((L, E), np.int8)
+
+    bad_shape = np.zeros((L + 1, E), np.int8)
+    assert _native.set_table(ctx, bad_shape, None, 0.01)[0] == -2
+    t = table(); t[il, 0] = 7
+    rc, msg = _native.set_table(ctx, t, None, 0.01)
+    assert rc == -3 and f"layer {il} expert 0" in msg
+    t = table(); t[il, : k + 1] = 1
+    assert _native.set_table(ctx, t, None, 0.01)[0] == -5
+    t = table(); t[il, : E - k + 1] = 2
+    assert _native.set_table(ctx, t, None, 0.01)[0] == -6
+    b = np.zeros((L, E), np.float32); b[il, 1] = np.nan
+    assert _native.set_table(ctx, table(), b, 0.01)[0] == -7
+    assert _native.set_table(ctx, table(), None, float("inf"))[0] == -7
+    assert _native.set_table(ctx, table(), None, -1.0)[0] == -7
+    dense = [i for i in range(L) if i not in info.moe_layers]
+    if dense:
+        t = table(); t[dense[0], 0] = 1
+        rc, msg = _native.set_table(ctx, t, None, 0.01)
+        assert rc == -4 and "dense" in msg
+    # rejected tables leave routing untouched
+    np.testing.assert_array_equal(llm.trace(text=TEXT).experts, base.experts)
+    llm.close()
