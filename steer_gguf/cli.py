@@ -52,7 +52,7 @@ def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n
 
 
 def _model_arg():
-    return click.argument("model", type=click.Path(dir_okay=False))
+    return click.argument("model", type=click.Path())
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -107,7 +107,7 @@ def models():
 @main.command()
 @_model_arg()
 @click.option("--prompt", "-p", required=True, help="prompt text (a user message with --chat)")
-@click.option("--profile", type=click.Path(dir_okay=False), help="steering profile (JSON)")
+@click.option("--profile", type=click.Path(), help="steering profile (JSON)")
 @click.option("--chat", is_flag=True, help="use the model's chat template")
 @click.option("--system", help="system message (with --chat)")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
@@ -141,7 +141,7 @@ def _complete(llm, prompt, chat, system, max_tokens, temperature, seed) -> str:
 
 @main.command()
 @_model_arg()
-@click.option("--profile", type=click.Path(dir_okay=False), help="steering profile (JSON)")
+@click.option("--profile", type=click.Path(), help="steering profile (JSON)")
 @click.option("--system", help="system message")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
@@ -216,10 +216,10 @@ def _pname(llm) -> str:
 @main.command()
 @_model_arg()
 @click.option("--prompt", "-p", help="text to trace")
-@click.option("--messages", type=click.Path(dir_okay=False), help="JSON file with a list of chat messages")
+@click.option("--messages", type=click.Path(), help="JSON file with a list of chat messages")
 @click.option("--chat", is_flag=True, help="with -p: trace it as a user message in the chat template")
-@click.option("--profile", type=click.Path(dir_okay=False), help="trace under this steering profile")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="trace.json or trace.npz")
+@click.option("--profile", type=click.Path(), help="trace under this steering profile")
+@click.option("--output", "-o", required=True, type=click.Path(), help="trace.json or trace.npz")
 @llama_options
 def trace(model, prompt, messages, chat, profile, output, **kw):
     """Record the experts every token is routed to, in every MoE layer."""
@@ -265,7 +265,7 @@ def profile():
 
 
 @profile.command("show")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 def profile_show(path):
     """Print a profile's summary and experts."""
     from .profile import Profile
@@ -285,8 +285,8 @@ def profile_show(path):
 
 
 @profile.command("validate")
-@click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--model", type=click.Path(dir_okay=False), help="also check it fits this GGUF model")
+@click.argument("path", type=click.Path())
+@click.option("--model", type=click.Path(), help="also check it fits this GGUF model")
 @click.option("--force", is_flag=True, help="accept a fingerprint mismatch (shape must still match)")
 def profile_validate(path, model, force):
     """Check a profile (and, with --model, that it applies to a model)."""

@@ -51,6 +51,17 @@ class SteeredLlama(llama_cpp.Llama):
         self._attached = False
         self.set_profile(profile)
 
+    def close(self) -> None:
+        if getattr(self, "_stack", None) is None:
+            return  # __init__ failed before llama.cpp was involved
+        if getattr(self, "_attached", False) and getattr(self._ctx, "ctx", None):
+            self._observer.detach(self._ctx_ptr)
+            self._attached = False
+        super().close()
+
+    def __del__(self) -> None:
+        self.close()
+
     # ---- steering ------------------------------------------------------------------------
     @property
     def _ctx_ptr(self) -> int:
