@@ -54,6 +54,9 @@ class SteeredLlama(llama_cpp.Llama):
     def close(self) -> None:
         if getattr(self, "_stack", None) is None:
             return  # __init__ failed before llama.cpp was involved
+        if getattr(self, "_tctx", None) is not None:
+            self._tctx.close()
+            self._tctx = None
         if getattr(self, "_attached", False) and getattr(self._ctx, "ctx", None):
             self._observer.detach(self._ctx_ptr)
             self._attached = False
@@ -201,6 +204,43 @@ class SteeredLlama(llama_cpp.Llama):
                 self.reset()
         return self._make_trace(toks, rec, err)
 
+    def trace_many(self, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]] | None = None,
+                   batch_tokens: int = 2048) -> list[np.ndarray]:
+        """Prefill many sequences, several per llama.cpp batch, and return for each the
+        experts of the requested token rows: int32 [len(rows[i]), n_moe_layers, k].
+
+        Only the requested rows are marked as outputs: the last layer computes nothing
+        else, and the logits of the rest are never needed."""
+        rows = [list(range(len(s))) for s in seqs] if rows is None else [list(r) for r in rows]
+        if len(rows) != len(seqs):
+            raise SteerError("trace_many: one row list per sequence")
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        with self.lock:
+            tc = self._trace_context(batch_tokens)
+            i = 0
+            while i < len(seqs):
+                group, n = [], 0
+                while i < len(seqs) and len(group) < tc.n_seq and (not group or n + len(seqs[i]) <= tc.n_tok):
+                    if len(seqs[i]) > tc.n_tok:
+                        raise SteerError(f"sequence {i} has {len(seqs[i])} tokens, more than the tracing "
+                                         f"batch ({tc.n_tok}); raise batch_tokens")
+                    group.append(i)
+                    n += len(seqs[i])
+                    i += 1
+                for j, ex in zip(group, tc.run([seqs[j] for j in group], [rows[j] for j in group])):
+                    out[j] = ex
+        return out  # type: ignore[return-value]
+
+    def _trace_context(self, batch_tokens: int) -> "_TraceContext":
+        tc = getattr(self, "_tctx", None)
+        if tc is None or tc.n_tok < batch_tokens:
+            if tc is not None:
+                tc.close()
+            tc = _TraceContext(self, batch_tokens)
+            self._tctx = tc
+        tc.sync_profile()
+        return tc
+
     def _make_trace(self, toks: list[int], rec: dict, err: str) -> RoutingTrace:
         layers = self.info.moe_layers
         if err:
@@ -234,3 +274,104 @@ class RoutingLog:
                 raise SteerError(f"routing log has {0 if a is None else a.shape[0]} rows in layer {il}, asked for {n}")
             rows.append(a[a.shape[0] - n:])
         return np.stack(rows, axis=1)
+
+
+class _TraceContext:
+    """A second llama.cpp context on the same weights, made for batched prefill of many
+    sequences (one KV stream, several sequence ids) with the routing recorder attached."""
+
+    def __init__(self, llm: SteeredLlama, n_tok: int):
+        from llama_cpp import _internals as internals
+
+        self.llm = llm
+        self.n_tok = n_tok
+        self.n_seq = max(1, min(64, llama_cpp.llama_max_parallel_sequences()))
+        p = llama_cpp.llama_context_default_params()
+        for name in ("n_threads", "n_threads_batch", "type_k", "type_v", "offload_kqv", "flash_attn_type"):
+            if hasattr(llm.context_params, name):
+                setattr(p, name, getattr(llm.context_params, name))
+        p.n_ctx = n_tok
+        p.n_batch = n_tok
+        p.n_ubatch = min(n_tok, 512)
+        p.n_seq_max = self.n_seq
+        # one unified KV stream keeps llama.cpp's simple batch split, so the recorder
+        # sees tokens in batch order
+        p.kv_unified = True
+        self.ctx = internals.LlamaContext(model=llm._model, params=p, verbose=llm.verbose)
+        self.ptr = ctypes.cast(self.ctx.ctx, ctypes.c_void_p).value
+        self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
+        self.obs = _native.Observer(llm.info.n_layer)
+        self.obs.record = True
+        self.obs.attach(self.ptr)
+        self.profile_applied: object = False
+
+    def sync_profile(self) -> None:
+        p = self.llm.profile
+        if p is self.profile_applied:
+            return
+        _native.clear_table(self.ptr)
+        if p is not None:
+            actions, bias = p.to_arrays(self.llm.info)
+            rc, msg = _native.set_table(self.ptr, actions, bias, float(p.eps))
+            if rc != 0:
+                raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
+        self.profile_applied = p
+
+    def run(self, seqs: list[Sequence[int]], rows: list[list[int]]) -> list[np.ndarray]:
+        b = self.batch
+        n = 0
+        out_index = []  # per sequence: positions of its requested rows among the batch outputs
+        n_out = 0
+        for sid, (toks, want) in enumerate(zip(seqs, rows)):
+            want_set = set(want)
+            mine = {}
+            for pos, t in enumerate(toks):
+                b.token[n] = int(t)
+                b.pos[n] = pos
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = sid
+                is_out = pos in want_set
+                b.logits[n] = is_out
+                if is_out:
+                    mine[pos] = n_out
+                    n_out += 1
+                n += 1
+            out_index.append([(n - len(toks) + r, mine[r]) for r in want])
+        b.n_tokens = n
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
+        self.obs.clear_records()
+        rc = llama_cpp.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise SteerError(f"llama_decode failed while tracing (code {rc})")
+        rec = self.obs.take()
+        if self.obs.error:
+            raise SteerError(f"routing recorder: {self.obs.error}")
+        layers = self.llm.info.moe_layers
+        per_layer = []
+        for il in layers:
+            if il not in rec:
+                raise SteerError(f"routing recorder saw nothing in MoE layer {il}")
+            e = rec[il][0]
+            # a layer computes every token, except the last which computes outputs only
+            if e.shape[0] == n:
+                per_layer.append(("all", e))
+            elif e.shape[0] == n_out:
+                per_layer.append(("out", e))
+            else:
+                raise SteerError(f"routing recorder: layer {il} has {e.shape[0]} rows, expected {n} or {n_out}")
+        result = []
+        for idx in out_index:
+            tok_rows = np.asarray([a for a, _ in idx], dtype=np.int64)
+            out_rows = np.asarray([o for _, o in idx], dtype=np.int64)
+            result.append(np.stack([e[tok_rows] if kind == "all" else e[out_rows] for kind, e in per_layer], axis=1))
+        return result
+
+    def close(self) -> None:
+        if self.ctx is not None and self.ctx.ctx:
+            self.obs.detach(self.ptr)
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
