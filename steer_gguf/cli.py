@@ -47,8 +47,9 @@ def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n
                engine: str, force: bool, verbose: bool, **extra):
     from .steered import SteeredLlama
 
+    threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
     return SteeredLlama(model, profile=profile, engine=engine, force=force, n_ctx=n_ctx,
-                        n_gpu_layers=n_gpu_layers, n_threads=n_threads, verbose=verbose, **extra)
+                        n_gpu_layers=n_gpu_layers, verbose=verbose, **threads, **extra)
 
 
 def _model_arg():
@@ -299,6 +300,115 @@ def profile_validate(path, model, force):
         click.echo(f"{path}: valid for {model}")
     else:
         click.echo(f"{path}: valid ({p.summary()})")
+
+
+@profile.command("make")
+@click.argument("table", type=click.Path())
+@click.option("--model", type=click.Path(), help="bind the profile to this model (identity and shape)")
+@click.option("--k", "k", type=click.IntRange(min=1), help="experts per token, when no --model is given")
+@click.option("--activate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="experts to force on (risk_diff > 0, at most k per layer)")
+@click.option("--deactivate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="experts to force off (risk_diff < 0)")
+@click.option("--reverse", is_flag=True, help="steer toward behavior 2 instead of behavior 1")
+@click.option("--eps", type=float, default=0.01, show_default=True)
+@click.option("--name", help="profile name (default: the output file's name)")
+@click.option("--output", "-o", required=True, type=click.Path(), help="profile JSON to write")
+def profile_make(table, model, k, activate, deactivate, reverse, eps, name, output):
+    """Make a profile from a detection table (ours, or SteerMoE's count columns)."""
+    from .detect import DetectionTable
+    from .model import model_info
+
+    if (model is None) == (k is None):
+        raise SteerError("give exactly one of --model MODEL or --k K")
+    t = DetectionTable.from_csv(table)
+    target = model_info(model) if model else k
+    name = name or os.path.splitext(os.path.basename(output))[0]
+    p = t.make_profile(target, activate=activate, deactivate=deactivate, reverse=reverse, eps=eps, name=name,
+                       provenance={"table": os.path.basename(table)})
+    p.save(output)
+    click.echo(f"{output}: {p.summary()}")
+
+
+# ---- detection and statistics ----------------------------------------------------------------------
+@main.command()
+@_model_arg()
+@click.option("--pairs", required=True, help="pair dataset: a JSONL file or builtin:NAME")
+@click.option("--output", "-o", required=True, type=click.Path(), help="detection table (CSV) to write")
+@click.option("--max-pairs", type=click.IntRange(min=1), help="use only the first N pairs")
+@click.option("--batch", "batch_tokens", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="tokens per llama.cpp batch (many conversations each)")
+@click.option("--skip-bad", is_flag=True, help="skip bad dataset lines with a warning instead of failing")
+@click.option("--top", "n_top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="experts to show in the summary")
+@llama_options
+def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, **kw):
+    """Find behavior-linked experts: risk difference of routing on paired examples."""
+    import time
+
+    from .datasets import load_pairs
+    from .detect import detect as run_detect
+
+    if not output.endswith(".csv"):
+        raise SteerError(f"{output}: the detection table is a .csv file")
+    ps = load_pairs(pairs, skip_bad=skip_bad, max_pairs=max_pairs)
+    llm = open_model(model, None, **kw)
+    t0 = time.perf_counter()
+    tokens = [0]
+    with click.progressbar(length=2 * len(ps), label="prefilling", file=sys.stderr,
+                           item_show_func=lambda _: f"{tokens[0] / max(1e-9, time.perf_counter() - t0):,.0f} target tok/s"
+                           ) as bar:
+        def progress(done, total, n_target):
+            tokens[0] += n_target
+            bar.update(done - bar.pos, current_item=done)
+
+        table = run_detect(llm, ps, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress)
+    for w in ps.skipped:
+        click.echo(f"warning: skipped {w}", err=True)
+    if ps.skipped:
+        click.echo(f"warning: {len(ps.skipped)} bad lines or pairs skipped", err=True)
+    table.to_csv(output)
+    dt = time.perf_counter() - t0
+    click.echo(f"{table.meta.get('pairs')} pairs, {len(table)} (layer, expert) rows -> {output} ({dt:.1f} s)")
+    click.echo(f"signal concentration: {table.concentration()} experts hold half of the total |risk_diff|")
+    if n_top:
+        click.echo("  rank layer expert   p1      p2      risk_diff")
+        for i, r in enumerate(table.top(n_top)):
+            click.echo(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
+
+
+@main.command()
+@_model_arg()
+@click.option("--prompts", required=True, help="prompts: a JSONL file or builtin:NAME")
+@click.option("--output", "-o", required=True, type=click.Path(), help="statistics JSON to write")
+@click.option("--plot", type=click.Path(), help="also draw a layers x experts heatmap (PNG; needs matplotlib)")
+@click.option("--max-prompts", type=click.IntRange(min=1), help="use only the first N prompts")
+@click.option("--profile", type=click.Path(), help="statistics under this steering profile")
+@llama_options
+def stats(model, prompts, output, plot, max_prompts, profile, **kw):
+    """Expert usage per MoE layer: counts, shares, entropy, load balance."""
+    from .datasets import load_prompts
+    from .stats import routing_stats, save_heatmap
+
+    convs = load_prompts(prompts)[:max_prompts]
+    if not convs:
+        raise SteerError(f"{prompts}: no prompts")
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SteerError("--plot needs matplotlib: pip install 'steer-gguf[plot]'") from None
+    llm = open_model(model, profile, **kw)
+    s = routing_stats(llm, convs)
+    from .fileio import atomic_write
+
+    atomic_write(output, json.dumps(s, indent=2) + "\n")
+    for layer in s["layers"]:
+        click.echo(f"layer {layer['layer']:3d}: entropy {layer['entropy_bits']:.2f}/{layer['max_entropy_bits']:.2f} bits, "
+                   f"max/mean load {layer['max_over_mean']:.2f}, most used {layer['most_used'][:3]}")
+    if plot:
+        save_heatmap(s, plot)
+    click.echo(f"{s['tokens']} tokens from {s['prompts']} prompts -> {output}" + (f", {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

@@ -334,3 +334,67 @@ def accumulate(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
 
 
 # ---- driving a model (lead) ----
+
+
+def target_rows(llm, messages: list[dict], target: str) -> tuple[list[int], tuple[int, int] | None]:
+    """Tokens of a conversation rendered with the model's chat template, and the token range
+    of the last occurrence of `target` in it (None if it cannot be found)."""
+    from .datasets import locate_target_text
+
+    toks = llm.chat_tokens(messages)
+    pieces = [llm.detokenize([t], special=True) for t in toks]
+    # latin-1 maps bytes 1:1 to characters, so character offsets are byte offsets and a
+    # token that holds part of a multi-byte character still has an exact extent
+    text = b"".join(pieces).decode("latin-1")
+    offsets, at = [], 0
+    for p in pieces:
+        offsets.append((at, at + len(p)))
+        at += len(p)
+    return toks, locate_target_text(text, target.encode("utf-8").decode("latin-1"), offsets)
+
+
+def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
+           on_progress=None) -> DetectionTable:
+    """Risk-difference table of a model on a PairSet: prefill both conversations of every
+    pair (many per batch; never generation) and count, per MoE layer and expert, how often
+    the target tokens of behavior 1 and of behavior 2 were routed to it.
+
+    on_progress(done_conversations, total_conversations, target_tokens) is called per batch."""
+    info = llm.info
+    seqs, rows, sides = [], [], []
+    for pair in pairs:
+        found = []
+        for side, msgs, target in ((0, pair.messages_0, pair.target_0), (1, pair.messages_1, pair.target_1)):
+            toks, span = target_rows(llm, msgs, target)
+            if span is None:
+                msg = f"{pairs.source}:{pair.line}: target of messages_{side} not found in the rendered conversation"
+                if not skip_bad:
+                    raise SteerError(msg)
+                pairs.skipped.append(msg)
+                break
+            found.append((side, toks, list(range(*span))))
+        else:
+            # only whole pairs count, so both behaviors see the same prompts
+            for side, toks, r in found:
+                seqs.append(toks)
+                rows.append(r)
+                sides.append(side)
+    if not seqs:
+        raise SteerError(f"{pairs.source}: no usable pairs")
+    n_moe = len(info.moe_layers)
+    counts = np.zeros((2, n_moe, info.n_expert), dtype=np.int64)
+    n_tok = [0, 0]
+    # chunks of conversations, so progress shows and Ctrl-C lands between batches
+    chunk = 64
+    for start in range(0, len(seqs), chunk):
+        stop = min(len(seqs), start + chunk)
+        for side, ex in zip(sides[start:stop], llm.trace_many(seqs[start:stop], rows[start:stop],
+                                                                batch_tokens=batch_tokens)):
+            accumulate(counts[side], ex)
+            n_tok[side] += ex.shape[0]
+        if on_progress is not None:
+            on_progress(stop, len(seqs), sum(len(r) for r in rows[start:stop]))
+    meta = {"architecture": info.architecture, "fingerprint": info.fingerprint, "n_layer": info.n_layer,
+            "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "dataset": pairs.source,
+            "pairs": len(seqs) // 2}
+    return DetectionTable.from_counts(counts[0], counts[1], n_tok[0], n_tok[1], list(info.moe_layers), meta)

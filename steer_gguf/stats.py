@@ -1,0 +1,61 @@
+"""Expert usage statistics of a model on a set of prompts."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def routing_stats(llm, conversations: list[list[dict]], batch_tokens: int = 2048) -> dict:
+    """Per MoE layer: selection counts and shares, routing entropy, load balance."""
+    info = llm.info
+    seqs = [llm.chat_tokens(c) for c in conversations]
+    counts = np.zeros((len(info.moe_layers), info.n_expert), dtype=np.int64)
+    n_tok = 0
+    for ex in llm.trace_many(seqs, batch_tokens=batch_tokens):
+        for j in range(ex.shape[1]):
+            counts[j] += np.bincount(ex[:, j, :].ravel(), minlength=info.n_expert)[: info.n_expert]
+        n_tok += ex.shape[0]
+    layers = []
+    for j, il in enumerate(info.moe_layers):
+        c = counts[j]
+        share = c / max(1, c.sum())
+        nz = share[share > 0]
+        order = np.argsort(-c, kind="stable")
+        layers.append({
+            "layer": il,
+            "counts": c.tolist(),
+            "share": np.round(share, 6).tolist(),
+            "entropy_bits": float(-(nz * np.log2(nz)).sum()),
+            "max_entropy_bits": float(np.log2(info.n_expert)),
+            # 1.0 is perfect balance; n_expert/k means one expert set takes everything
+            "max_over_mean": float(share.max() * info.n_expert) if c.sum() else 0.0,
+            "unused": int((c == 0).sum()),
+            "most_used": order[:5].tolist(),
+            "least_used": order[::-1][:5].tolist(),
+        })
+    return {"model": os.path.basename(info.path), "fingerprint": info.fingerprint, "prompts": len(seqs),
+            "tokens": n_tok, "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "layers": layers}
+
+
+def save_heatmap(stats: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_write
+    import io
+
+    share = np.array([l["share"] for l in stats["layers"]])
+    fig, ax = plt.subplots(figsize=(min(16, 2 + share.shape[1] * 0.15), 1.5 + share.shape[0] * 0.25))
+    im = ax.imshow(share, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(stats["layers"])), [str(l["layer"]) for l in stats["layers"]])
+    ax.set_title(f"expert usage share: {stats['model']}")
+    fig.colorbar(im, ax=ax)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
