@@ -65,6 +65,25 @@ class SteeredLlama(llama_cpp.Llama):
     def __del__(self) -> None:
         self.close()
 
+    # ---- thread safety -------------------------------------------------------------------
+    # one lock around generation and profile switches: a streamed answer holds it for the
+    # generator's whole life, so no other thread can switch the profile mid-answer
+    def create_completion(self, *args, **kwargs):
+        if not kwargs.get("stream", False):
+            with self.lock:
+                return super().create_completion(*args, **kwargs)
+        return self._locked(lambda: super(SteeredLlama, self).create_completion(*args, **kwargs))
+
+    def create_chat_completion(self, *args, **kwargs):
+        if not kwargs.get("stream", False):
+            with self.lock:
+                return super().create_chat_completion(*args, **kwargs)
+        return self._locked(lambda: super(SteeredLlama, self).create_chat_completion(*args, **kwargs))
+
+    def _locked(self, make):
+        with self.lock:
+            yield from make()
+
     # ---- steering ------------------------------------------------------------------------
     @property
     def _ctx_ptr(self) -> int:
