@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from clitools import cli
 from steer_gguf import Profile, SteeredLlama, model_info
 from steer_gguf.datasets import load_pairs
 from steer_gguf.detect import DetectionTable, detect, target_rows
@@ -71,11 +70,6 @@ def test_detect_finds_the_digit_expert_and_its_profile_steers(llm, tmp_path):
     with llm.steering(profile):
         tr = llm.trace(text=words)
     assert (tr.experts == DIGIT_EXPERT).any(axis=2).all()
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "steer_gguf.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_cli_detect_and_profile_make(digits_model, tmp_path):

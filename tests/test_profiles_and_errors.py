@@ -2,30 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from clitools import assert_one_line_error, cli
 from fixtures.make_models import write_truncated
 from steer_gguf import ExpertRule, ModelRef, Profile, SteerError, model_info
-
-
-def cli(*args, cwd=None):
-    env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "steer_gguf.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=120)
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    err = r.stderr.strip()
-    assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith("steer-gguf: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
