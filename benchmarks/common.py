@@ -1,0 +1,72 @@
+"""Shared pieces of the benchmarks: the synthetic model, timing, machine description."""
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the fixture writer
+
+CACHE = pathlib.Path(os.environ.get("STEER_GGUF_BENCH_CACHE", ROOT / "build" / "bench"))
+
+
+def synthetic_model(n_layer: int = 8, n_embd: int = 1024, n_expert: int = 32, n_expert_used: int = 4,
+                    n_ff_exp: int = 512, quant: str = "Q4_K_M") -> pathlib.Path:
+    """A random-weight qwen3moe with realistic widths, quantized with llama.cpp's own
+    quantizer; made once and cached."""
+    import llama_cpp
+
+    from fixtures.make_models import make_model
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stem = f"qwen3moe-L{n_layer}-d{n_embd}-E{n_expert}-k{n_expert_used}-ff{n_ff_exp}"
+    out = CACHE / f"{stem}-{quant}.gguf"
+    if out.exists():
+        return out
+    f16 = CACHE / f"{stem}-F16.gguf"
+    if not f16.exists():
+        make_model("qwen3moe", f16, n_layer=n_layer, n_embd=n_embd, n_expert=n_expert,
+                   n_expert_used=n_expert_used, n_ff_exp=n_ff_exp, ftype="f16", seed=1)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.nthread = os.cpu_count() or 1
+    tmp = out.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed ({rc})")
+    tmp.replace(out)
+    return out
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def summary(xs: list[float]) -> dict:
+    """Median and spread (min, max) of a list of rates."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "all": xs}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "python": platform.python_version(),
+            "commit": commit}

@@ -1,0 +1,132 @@
+"""Steering and tracing overhead, side by side in one process.
+
+    python benchmarks/overhead.py [--quick] [--json OUT]
+
+Configurations, interleaved over the repetitions so drift hits all alike:
+  plain   no profile (upstream graph)
+  graph   a profile steering ~10% of the experts of every MoE layer, graph engine
+  hook    the same profile through the eval-callback hook engine
+  trace   prefill with the routing recorder on (detection mode; prefill only)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from common import machine, summary, synthetic_model, timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller model and fewer repetitions (smoke run)")
+    ap.add_argument("--json", help="write all numbers to this file")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    args = ap.parse_args()
+
+    from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+
+    if args.quick:
+        path = synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256)
+        reps = args.reps or 2
+    else:
+        path = synthetic_model()
+        reps = args.reps or 5
+    info = model_info(path)
+    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    kw = dict(n_ctx=args.prompt_tokens + args.decode_tokens + 16, n_batch=args.prompt_tokens,
+              n_ubatch=args.prompt_tokens, n_gpu_layers=args.n_gpu_layers, **threads)
+
+    # ~10% of the experts of every MoE layer: activate and deactivate alternately
+    n_steer = max(1, round(0.1 * info.n_expert))
+    rng = np.random.default_rng(0)
+    rules = []
+    for il in info.moe_layers:
+        for j, e in enumerate(rng.choice(info.n_expert, n_steer, replace=False)):
+            rules.append(ExpertRule(il, int(e), "activate" if j % 2 == 0 and j // 2 < info.n_expert_used
+                                    else "deactivate"))
+    profile = Profile(ModelRef.of(info), rules, name="bench-10pct")
+
+    graph = SteeredLlama(path, **kw)
+    hook = SteeredLlama(path, engine="hook", profile=profile, **kw)
+    rng_tokens = np.random.default_rng(1)
+    prompt = [int(t) for t in rng_tokens.integers(0, 256, args.prompt_tokens)]
+    decode = [int(t) for t in rng_tokens.integers(0, 256, args.decode_tokens)]
+
+    def prefill(llm):
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        llm.eval(prompt)
+
+    def decode_run(llm):
+        for t in decode:  # one token per decode, as in generation
+            llm.eval([t])
+
+    configs = {
+        "plain": (graph, None),
+        "graph": (graph, profile),
+        "hook": (hook, profile),
+        "trace": (graph, None),
+    }
+    rates: dict[str, dict[str, list[float]]] = {c: {"prefill": [], "decode": []} for c in configs}
+    for llm in (graph, hook):  # warm-up: page in weights, build graphs
+        prefill(llm)
+        decode_run(llm)
+    for rep in range(reps):
+        for name, (llm, prof) in configs.items():
+            if llm is graph:
+                llm.set_profile(prof)
+            if name == "trace":
+                # the detection path: batched tracing context, recorder on, every token traced
+                dt = timed(lambda: graph.trace_many([prompt], batch_tokens=len(prompt)))
+                rates[name]["prefill"].append(len(prompt) / dt)
+                continue
+            rates[name]["prefill"].append(len(prompt) / timed(lambda: prefill(llm)))
+            rates[name]["decode"].append(len(decode) / timed(lambda: decode_run(llm)))
+        print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
+    graph.set_profile(None)
+
+    result = {
+        "model": {"path": str(path.name), "architecture": info.architecture, "n_layer": info.n_layer,
+                  "n_embd": info.n_embd, "n_expert": info.n_expert, "n_expert_used": info.n_expert_used,
+                  "quant": path.stem.rsplit("-", 1)[-1], "steered_experts_per_layer": n_steer},
+        "machine": machine(),
+        "settings": {"prompt_tokens": len(prompt), "decode_tokens": len(decode), "reps": reps,
+                     "n_gpu_layers": args.n_gpu_layers, "threads": args.threads},
+        "rates": {c: {k: summary(v) for k, v in d.items() if v} for c, d in rates.items()},
+    }
+    med = {c: {k: s["median"] for k, s in d.items()} for c, d in result["rates"].items()}
+    ratios = {
+        "graph/plain prefill": med["graph"]["prefill"] / med["plain"]["prefill"],
+        "graph/plain decode": med["graph"]["decode"] / med["plain"]["decode"],
+        "hook/plain prefill": med["hook"]["prefill"] / med["plain"]["prefill"],
+        "hook/plain decode": med["hook"]["decode"] / med["plain"]["decode"],
+        "trace/plain prefill": med["trace"]["prefill"] / med["plain"]["prefill"],
+    }
+    result["ratios"] = ratios
+
+    m = result["model"]
+    print(f"model: {m['path']} ({m['n_layer']} layers, d={m['n_embd']}, {m['n_expert']} experts, k={m['n_expert_used']}, "
+          f"{m['quant']}); {len(prompt)}-token prefill, {len(decode)}-token decode, {reps} reps; "
+          f"{result['machine']['cpu']} x{result['machine']['cores']}")
+    print(f"{'config':8s} {'prefill tok/s (median [min-max])':>36s} {'decode tok/s (median [min-max])':>36s}")
+    for c, d in result["rates"].items():
+        cells = []
+        for k in ("prefill", "decode"):
+            s = d.get(k)
+            cells.append(f"{s['median']:10.1f} [{s['min']:.1f}-{s['max']:.1f}]" if s else "-")
+        print(f"{c:8s} {cells[0]:>36s} {cells[1]:>36s}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
