@@ -224,7 +224,7 @@ class SteeredLlama(llama_cpp.Llama):
         return self._make_trace(toks, rec, err)
 
     def trace_many(self, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]] | None = None,
-                   batch_tokens: int = 2048) -> list[np.ndarray]:
+                   batch_tokens: int = 2048, record: bool = True) -> list[np.ndarray]:
         """Prefill many sequences, several per llama.cpp batch, and return for each the
         experts of the requested token rows: int32 [len(rows[i]), n_moe_layers, k].
 
@@ -246,7 +246,7 @@ class SteeredLlama(llama_cpp.Llama):
                     group.append(i)
                     n += len(seqs[i])
                     i += 1
-                for j, ex in zip(group, tc.run([seqs[j] for j in group], [rows[j] for j in group])):
+                for j, ex in zip(group, tc.run([seqs[j] for j in group], [rows[j] for j in group], record)):
                     out[j] = ex
         return out  # type: ignore[return-value]
 
@@ -336,7 +336,11 @@ class _TraceContext:
                 raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
         self.profile_applied = p
 
-    def run(self, seqs: list[Sequence[int]], rows: list[list[int]]) -> list[np.ndarray]:
+    def run(self, seqs: list[Sequence[int]], rows: list[list[int]], record: bool = True) -> list[np.ndarray]:
+        """Decode the sequences as one batch. record=False is plain prefill of the same batch
+        (recorder off, one output per sequence): the baseline detection is measured against."""
+        if not record:
+            rows = [[len(t) - 1] for t in seqs]
         b = self.batch
         n = 0
         out_index = []  # per sequence: positions of its requested rows among the batch outputs
@@ -359,9 +363,17 @@ class _TraceContext:
         b.n_tokens = n
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
         self.obs.clear_records()
-        rc = llama_cpp.llama_decode(self.ctx.ctx, b)
+        if not record:
+            self.obs.detach(self.ptr)
+        try:
+            rc = llama_cpp.llama_decode(self.ctx.ctx, b)
+        finally:
+            if not record:
+                self.obs.attach(self.ptr)
         if rc != 0:
             raise SteerError(f"llama_decode failed while tracing (code {rc})")
+        if not record:
+            return []
         rec = self.obs.take()
         if self.obs.error:
             raise SteerError(f"routing recorder: {self.obs.error}")
