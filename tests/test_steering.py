@@ -15,14 +15,9 @@ def _profile(info, rules, bias=()):
     return Profile(ModelRef.of(info), [ExpertRule(l, e, a) for l, e, a in rules], list(bias), name="t")
 
 
-def _rarely_chosen(tr, j):
-    """An expert the layer (column j of the trace) picks least often: forcing it on is a real change."""
-    counts = np.bincount(tr.experts[:, j, :].ravel(), minlength=64)[:tr_n_expert(tr)]
-    return int(np.argmin(counts))
-
-
-def tr_n_expert(tr):
-    return int(tr.experts.max()) + 1
+def least_used(tr, info, j=-1) -> int:
+    """The expert column j of a trace picks least often: forcing it on is a real change."""
+    return int(np.argmin(np.bincount(tr.experts[:, j, :].ravel(), minlength=info.n_expert)))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def test_activate_and_deactivate(llms, moe_path):
     info = model_info(moe_path)
     base = llm.trace(text=TEXT)
     first, last = info.moe_layers[0], info.moe_layers[-1]
-    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    on = least_used(base, info)
     off = int(np.argmax(np.bincount(base.experts[:, 0, :].ravel(), minlength=info.n_expert)))
     assert not (base.experts[:, -1, :] == on).any(axis=1).all(), "fixture: expert already always chosen"
     assert (base.experts[:, 0, :] == off).any(), "fixture: expert never chosen"
@@ -74,7 +69,7 @@ def test_unsteered_layers_route_as_upstream(llms, moe_path):
     info = model_info(moe_path)
     base = llm.trace(text=TEXT)
     last = info.moe_layers[-1]
-    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    on = least_used(base, info)
     with llm.steering(_profile(info, [(last, on, "activate")])):
         tr = llm.trace(text=TEXT)
     # layers before the steered one see identical inputs, so identical routing and weights
@@ -129,7 +124,7 @@ def test_soft_bias_moves_routing(llms, moe_path):
 
     base = llm.trace(text=TEXT)
     last = info.moe_layers[-1]
-    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    on = least_used(base, info)
     with llm.steering(_profile(info, [], [BiasRule(last, on, 1e3)])):
         tr = llm.trace(text=TEXT)
     # soft steering is a strength, not a guarantee (sigmoid gating saturates), so ask for a
@@ -144,7 +139,7 @@ def test_profile_switch_between_generations(llms, moe_path):
     info = model_info(moe_path)
     base = llm.trace(text=TEXT)
     last = info.moe_layers[-1]
-    on = int(np.argmin(np.bincount(base.experts[:, -1, :].ravel(), minlength=info.n_expert)))
+    on = least_used(base, info)
     # random-weight models may pick end-of-text at once: forbid it so tokens get generated
     special = {t: -1e4 for t in range(llm.n_vocab()) if llm.detokenize([t], special=True).startswith(b"<|")}
     gen = dict(max_tokens=6, temperature=0.0, logit_bias=special)
