@@ -170,13 +170,13 @@ def chat(model, profile, system, max_tokens, temperature, seed, **kw):
             return
         if line.startswith("/profile"):
             arg = line[len("/profile"):].strip()
+            if not arg:
+                click.echo("usage: /profile PATH|off")
+                continue
             try:
                 llm.set_profile(None if arg in ("off", "none") else Profile.load(arg))
             except SteerError as e:
                 click.echo(f"error: {e}", err=True)
-                continue
-            if not arg:
-                click.echo("usage: /profile PATH|off")
                 continue
             click.echo(f"profile: {_pname(llm)}")
             continue
