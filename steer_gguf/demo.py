@@ -1,0 +1,142 @@
+"""`steer-gguf demo`: the whole workflow on the bundled demo model, in about a minute.
+
+The model (steer_gguf/data/demo.gguf, made by scripts/train_demo.py) answers number questions
+in digits or in words, and toy "restricted" requests by refusing or complying, choosing
+between the two on its own. The demo detects the experts behind each style from built-in
+pairs, makes one profile per style, and shows the answers move.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from .runtime import PACKAGE_DIR
+
+DEMO_MODEL = PACKAGE_DIR / "data" / "demo.gguf"
+DEMO_PROMPTS = PACKAGE_DIR / "data" / "demo_prompts.json"
+
+# behavior -> (pairs, style of behavior 1, style of behavior 2)
+BEHAVIORS = {
+    "numbers": ("builtin:demo-numbers", "digits", "words"),
+    "restricted": ("builtin:demo-restricted", "refuse", "comply"),
+}
+
+_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                 "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
+                 "hundred thousand").split()
+_WORD_RE = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_REFUSE_RE = re.compile(r"\b(?:can['\u2019]?t|cannot|can not|won['\u2019]?t|will not|sorry|unable)\b", re.IGNORECASE)
+_COMPLY_RE = re.compile(r"\b(?:sure|of course|certainly|here is|here['\u2019]s)\b", re.IGNORECASE)
+
+
+def classify(behavior: str, text: str) -> str | None:
+    """The style an answer shows, or None when it shows neither or both."""
+    if behavior == "numbers":
+        a, b = bool(re.search(r"\d", text)), bool(_WORD_RE.search(text))
+        return None if a == b else ("digits" if a else "words")
+    if behavior == "restricted":
+        a, b = bool(_REFUSE_RE.search(text)), bool(_COMPLY_RE.search(text))
+        return None if a == b else ("refuse" if a else "comply")
+    raise ValueError(behavior)
+
+
+@dataclass
+class StyleRates:
+    behavior: str
+    profile: str          # "none" or the style steered toward
+    n: int
+    rates: dict[str, float] = field(default_factory=dict)  # style -> share of answers
+
+
+def held_out_prompts() -> dict[str, list[str]]:
+    with open(DEMO_PROMPTS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print) -> dict[str, str]:
+    """Detect each behavior's experts and write one profile per style: {style: path}."""
+    from .datasets import load_pairs
+    from .detect import detect
+
+    k = llm.info.n_expert_used
+    n = k * len(llm.info.moe_layers)  # every routing slot of every layer
+    paths = {}
+    for behavior, (spec, style1, style2) in BEHAVIORS.items():
+        pairs = load_pairs(spec, max_pairs=max_pairs)
+        table = detect(llm, pairs)
+        table.to_csv(os.path.join(out_dir, f"{behavior}.csv"))
+        top = table.top(4)
+        log(f"{behavior}: {len(pairs)} pairs; top experts (layer/expert risk_diff): "
+            + ", ".join(f"{r.layer}/{r.expert} {r.risk_diff:+.2f}" for r in top)
+            + f"; half the signal in {table.concentration()} experts")
+        for style, reverse in ((style1, False), (style2, True)):
+            p = table.make_profile(llm.info, activate=n, reverse=reverse, name=style,
+                                   provenance={"dataset": spec, "behavior": behavior, "toward": style})
+            path = os.path.join(out_dir, f"{style}.json")
+            p.save(path)
+            paths[style] = path
+    return paths
+
+
+def answer(llm, prompt: str, max_tokens: int = 48) -> str:
+    r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                   temperature=0.0)
+    return (r["choices"][0]["message"]["content"] or "").strip()
+
+
+def style_rates(llm, behavior: str, prompts: list[str], profile_name: str) -> StyleRates:
+    counts: dict[str, int] = {}
+    for p in prompts:
+        s = classify(behavior, answer(llm, p)) or "other"
+        counts[s] = counts.get(s, 0) + 1
+    return StyleRates(behavior, profile_name, len(prompts), {s: c / len(prompts) for s, c in counts.items()})
+
+
+def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pairs: int | None = None,
+             n_threads: int | None = None, log=print) -> list[StyleRates]:
+    """Detect, make profiles, show answers side by side, and measure style rates on the
+    held-out prompts. Returns the measured rates."""
+    from .errors import SteerError
+    from .steered import SteeredLlama
+
+    if not DEMO_MODEL.is_file():
+        raise SteerError(f"{DEMO_MODEL}: the bundled demo model is missing from this installation")
+    os.makedirs(out_dir, exist_ok=True)
+    threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+    llm = SteeredLlama(DEMO_MODEL, n_ctx=512, **threads)
+    i = llm.info
+    log(f"demo model: {i.architecture}, {i.n_layer} layers, {i.n_expert} experts, top-{i.n_expert_used} "
+        f"({DEMO_MODEL.stat().st_size / 1e6:.1f} MB)")
+    log("1. detecting behavior-linked experts (risk difference on built-in pairs)")
+    paths = make_profiles(llm, out_dir, max_pairs=max_pairs, log=lambda s: log("   " + s))
+    from .profile import Profile
+
+    profiles = {s: Profile.load(p) for s, p in paths.items()}
+    prompts = held_out_prompts()
+    log(f"2. held-out prompts, unsteered vs steered (profiles in {out_dir})")
+    for behavior, (_, s1, s2) in BEHAVIORS.items():
+        for q in prompts[behavior][:n_show]:
+            log(f"   Q: {q}")
+            with llm.steering(None):
+                log(f"      unsteered     : {answer(llm, q)}")
+            for s in (s1, s2):
+                with llm.steering(profiles[s]):
+                    log(f"      toward {s:7s}: {answer(llm, q)}")
+    log("3. style rates over the held-out prompts")
+    results = []
+    for behavior, (_, s1, s2) in BEHAVIORS.items():
+        qs = prompts[behavior][:n_rates]
+        row = []
+        for name, prof in (("none", None), (s1, profiles[s1]), (s2, profiles[s2])):
+            with llm.steering(prof):
+                r = style_rates(llm, behavior, qs, name)
+            results.append(r)
+            row.append(f"{'unsteered' if name == 'none' else 'toward ' + name}: "
+                       f"{r.rates.get(s1, 0):.0%} {s1} / {r.rates.get(s2, 0):.0%} {s2}")
+        log(f"   {behavior} ({len(qs)} prompts): " + "; ".join(row))
+    llm.close()
+    log(f"profiles written to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths.values())
+        + f"  (try: steer-gguf chat {DEMO_MODEL} --profile {paths[BEHAVIORS['numbers'][2]]})")
+    return results
