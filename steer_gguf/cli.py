@@ -411,5 +411,45 @@ def stats(model, prompts, output, plot, max_prompts, profile, **kw):
     click.echo(f"{s['tokens']} tokens from {s['prompts']} prompts -> {output}" + (f", {plot}" if plot else ""))
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+@main.command()
+@_model_arg()
+@click.option("--profile", "default_profile",
+              help="default steering profile: a name in --profiles-dir, a profile file, or none")
+@click.option("--profiles-dir", type=click.Path(), help="directory of profiles (*.json) requests name by file stem")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
+@click.option("--api-key", envvar="STEER_GGUF_API_KEY",
+              help="require Authorization: Bearer KEY on /v1 (or set STEER_GGUF_API_KEY)")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="requests allowed to wait behind the running one; more get 503")
+@click.option("--access-log", is_flag=True, help="log every request")
+@llama_options
+def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, access_log, **kw):
+    """OpenAI-compatible HTTP server; requests pick a profile with "steer_profile"."""
+    try:
+        from . import server
+    except ImportError as e:
+        raise SteerError(f"serve needs the server extra ({e.name} is missing): pip install 'steer-gguf[server]'") from None
+
+    if profiles_dir is not None and not os.path.isdir(profiles_dir):
+        raise SteerError(f"{profiles_dir}: --profiles-dir is not a directory")
+    if api_key is not None and not api_key.strip():
+        raise SteerError("--api-key is empty")
+    sock = server.bind(host, port)
+    with sock:
+        llm = open_model(model, None, **kw)
+        profiles = server.load_profiles(llm, profiles_dir, default_profile, force=kw["force"])
+        server.warn_excluded(profiles)
+        worker = server.Worker(llm, max_queue)
+        state = server.ServerState(llm, profiles, worker, model_id=os.path.basename(model), api_key=api_key)
+        try:
+            server.run(state, sock, access_log=access_log)
+        finally:
+            worker.stopping = True
+            with llm.lock:  # let a running generation finish before the model goes
+                llm.close()
+
+
 if __name__ == "__main__":
     main()

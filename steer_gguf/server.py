@@ -1,0 +1,507 @@
+"""An OpenAI-compatible HTTP server for one SteeredLlama, with a steering profile per request.
+
+One worker thread runs every generation, holding `llm.lock` from the profile switch to the
+last streamed chunk, so a request can never run under another request's profile. The HTTP
+side only validates, queues (bounded) and relays what the worker produces.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import pathlib
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Optional
+
+from .errors import SteerError
+from .profile import Profile
+from .steered import SteeredLlama
+
+# llama_cpp only after .steered, which points it at our patched library
+import llama_cpp  # isort: skip
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest  # isort: skip
+from pydantic import BaseModel, StrictBool, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+NONE = "none"
+
+
+# ---- profiles --------------------------------------------------------------------------------
+@dataclass
+class Profiles:
+    """The profiles requests may name (file stem -> Profile; None is "none"), and the files
+    that were excluded at startup with the reason, so a request for one gets that reason."""
+    usable: dict[str, Optional[Profile]] = field(default_factory=lambda: {NONE: None})
+    excluded: dict[str, str] = field(default_factory=dict)
+    default: str = NONE
+
+    def get(self, name: Optional[str]) -> tuple[str, Optional[Profile]]:
+        name = self.default if name is None else name
+        if name in self.usable:
+            return name, self.usable[name]
+        if name in self.excluded:
+            raise APIError(400, f"steer_profile {name!r} is not usable on this model: {self.excluded[name]}",
+                           "invalid_request_error", "invalid_profile", "steer_profile")
+        raise APIError(400, f"steer_profile {name!r} does not exist (available: {', '.join(self.usable)})",
+                       "invalid_request_error", "unknown_profile", "steer_profile")
+
+
+def load_profiles(llm: SteeredLlama, profiles_dir: Optional[str], default: Optional[str],
+                  force: bool = False) -> Profiles:
+    """Load and check every DIR/*.json against the model; a bad one is excluded, not fatal.
+    `default` is a name from the directory, a profile file, or "none"; a bad default is fatal."""
+    ps = Profiles()
+    if profiles_dir is not None:
+        d = pathlib.Path(profiles_dir)
+        if not d.is_dir():
+            raise SteerError(f"{profiles_dir}: --profiles-dir is not a directory")
+        for path in sorted(d.glob("*.json")):
+            if path.stem == NONE:
+                ps.excluded[path.stem] = f"{path}: the name 'none' is reserved for unsteered routing"
+                continue
+            try:
+                p = Profile.load(path)
+                p.check(llm.info, force=force, source=str(path))
+            except SteerError as e:
+                ps.excluded[path.stem] = str(e)
+                continue
+            ps.usable[path.stem] = None if p.is_empty else p
+    if default is None or default == NONE:
+        return ps
+    if profiles_dir is not None and os.path.isfile(default):
+        same = pathlib.Path(profiles_dir) / (pathlib.Path(default).stem + ".json")
+        if same.is_file() and os.path.samefile(same, default):
+            default = same.stem  # the directory's own file, given by path
+    if default in ps.usable:
+        ps.default = default
+    elif default in ps.excluded:
+        raise SteerError(f"default profile {default!r}: {ps.excluded[default]}")
+    elif os.path.isfile(default):
+        p = Profile.load(default)
+        p.check(llm.info, force=force, source=default)
+        stem = pathlib.Path(default).stem
+        if stem in ps.usable or stem in ps.excluded:
+            raise SteerError(f"{default}: its name {stem!r} clashes with a profile in {profiles_dir}; "
+                             f"name the one in the directory instead")
+        ps.usable[stem] = None if p.is_empty else p
+        ps.default = stem
+    else:
+        where = f" in {profiles_dir}" if profiles_dir else ""
+        raise SteerError(f"--profile {default!r}: no such profile{where} and no such file "
+                         f"(available: {', '.join(ps.usable)})")
+    return ps
+
+
+def describe(name: str, p: Optional[Profile]) -> dict:
+    prov = p.provenance if p is not None else {}
+    return {
+        "name": name,
+        "profile_name": p.name if p is not None else NONE,
+        "description": prov.get("description") or prov.get("behavior"),
+        "dataset": prov.get("dataset"),
+        "activated": p.count("activate") if p is not None else 0,
+        "deactivated": p.count("deactivate") if p is not None else 0,
+        "biased": sum(1 for b in p.bias if b.value != 0.0) if p is not None else 0,
+        "layers": sorted({r.layer for r in p.experts} | {b.layer for b in p.bias}) if p is not None else [],
+    }
+
+
+# ---- errors ----------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None,
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _generation_error(e: Exception) -> APIError:
+    # llama-cpp-python reports bad arguments (prompt longer than the context, logprobs
+    # without logits_all...) as ValueError: the client's fault, not the server's
+    if isinstance(e, (ValueError, SteerError)):
+        return APIError(400, str(e).splitlines()[0] if str(e) else type(e).__name__, "invalid_request_error",
+                        "invalid_request")
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error", "generation_failed")
+
+
+# ---- requests --------------------------------------------------------------------------------
+class _SteerFields(BaseModel):
+    # strict: "yes" or 1 must not quietly mean true, nor 3 a profile name
+    steer_profile: Optional[StrictStr] = None
+    steer_trace: StrictBool = False
+
+
+class ChatRequest(CreateChatCompletionRequest, _SteerFields):
+    pass
+
+
+class CompletionRequest(CreateCompletionRequest, _SteerFields):
+    pass
+
+
+_NOT_LLAMA_ARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "steer_profile", "steer_trace"}
+
+
+def llama_kwargs(llm: SteeredLlama, body: ChatRequest | CompletionRequest, model_id: str) -> dict:
+    """The request as create_chat_completion/create_completion arguments (what llama-cpp-python's
+    own server does with the same request types)."""
+    if (body.n or 1) != 1 or (getattr(body, "best_of", 1) or 1) != 1:
+        raise APIError(400, "n and best_of must be 1: one completion per request", code="unsupported")
+    kw = body.model_dump(exclude=_NOT_LLAMA_ARGS)
+    kw["model"] = model_id
+    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list):
+        if len(body.prompt) > 1:
+            raise APIError(400, "prompt: one prompt per request", code="unsupported")
+        kw["prompt"] = body.prompt[0] if body.prompt else ""
+    if body.logit_bias is not None and body.logit_bias_type == "tokens":
+        kw["logit_bias"] = {str(t): v for text, v in body.logit_bias.items()
+                            for t in llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)}
+    if body.grammar is not None:
+        try:
+            kw["grammar"] = llama_cpp.LlamaGrammar.from_string(body.grammar, verbose=False)
+        except Exception as e:
+            raise APIError(400, f"grammar: {e}", code="invalid_grammar") from None
+    if body.min_tokens > 0:
+        kw["logits_processor"] = llama_cpp.LogitsProcessorList(
+            [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llm.token_eos())])
+    return kw
+
+
+# ---- the worker ------------------------------------------------------------------------------
+@dataclass
+class Job:
+    chat: bool
+    stream: bool
+    kwargs: dict
+    profile_name: str
+    profile: Optional[Profile]
+    trace: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: bool = False  # the client went away: stop generating
+
+    def emit(self, kind: str, payload: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Worker:
+    """Runs jobs one at a time. `max_queue` bounds the jobs waiting behind the running one."""
+
+    def __init__(self, llm: SteeredLlama, max_queue: int):
+        self.llm = llm
+        self.jobs: queue.Queue[Optional[Job]] = queue.Queue(maxsize=max_queue)
+        self.busy = False
+        self.stopping = False
+        self.served = 0
+        self._thread = threading.Thread(target=self._run, name="steer-gguf-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping = True  # jobs still queued are answered 503, not run
+        with contextlib.suppress(queue.Full):
+            self.jobs.put_nowait(None)
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull() from None
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled:
+                continue
+            self.busy = True
+            try:
+                self._execute(job)
+            except APIError as e:
+                job.emit("error", e)
+            except Exception as e:  # never let one request stop the worker
+                job.emit("error", _generation_error(e))
+            finally:
+                self.busy = False
+                self.served += 1
+                job.emit("end", None)
+
+    def _execute(self, job: Job) -> None:
+        llm = self.llm
+        with llm.lock:  # held from the profile switch to the last chunk
+            if self.stopping:  # checked under the lock: whoever closes the model holds it
+                raise APIError(503, "server is shutting down", "server_error", "shutting_down")
+            if llm.profile is not job.profile:
+                # only on a change: set_profile drops the prompt cache, which is only
+                # valid for the profile it was computed under
+                llm.set_profile(job.profile)
+            call = llm.create_chat_completion if job.chat else llm.create_completion
+            with contextlib.ExitStack() as stack:
+                sampled = stack.enter_context(_sampling_hook(llm, job))
+                if job.trace:
+                    # a fully cached prompt is sampled without a decode, which would leave
+                    # the first token's routing unrecorded: start from a clean state
+                    llm.reset()
+                    log = stack.enter_context(llm.recording())
+                last = None
+                try:
+                    out = call(**job.kwargs)
+                    if not job.stream:
+                        last = out
+                    else:
+                        for chunk in out:
+                            if last is not None:
+                                job.emit("chunk", last)
+                            last = chunk  # held back: the trace goes into the final chunk
+                except Cancelled:
+                    return
+            if last is None:
+                return
+            last["steer_profile"] = job.profile_name
+            if job.trace:
+                last["steer_trace"] = routing_trace(log, sampled)
+            job.emit("chunk" if job.stream else "result", last)
+
+
+class Cancelled(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sampling_hook(llm: SteeredLlama, job: Job) -> Iterator[list[int]]:
+    """Sees every token llama-cpp-python samples (the end-of-generation token included):
+    their count says how many recorded forward passes belong to the completion, and a
+    request whose client left stops at the next token, even while llama-cpp-python holds
+    text back (stop-sequence and UTF-8 lookahead). Installed on the instance, and only
+    while the lock is held."""
+    tokens: list[int] = []
+    sample = type(llm).sample.__get__(llm)
+
+    def hooked_sample(*args, **kwargs):
+        if job.cancelled:
+            raise Cancelled()
+        t = sample(*args, **kwargs)
+        tokens.append(int(t))
+        return t
+
+    llm.sample = hooked_sample  # type: ignore[method-assign]
+    try:
+        yield tokens
+    finally:
+        del llm.sample
+
+
+def routing_trace(log, sampled: list[int]) -> dict:
+    """Row i: the experts chosen in each MoE layer by the forward pass that produced sampled
+    token i (its input is the token before it: the prompt's last token for row 0). The last
+    sampled token is never fed back through the model, so this is the only way every
+    generated token gets a row."""
+    n = len(sampled)
+    experts = log.tail(n).tolist() if n else []
+    return {"layers": list(log.layers), "tokens": list(sampled), "experts": experts}
+
+
+# ---- the app ---------------------------------------------------------------------------------
+@dataclass
+class ServerState:
+    llm: SteeredLlama
+    profiles: Profiles
+    worker: Worker
+    model_id: str
+    api_key: Optional[str] = None
+    started: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.worker.start()
+        yield
+        await asyncio.to_thread(state.worker.stop)
+
+    app = FastAPI(title="steer-gguf", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone):
+        return APIError(499, "client closed the request", "invalid_request_error", "client_closed").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), "invalid_request_error", None).response()
+
+    async def authorized(request: Request) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send Authorization: Bearer KEY",
+                           "invalid_request_error", "invalid_api_key")
+
+    auth = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health():
+        w = state.worker
+        return {"status": "ok", "model": state.model_id, "busy": w.busy, "queued": w.jobs.qsize(),
+                "max_queue": w.jobs.maxsize, "served": w.served}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": state.started,
+                                            "owned_by": "steer-gguf"}]}
+
+    @app.get("/v1/steer/profiles", dependencies=auth)
+    async def profiles():
+        ps = state.profiles
+        return {"object": "list", "default": ps.default,
+                "data": [describe(n, p) for n, p in ps.usable.items() if n != NONE],
+                "excluded": [{"name": n, "error": err} for n, err in ps.excluded.items()]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(request: Request):
+        return await _generate(state, request, await _parse(request, ChatRequest), chat=True)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request):
+        return await _generate(state, request, await _parse(request, CompletionRequest), chat=False)
+
+    return app
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    # parsed by hand, whatever the Content-Type: `curl -d` sends JSON as a form
+    try:
+        data = json.loads(await request.body())
+    except ValueError as e:
+        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "body"
+        raise APIError(400, f"{loc}: {first['msg']}", code="invalid_value",
+                       param=str(first["loc"][0]) if first["loc"] else None) from None
+
+
+async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
+    """The worker's next event; cancels the job if the client disconnects while waiting
+    (starlette does not cancel a handler whose client left)."""
+    if not job.events.empty():
+        # a turn of the event loop all the same: a queue full of chunks must not starve
+        # the loop of the socket events that say the client is gone
+        await asyncio.sleep(0)
+        return job.events.get_nowait()
+    get = asyncio.ensure_future(job.events.get())
+    try:
+        while not (await asyncio.wait({get}, timeout=0.5))[0]:
+            if await request.is_disconnected():
+                raise ClientGone()
+        return get.result()
+    except BaseException:
+        get.cancel()
+        job.cancelled = True
+        raise
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _generate(state: ServerState, request: Request, body: ChatRequest | CompletionRequest, chat: bool):
+    name, profile = state.profiles.get(body.steer_profile)
+    job = Job(chat=chat, stream=body.stream, kwargs=llama_kwargs(state.llm, body, state.model_id),
+              profile_name=name, profile=profile, trace=body.steer_trace,
+              loop=asyncio.get_running_loop(), events=asyncio.Queue())
+    try:
+        state.worker.submit(job)
+    except QueueFull:
+        raise APIError(503, f"server busy: {state.worker.jobs.maxsize} requests already waiting; retry later",
+                       "server_error", "queue_full") from None
+    kind, payload = await _next_event(job, request)
+    if kind == "error":
+        job.cancelled = True
+        return payload.response()
+    if kind == "end":  # nothing generated
+        return APIError(500, "generation produced no output", "server_error", None).response()
+    if not job.stream:
+        return JSONResponse(payload)
+    return StreamingResponse(_sse(job, request, payload), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(job: Job, request: Request, first: dict) -> AsyncIterator[str]:
+    try:
+        yield f"data: {json.dumps(first)}\n\n"
+        while True:
+            kind, payload = await _next_event(job, request)
+            if kind == "end":
+                break
+            if kind == "error":  # after a 200 status: OpenAI clients raise on an error event
+                yield f"data: {json.dumps(payload.body())}\n\n"
+                break
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        return  # nobody left to tell
+    finally:
+        job.cancelled = True  # no-op when finished; stops the worker if the client left
+
+
+# ---- running it ------------------------------------------------------------------------------
+def bind(host: str, port: int) -> socket.socket:
+    """Listen before loading the model: a taken port fails in a second, not after the load."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SteerError(f"--host {host!r}: cannot resolve ({e.strerror})") from None
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise SteerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(state: ServerState, sock: socket.socket, access_log: bool = False) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(create_app(state), log_level="info" if access_log else "warning",
+                            access_log=access_log, timeout_graceful_shutdown=5)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"steer-gguf: serving {state.model_id} at http://{shown}:{port}/v1 "
+          f"(default profile: {state.profiles.default}; profiles: {', '.join(state.profiles.usable)})",
+          flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def warn_excluded(profiles: Profiles) -> None:
+    for name, err in profiles.excluded.items():
+        print(f"steer-gguf: warning: profile {name!r} excluded: {err}", file=sys.stderr, flush=True)
