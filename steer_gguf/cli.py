@@ -451,5 +451,18 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, 
                 llm.close()
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="steer-gguf-demo", show_default=True,
+              help="directory for the detection tables and profiles it makes")
+@click.option("--show", "n_show", type=click.IntRange(min=0), default=3, show_default=True,
+              help="held-out prompts shown side by side per behavior")
+@click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None)
+def demo(out_dir, n_show, n_threads):
+    """The whole workflow on the bundled demo model: detect, make profiles, compare."""
+    from .demo import run_demo
+
+    run_demo(out_dir, n_show=n_show, n_threads=n_threads, log=click.echo)
+
+
 if __name__ == "__main__":
     main()
