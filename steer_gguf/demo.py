@@ -28,7 +28,7 @@ _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven t
                  "hundred thousand").split()
 _WORD_RE = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
 _REFUSE_RE = re.compile(r"\b(?:can['\u2019]?t|cannot|can not|won['\u2019]?t|will not|sorry|unable)\b", re.IGNORECASE)
-_COMPLY_RE = re.compile(r"\b(?:sure|of course|certainly|here is|here['\u2019]s)\b", re.IGNORECASE)
+_COMPLY_RE = re.compile(r"\b(?:sure|okay|ok|of course|certainly|here is|here['\u2019]s)\b", re.IGNORECASE)
 
 
 def classify(behavior: str, text: str) -> str | None:
@@ -80,18 +80,28 @@ def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print) ->
     return paths
 
 
-def answer(llm, prompt: str, max_tokens: int = 48) -> str:
+def answer(llm, prompt: str, max_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:
     r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                   temperature=0.0)
+                                   temperature=temperature, seed=seed)
     return (r["choices"][0]["message"]["content"] or "").strip()
 
 
-def style_rates(llm, behavior: str, prompts: list[str], profile_name: str) -> StyleRates:
+# The model holds both styles about 50/50 for every prompt, so a greedy answer only shows
+# which side of a coin flip wins; sampled answers measure how often the model chooses a style.
+RATE_TEMPERATURE = 0.7
+RATE_SAMPLES = 2
+
+
+def style_rates(llm, behavior: str, prompts: list[str], profile_name: str, samples: int = RATE_SAMPLES,
+                temperature: float = RATE_TEMPERATURE) -> StyleRates:
     counts: dict[str, int] = {}
-    for p in prompts:
-        s = classify(behavior, answer(llm, p)) or "other"
-        counts[s] = counts.get(s, 0) + 1
-    return StyleRates(behavior, profile_name, len(prompts), {s: c / len(prompts) for s, c in counts.items()})
+    n = 0
+    for i, p in enumerate(prompts):
+        for j in range(samples):
+            s = classify(behavior, answer(llm, p, temperature=temperature, seed=1000 * i + j)) or "other"
+            counts[s] = counts.get(s, 0) + 1
+            n += 1
+    return StyleRates(behavior, profile_name, n, {s: c / n for s, c in counts.items()})
 
 
 def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pairs: int | None = None,
@@ -124,7 +134,7 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
             for s in (s1, s2):
                 with llm.steering(profiles[s]):
                     log(f"      toward {s:7s}: {answer(llm, q)}")
-    log("3. style rates over the held-out prompts")
+    log(f"3. style rates over the held-out prompts ({RATE_SAMPLES} answers each, temperature {RATE_TEMPERATURE})")
     results = []
     for behavior, (_, s1, s2) in BEHAVIORS.items():
         qs = prompts[behavior][:n_rates]
