@@ -12,17 +12,16 @@ struct llama_model;
 
 struct llama_adapter_steer {
     struct layer {
-        ggml_tensor * act       = nullptr; // [n_expert] 1 where activated, else 0
-        ggml_tensor * deact     = nullptr; // [n_expert] 1 where deactivated, else 0
-        ggml_tensor * add_logit = nullptr; // [n_expert] eps*act - eps*deact + bias
-        ggml_tensor * add_sel   = nullptr; // [n_expert] eps*act - eps*deact
+        ggml_tensor * coef = nullptr; // [n_expert, STEER_N_ROWS] (steer-rule.h); null: layer unsteered
+        bool any_act   = false;
+        bool any_deact = false;
+        bool on_cpu    = false;       // the layer lives on the CPU backend: steer with one fused op
     };
 
-    std::vector<layer> layers; // by real layer index; empty entries for unsteered layers
+    std::vector<layer> layers; // by real layer index
 
     bool has_layer(int il) const {
-        return il >= 0 && (size_t) il < layers.size() &&
-               (layers[il].act || layers[il].deact || layers[il].add_logit);
+        return il >= 0 && (size_t) il < layers.size() && layers[il].coef != nullptr;
     }
 
     ggml_tensor * apply_logits(ggml_context * ctx, ggml_tensor * logits, int il) const;
@@ -33,7 +32,7 @@ struct llama_adapter_steer {
               int32_t n_expert, float eps);
 
 private:
-    ggml_tensor * steer(ggml_context * ctx, ggml_tensor * x, const layer & l, ggml_tensor * add) const;
+    ggml_tensor * steer(ggml_context * ctx, ggml_tensor * x, const layer & l, int add_row, bool clamp) const;
 
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;

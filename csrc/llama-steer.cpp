@@ -1,11 +1,13 @@
 // steer-gguf: the steering adapter and the C API, compiled into libllama.
 #include "steer.h"
 #include "llama-steer-adapter.h"
+#include "steer-rule.h"
 
 #include "llama-context.h"
 #include "llama-model.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -30,48 +32,66 @@ static ggml_tensor * row_extreme(ggml_context * ctx, ggml_tensor * x, bool want_
     return ggml_reshape_2d(ctx, v, 1, n_tokens);
 }
 
-// x - mask*(x - extreme) puts masked experts exactly on the row extreme (up to rounding);
-// the eps offsets and the bias then arrive in one add of a precomputed vector
-ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, ggml_tensor * x, const layer & l, ggml_tensor * add) const {
+// the CPU op: userdata packs the add row (bits 0-1), any_act (2), any_deact (3), clamp (4)
+static void steer_cpu_op(ggml_tensor * dst, const ggml_tensor * x, const ggml_tensor * coef,
+                         int ith, int nth, void * userdata) {
+    const intptr_t f = (intptr_t) userdata;
+    const int n = (int) x->ne[0];
+    const float * c = (const float *) coef->data;
+    const int64_t n_rows = x->ne[1] * x->ne[2] * x->ne[3];
+    for (int64_t r = ith; r < n_rows; r += nth) {
+        const int64_t i1 = r % x->ne[1], i2 = (r / x->ne[1]) % x->ne[2], i3 = r / (x->ne[1] * x->ne[2]);
+        const float * xr = (const float *) ((const char *) x->data + i1 * x->nb[1] + i2 * x->nb[2] + i3 * x->nb[3]);
+        float * yr = (float *) ((char *) dst->data + i1 * dst->nb[1] + i2 * dst->nb[2] + i3 * dst->nb[3]);
+        steer_row(xr, yr, n, c, (int) (f & 3), (f >> 2) & 1, (f >> 3) & 1, (f >> 4) & 1);
+    }
+}
+
+ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, ggml_tensor * x, const layer & l, int add_row,
+                                         bool clamp) const {
+    if (l.on_cpu) {
+        // one node instead of a dozen: on the CPU every node costs a barrier between threads,
+        // which is most of what a one-token decode spends on these tiny rows
+        if (x->nb[0] != sizeof(float)) {
+            x = ggml_cont(ctx, x);
+        }
+        const intptr_t f = add_row | (l.any_act << 2) | (l.any_deact << 3) | ((intptr_t) clamp << 4);
+        return ggml_map_custom2(ctx, x, l.coef, steer_cpu_op, GGML_N_TASKS_MAX, (void *) f);
+    }
+    // GPU backends: the rule of steer-rule.h as ggml ops, same arithmetic in the same order;
+    // x - mask*(x - extreme) puts masked experts exactly on the row extreme
+    const int64_t n = l.coef->ne[0];
+    auto row = [&](int r) { return ggml_view_1d(ctx, l.coef, n, r * l.coef->nb[1]); };
+    if (!ggml_is_contiguous(x)) {
+        x = ggml_cont(ctx, x);
+    }
+    if (clamp) {
+        x = ggml_clamp(ctx, x, -STEER_CLAMP, STEER_CLAMP);
+    }
     ggml_tensor * out = x;
-    if (l.act) {
+    if (l.any_act) {
         ggml_tensor * mx = row_extreme(ctx, x, true);
-        out = ggml_sub(ctx, out, ggml_mul(ctx, ggml_sub(ctx, x, mx), l.act));
+        out = ggml_sub(ctx, out, ggml_mul(ctx, ggml_sub(ctx, x, mx), row(STEER_ACT)));
     }
-    if (l.deact) {
+    if (l.any_deact) {
         ggml_tensor * mn = row_extreme(ctx, x, false);
-        out = ggml_sub(ctx, out, ggml_mul(ctx, ggml_sub(ctx, x, mn), l.deact));
+        out = ggml_sub(ctx, out, ggml_mul(ctx, ggml_sub(ctx, x, mn), row(STEER_DEACT)));
     }
-    if (add) {
-        out = ggml_add(ctx, out, add);
-    }
-    return out;
+    return ggml_add(ctx, out, row(add_row));
 }
 
 ggml_tensor * llama_adapter_steer::apply_logits(ggml_context * ctx, ggml_tensor * logits, int il) const {
     if (!has_layer(il)) {
         return logits;
     }
-    if (!ggml_is_contiguous(logits)) {
-        logits = ggml_cont(ctx, logits);
-    }
-    return steer(ctx, logits, layers[il], layers[il].add_logit);
+    return steer(ctx, logits, layers[il], STEER_ADD_LOGIT, false);
 }
 
 ggml_tensor * llama_adapter_steer::apply_selection(ggml_context * ctx, ggml_tensor * scores, int il, bool grouped) const {
-    const layer & l = layers[il];
-    if (!has_layer(il) || (!l.act && !l.deact)) {
-        return scores;
+    if (!has_layer(il) || (!layers[il].any_act && !layers[il].any_deact)) {
+        return scores;  // a bias alone steers the logits only
     }
-    if (!ggml_is_contiguous(scores)) {
-        scores = ggml_cont(ctx, scores);
-    }
-    if (grouped) {
-        // group masking leaves -inf, and -inf * 0 would be NaN; 1e4 is far beyond any
-        // sigmoid/softmax score plus selection bias, so finite scores are untouched
-        scores = ggml_clamp(ctx, scores, -1e4f, 1e4f);
-    }
-    return steer(ctx, scores, l, l.add_sel);
+    return steer(ctx, scores, layers[il], STEER_ADD_SEL, grouped);
 }
 
 bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions, const float * bias,
@@ -85,7 +105,7 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
         if (it != ctx_map.end()) {
             return it->second;
         }
-        ggml_init_params params = { 4 * (size_t) n_layer * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params params = { (size_t) n_layer * ggml_tensor_overhead(), nullptr, true };
         ggml_context * c = ggml_init(params);
         if (c) {
             ctx_map[buft] = c;
@@ -94,42 +114,37 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
         return c;
     };
 
-    struct host_layer { std::vector<float> act, deact, add_logit, add_sel; };
-    std::vector<host_layer> host(n_layer);
-
+    const char * env = std::getenv("STEER_GGUF_PORTABLE_OPS");
+    const bool portable = env && env[0] == '1';
+    std::vector<std::vector<float>> host(n_layer);
     for (int32_t il = 0; il < n_layer; ++il) {
         const int8_t * a = actions + (size_t) il * n_expert;
         const float  * b = bias ? bias + (size_t) il * n_expert : nullptr;
-        bool any_act = false, any_deact = false, any_bias = false;
+        layer & l = layers[il];
+        bool any_bias = false;
         for (int32_t e = 0; e < n_expert; ++e) {
-            any_act   |= a[e] == LLAMA_STEER_ACTIVATE;
-            any_deact |= a[e] == LLAMA_STEER_DEACTIVATE;
-            any_bias  |= b && b[e] != 0.0f;
+            l.any_act   |= a[e] == LLAMA_STEER_ACTIVATE;
+            l.any_deact |= a[e] == LLAMA_STEER_DEACTIVATE;
+            any_bias    |= b && b[e] != 0.0f;
         }
-        if (!any_act && !any_deact && !any_bias) {
+        if (!l.any_act && !l.any_deact && !any_bias) {
             continue;  // no nodes at all for this layer
         }
-        ggml_context * c = ctx_for(model.select_buft(il));
+        ggml_backend_buffer_type_t buft = model.select_buft(il);
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        // only the CPU backend runs the custom op (its buffer type names no device);
+        // host-visible GPU buffers (CUDA pinned, Metal shared) belong to backends that do not.
+        // STEER_GGUF_PORTABLE_OPS=1 forces the GPU op chain on the CPU too, so that machines
+        // without a GPU can test what GPUs run.
+        l.on_cpu = ggml_backend_buft_is_host(buft) && (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) &&
+                   !portable;
+        ggml_context * c = ctx_for(buft);
         if (!c) {
             return false;
         }
-        host_layer & h = host[il];
-        h.act.assign(n_expert, 0.0f);
-        h.deact.assign(n_expert, 0.0f);
-        h.add_logit.assign(n_expert, 0.0f);
-        h.add_sel.assign(n_expert, 0.0f);
-        for (int32_t e = 0; e < n_expert; ++e) {
-            const float off = a[e] == LLAMA_STEER_ACTIVATE ? eps : a[e] == LLAMA_STEER_DEACTIVATE ? -eps : 0.0f;
-            h.act[e]       = a[e] == LLAMA_STEER_ACTIVATE   ? 1.0f : 0.0f;
-            h.deact[e]     = a[e] == LLAMA_STEER_DEACTIVATE ? 1.0f : 0.0f;
-            h.add_sel[e]   = off;
-            h.add_logit[e] = off + (b ? b[e] : 0.0f);
-        }
-        layer & l = layers[il];
-        if (any_act)   { l.act   = ggml_new_tensor_1d(c, GGML_TYPE_F32, n_expert); }
-        if (any_deact) { l.deact = ggml_new_tensor_1d(c, GGML_TYPE_F32, n_expert); }
-        l.add_logit = ggml_new_tensor_1d(c, GGML_TYPE_F32, n_expert);
-        l.add_sel   = ggml_new_tensor_1d(c, GGML_TYPE_F32, n_expert);
+        host[il].resize((size_t) STEER_N_ROWS * n_expert);
+        steer_coefficients(a, b, n_expert, eps, host[il].data());
+        l.coef = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_expert, STEER_N_ROWS);
     }
 
     for (auto & [buft, c] : ctx_map) {
@@ -141,13 +156,9 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
     }
 
     for (int32_t il = 0; il < n_layer; ++il) {
-        layer & l = layers[il];
-        const host_layer & h = host[il];
-        const size_t nb = (size_t) n_expert * sizeof(float);
-        if (l.act)       { ggml_backend_tensor_set(l.act,       h.act.data(),       0, nb); }
-        if (l.deact)     { ggml_backend_tensor_set(l.deact,     h.deact.data(),     0, nb); }
-        if (l.add_logit) { ggml_backend_tensor_set(l.add_logit, h.add_logit.data(), 0, nb); }
-        if (l.add_sel)   { ggml_backend_tensor_set(l.add_sel,   h.add_sel.data(),   0, nb); }
+        if (layers[il].coef) {
+            ggml_backend_tensor_set(layers[il].coef, host[il].data(), 0, host[il].size() * sizeof(float));
+        }
     }
     return true;
 }

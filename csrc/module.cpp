@@ -2,6 +2,7 @@
 // Holds what must run inside llama.cpp's compute loop without the GIL: the routing
 // recorder and the hook engine (steering by rewriting tensors in the eval callback).
 #include "steer.h"
+#include "steer-rule.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -51,14 +52,14 @@ struct Observer {
     int n_expert = 0;
     bool grouped = false;
     std::string logit_stage, select_stage;
-    std::vector<float> act, deact, add_logit, add_sel;  // [n_layer * n_expert]
-    std::vector<char> layer_steered;
+    std::vector<float> coef;  // [n_layer][STEER_N_ROWS][n_expert], see steer-rule.h
+    std::vector<char> layer_steered, layer_act, layer_deact;
     std::string error;
 
     std::vector<char> scratch;
 
     explicit Observer(int n_layer) : n_layer(n_layer), experts(n_layer), weights(n_layer), k_of(n_layer, 0),
-                                     layer_steered(n_layer, 0) {}
+                                     layer_steered(n_layer, 0), layer_act(n_layer, 0), layer_deact(n_layer, 0) {}
 
     bool wants(const std::string & base, int il) const {
         if (il < 0 || il >= n_layer) {
@@ -109,35 +110,20 @@ struct Observer {
             }
             return;
         }
-        // hook engine: same arithmetic, in the same order, as llama_adapter_steer::steer
+        // hook engine: the rule of steer-rule.h, as the graph engine applies it
         if (t->type != GGML_TYPE_F32 || t->ne[0] != n_expert || !ggml_is_contiguous(t)) {
             error = "cannot hook " + base + "-" + std::to_string(il) + ": unexpected layout";
             return;
         }
         const bool sel = base == select_stage && base != logit_stage;
-        const float * a = act.data() + (size_t) il * n_expert;
-        const float * d = deact.data() + (size_t) il * n_expert;
-        const float * add = (sel ? add_sel.data() : add_logit.data()) + (size_t) il * n_expert;
-        bool any_a = false, any_d = false;
-        for (int e = 0; e < n_expert; ++e) { any_a |= a[e] != 0.0f; any_d |= d[e] != 0.0f; }
-        if (sel && !any_a && !any_d) {
+        if (sel && !layer_act[il] && !layer_deact[il]) {
             return;
         }
-        const int64_t n_tok = t->ne[1];
-        std::vector<float> x(n_expert);
-        for (int64_t i = 0; i < n_tok; ++i) {
+        const float * c = coef.data() + (size_t) il * STEER_N_ROWS * n_expert;
+        for (int64_t i = 0; i < t->ne[1]; ++i) {
             float * row = (float *) (scratch.data() + i * t->nb[1]);
-            for (int e = 0; e < n_expert; ++e) {
-                x[e] = (sel && grouped) ? std::clamp(row[e], -1e4f, 1e4f) : row[e];
-            }
-            const float mx = *std::max_element(x.begin(), x.end());
-            const float mn = *std::min_element(x.begin(), x.end());
-            for (int e = 0; e < n_expert; ++e) {
-                float out = x[e];
-                if (any_a) { out = out - (x[e] - mx) * a[e]; }
-                if (any_d) { out = out - (x[e] - mn) * d[e]; }
-                row[e] = out + add[e];
-            }
+            steer_row(row, row, n_expert, c, sel ? STEER_ADD_SEL : STEER_ADD_LOGIT,
+                      layer_act[il], layer_deact[il], sel && grouped);
         }
         ggml_backend_tensor_set(t, scratch.data(), 0, nbytes);
     }
@@ -188,18 +174,17 @@ struct Observer {
             throw py::value_error("hook table must be [n_layer, n_expert] for actions and bias");
         }
         n_expert = (int) actions.shape(1);
-        const size_t n = (size_t) n_layer * n_expert;
-        act.assign(n, 0.0f); deact.assign(n, 0.0f); add_logit.assign(n, 0.0f); add_sel.assign(n, 0.0f);
-        std::fill(layer_steered.begin(), layer_steered.end(), 0);
-        const int8_t * av = actions.data();
-        const float * bv = bias.data();
-        for (size_t i = 0; i < n; ++i) {
-            const float off = av[i] == LLAMA_STEER_ACTIVATE ? eps : av[i] == LLAMA_STEER_DEACTIVATE ? -eps : 0.0f;
-            act[i] = av[i] == LLAMA_STEER_ACTIVATE ? 1.0f : 0.0f;
-            deact[i] = av[i] == LLAMA_STEER_DEACTIVATE ? 1.0f : 0.0f;
-            add_sel[i] = off;
-            add_logit[i] = off + bv[i];
-            if (av[i] != LLAMA_STEER_NONE || bv[i] != 0.0f) layer_steered[i / n_expert] = 1;
+        coef.assign((size_t) n_layer * STEER_N_ROWS * n_expert, 0.0f);
+        for (int il = 0; il < n_layer; ++il) {
+            const int8_t * a = actions.data() + (size_t) il * n_expert;
+            const float * b = bias.data() + (size_t) il * n_expert;
+            steer_coefficients(a, b, n_expert, eps, coef.data() + (size_t) il * STEER_N_ROWS * n_expert);
+            layer_act[il] = layer_deact[il] = layer_steered[il] = 0;
+            for (int e = 0; e < n_expert; ++e) {
+                layer_act[il]     |= a[e] == LLAMA_STEER_ACTIVATE;
+                layer_deact[il]   |= a[e] == LLAMA_STEER_DEACTIVATE;
+                layer_steered[il] |= a[e] != LLAMA_STEER_NONE || b[e] != 0.0f;
+            }
         }
         logit_stage = std::move(logit_stage_);
         select_stage = std::move(select_stage_);

@@ -216,3 +216,26 @@ def test_table_change_between_two_decodes_is_not_served_a_stale_graph(llms, moe_
     np.testing.assert_array_equal(np.sort(rows[[0, 1, 3]], -1), np.sort(plain[[4, 5, 7]], -1))
     assert (rows[2] == on).any(), "the decode after the table change still routed the old way"
     llm.reset()
+
+
+def test_gpu_op_chain_matches_the_cpu_op(moe_path, monkeypatch):
+    """GPU backends steer with a chain of stock ggml ops, the CPU with one fused op; CI has no
+    GPU, so run the chain on the CPU and hold it to the same routing."""
+    info = model_info(moe_path)
+    llm = SteeredLlama(moe_path, **LLAMA)
+    base = llm.trace(text=TEXT)
+    rules = []
+    for j, il in enumerate(info.moe_layers):
+        counts = np.bincount(base.experts[:, j, :].ravel(), minlength=info.n_expert)
+        rules += [(il, int(np.argmin(counts)), "activate"), (il, int(np.argmax(counts)), "deactivate")]
+    from steer_gguf import BiasRule
+    p = _profile(info, rules, [BiasRule(info.moe_layers[0], 1, 0.5)])
+    llm.set_profile(p)
+    fused = llm.trace(text=TEXT)
+    monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")  # read when the table is set
+    llm.set_profile(p)
+    chain = llm.trace(text=TEXT)
+    llm.close()
+    np.testing.assert_array_equal(np.sort(chain.experts, -1), np.sort(fused.experts, -1))
+    np.testing.assert_allclose(np.sort(chain.weights, -1), np.sort(fused.weights, -1), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(np.sort(fused.experts, -1), np.sort(base.experts, -1))
