@@ -19,6 +19,7 @@ def synthetic_model(n_layer: int = 8, n_embd: int = 1024, n_expert: int = 32, n_
                     n_ff_exp: int = 512, quant: str = "Q4_K_M") -> pathlib.Path:
     """A random-weight qwen3moe with realistic widths, quantized with llama.cpp's own
     quantizer; made once and cached."""
+    import steer_gguf  # noqa: F401  (points llama_cpp at the patched library)
     import llama_cpp
 
     from fixtures.make_models import make_model

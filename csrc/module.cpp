@@ -44,6 +44,9 @@ struct Observer {
     int n_layer;
     // recorder: per layer, rows of k selected experts / weights in token order
     bool record = false;
+    // every observed tensor splits the graph's compute in two: detection needs the experts
+    // only, so it skips the weights and pays one split per layer instead of two
+    bool record_weights = true;
     std::vector<std::vector<int32_t>> experts;
     std::vector<std::vector<float>>   weights;
     std::vector<int> k_of;
@@ -65,7 +68,7 @@ struct Observer {
         if (il < 0 || il >= n_layer) {
             return false;
         }
-        if (record && (base == "ffn_moe_topk" || is_weights_name(base))) {
+        if (record && (base == "ffn_moe_topk" || (record_weights && is_weights_name(base)))) {
             return true;
         }
         if (hook && layer_steered[il] && (base == logit_stage || (!select_stage.empty() && base == select_stage))) {
@@ -227,6 +230,7 @@ PYBIND11_MODULE(_native, m) {
     py::class_<Observer>(m, "Observer")
         .def(py::init<int>())
         .def_readwrite("record", &Observer::record)
+        .def_readwrite("record_weights", &Observer::record_weights)
         .def_readonly("error", &Observer::error)
         .def("attach", &Observer::attach)
         .def("detach", &Observer::detach)

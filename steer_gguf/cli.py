@@ -30,8 +30,8 @@ class _Group(click.Group):
 
 def llama_options(f):
     """The llama.cpp options every model-loading command takes."""
-    f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
-                     help="context size in tokens")(f)
+    f = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=16), default=None,
+                     help="context size in tokens  [default: the model's, at most 4096]")(f)
     f = click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="layers to offload to the GPU (-1: all)")(f)
     f = click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None,

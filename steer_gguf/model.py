@@ -31,6 +31,7 @@ class ModelInfo:
     has_selection_bias: bool = False     # exp_probs_b (DeepSeek-V3 style)
     has_router_bias: bool = False        # ffn_gate_inp.bias (gpt-oss)
     n_embd: int = 0
+    n_ctx_train: int = 0
     fingerprint: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -158,5 +159,6 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
         has_selection_bias=sel_bias,
         has_router_bias=router_bias,
         n_embd=int(_field(r, f"{arch}.embedding_length", 0) or 0),
+        n_ctx_train=int(_field(r, f"{arch}.context_length", 0) or 0),
         fingerprint=h.hexdigest()[:32],
     )

@@ -36,6 +36,9 @@ class SteeredLlama(llama_cpp.Llama):
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.info: ModelInfo = model_info(model_path)
         llama_kwargs.setdefault("verbose", False)
+        if "n_ctx" in llama_kwargs and llama_kwargs["n_ctx"] is None:
+            # None: the model's own training context, capped where the KV cache gets large
+            llama_kwargs["n_ctx"] = min(4096, self.info.n_ctx_train or 4096)
         from llama_cpp import _logger
         _logger.set_verbose(bool(llama_kwargs["verbose"]))
         try:
@@ -321,6 +324,7 @@ class _TraceContext:
         self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
         self.obs = _native.Observer(llm.info.n_layer)
         self.obs.record = True
+        self.obs.record_weights = False  # detection counts experts only
         self.obs.attach(self.ptr)
         self.profile_applied: object = False
 

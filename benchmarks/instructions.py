@@ -1,0 +1,99 @@
+"""Instructions per token, counted by callgrind: a deterministic measure of what steering and
+tracing cost, free of the timing noise of a shared machine.
+
+    python benchmarks/instructions.py [--json OUT]
+
+Runs one single-threaded process per (configuration, phase) under callgrind on the overhead
+benchmark's model, plus one that loads everything and decodes nothing; the difference is the
+work of the tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from common import machine, synthetic_model
+
+PREFILL, DECODE = 128, 16
+
+
+def child(config: str, phase: str) -> None:
+    import numpy as np
+
+    from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+
+    path = synthetic_model()
+    info = model_info(path)
+    rng = np.random.default_rng(0)
+    rules = []
+    for il in info.moe_layers:  # the overhead benchmark's ~10% profile
+        for j, e in enumerate(rng.choice(info.n_expert, max(1, round(0.1 * info.n_expert)), replace=False)):
+            rules.append(ExpertRule(il, int(e), "activate" if j % 2 == 0 and j // 2 < info.n_expert_used
+                                    else "deactivate"))
+    profile = Profile(ModelRef.of(info), rules)
+    llm = SteeredLlama(path, n_ctx=512, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=1, n_threads_batch=1,
+                       engine="hook" if config == "hook" else "graph",
+                       profile=profile if config in ("graph", "hook") else None)
+    toks = [int(t) for t in np.random.default_rng(1).integers(0, 256, PREFILL + DECODE)]
+    if phase == "none":
+        return
+    if phase == "prefill":
+        if config == "trace":
+            llm.trace_many([toks[:PREFILL]], batch_tokens=PREFILL)
+        else:
+            llm.eval(toks[:PREFILL])
+    else:
+        llm.eval(toks[:8])
+        for t in toks[PREFILL:]:
+            llm.eval([t])
+
+
+def count(config: str, phase: str) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "cg.out")
+        r = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
+                            "--child", config, phase],
+                           capture_output=True, text=True)
+        m = re.search(r"Collected : (\d+)", r.stderr)
+        if r.returncode != 0 or not m:
+            raise SystemExit(f"callgrind failed for {config}/{phase}:\n{r.stderr[-2000:]}")
+        return int(m.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    synthetic_model()  # make it outside valgrind
+    res: dict[str, dict[str, float]] = {}
+    base = {c: count(c, "none") for c in ("plain", "hook")}  # the hook engine sets up a little more
+    print(f"start-up and load: {base['plain'] / 1e6:.0f} M instructions", flush=True)
+    for config in ("plain", "graph", "hook", "trace"):
+        for phase in ("prefill", "decode"):
+            if config == "trace" and phase == "decode":
+                continue
+            n = count(config, phase) - base["hook" if config == "hook" else "plain"]
+            # the decode run also prefills 8 tokens; it is the same work in every configuration
+            per_tok = n / (PREFILL if phase == "prefill" else DECODE)
+            res.setdefault(config, {})[phase] = per_tok
+            print(f"{config:6s} {phase:8s} {per_tok / 1e6:10.2f} M instructions/token", flush=True)
+    ratios = {f"{c}/plain {ph}": res[c][ph] / res["plain"][ph] for c in ("graph", "hook", "trace")
+              for ph in ("prefill", "decode") if ph in res[c]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "prefill_tokens": PREFILL, "decode_tokens": DECODE,
+                       "instructions_per_token": res, "cost_ratios": ratios}, f, indent=2)
+    print("instruction ratios (cost, lower is better): " + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
