@@ -60,6 +60,9 @@ def count(config: str, phase: str) -> int:
                             "--child", config, phase],
                            capture_output=True, text=True)
         m = re.search(r"Collected : (\d+)", r.stderr)
+        if "Illegal opcode" in r.stderr:
+            raise SystemExit("valgrind cannot decode this build's instructions (AVX-512 under -march=native): "
+                             "count on a build made with CMAKE_ARGS=-DGGML_NATIVE=OFF")
         if r.returncode != 0 or not m:
             raise SystemExit(f"callgrind failed for {config}/{phase}:\n{r.stderr[-2000:]}")
         return int(m.group(1))

@@ -5,6 +5,8 @@ so this must run before anything imports `llama_cpp`.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import pathlib
 import sys
@@ -46,4 +48,25 @@ def load():
         raise SteerError(f"llama-cpp-python {llama_cpp.__version__} is installed but steer-gguf was built for "
                          f"{_native.LLAMA_CPP_PYTHON_VERSION}: pip install llama-cpp-python=={_native.LLAMA_CPP_PYTHON_VERSION} "
                          f"(see README: install it without its own native build)")
+    _route_log(llama_cpp)
     return llama_cpp, _native
+
+
+# ggml's log levels in the llama.cpp we build (ggml.h): llama-cpp-python 0.3.36 maps an older
+# numbering, which shows every warning even with verbose=False
+_GGML_TO_LOGGING = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_log_state = {"last": logging.ERROR}
+
+
+def _route_log(llama_cpp) -> None:
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data) -> None:
+        lvl = _log_state["last"] if level == 5 else _GGML_TO_LOGGING.get(level, logging.ERROR)  # 5: continuation
+        _log_state["last"] = lvl
+        if _logger.logger.level <= lvl:
+            print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+
+    _log_state["callback"] = callback  # ctypes must keep it alive
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))

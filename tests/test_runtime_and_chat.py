@@ -55,3 +55,16 @@ def test_interactive_chat(make, tmp_path):
     assert "--- unsteered" in out and "--- steered (force2)" in out
     assert "no such profile" in r.stderr  # a bad /profile is reported and the chat goes on
     assert out.rstrip().endswith(">")  # back at the prompt after every command
+
+
+def test_llama_cpp_warnings_stay_quiet_unless_verbose():
+    """A context larger than the model's training context makes llama.cpp warn; that is
+    llama.cpp's log, shown with --verbose only."""
+    from clitools import cli
+    from steer_gguf.demo import DEMO_MODEL
+
+    args = ("generate", DEMO_MODEL, "-p", "Hello!", "--chat", "-n", "4", "-t", "1", "--ctx", "1024")
+    quiet, loud = cli(*args), cli(*args, "--verbose")
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert quiet.stderr == "", quiet.stderr
+    assert "n_ctx_train" in loud.stderr
