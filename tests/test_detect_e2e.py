@@ -120,3 +120,13 @@ def test_cli_stats(digits_model, tmp_path):
         assert sum(l["counts"]) == s["tokens"] * 2
         assert 0 < l["entropy_bits"] <= l["max_entropy_bits"]
         assert l["counts"][DIGIT_EXPERT] > 0
+
+
+def test_cli_stats_heatmap(digits_model, tmp_path):
+    out, png = tmp_path / "s.json", tmp_path / "usage.png"
+    r = cli("stats", digits_model, "--prompts", "builtin:digits-words", "--max-prompts", "4", "-o", out,
+            "--plot", png, "-t", "1")
+    assert r.returncode == 0, r.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    assert str(png) in r.stdout
