@@ -68,3 +68,15 @@ def test_llama_cpp_warnings_stay_quiet_unless_verbose():
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert quiet.stderr == "", quiet.stderr
     assert "n_ctx_train" in loud.stderr
+
+
+def test_n_ctx_none_takes_the_models_context():
+    from steer_gguf import SteeredLlama
+    from steer_gguf.demo import DEMO_MODEL
+
+    info = model_info(DEMO_MODEL)
+    llm = SteeredLlama(DEMO_MODEL, n_ctx=None, n_threads=1)
+    try:
+        assert info.n_ctx_train == 512 and llm.n_ctx() == 512
+    finally:
+        llm.close()
