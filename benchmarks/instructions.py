@@ -25,7 +25,7 @@ PREFILL, DECODE = 128, 16
 def child(config: str, phase: str) -> None:
     import numpy as np
 
-    from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+    from steer_gguf import BiasRule, ExpertRule, ModelRef, Profile, SteeredLlama, model_info
 
     path = synthetic_model()
     info = model_info(path)
@@ -36,9 +36,11 @@ def child(config: str, phase: str) -> None:
             rules.append(ExpertRule(il, int(e), "activate" if j % 2 == 0 and j // 2 < info.n_expert_used
                                     else "deactivate"))
     profile = Profile(ModelRef.of(info), rules)
+    if config == "noop":  # the steering op everywhere, routing exactly upstream's (see overhead.py)
+        profile = Profile(ModelRef.of(info), [], [BiasRule(il, 0, 1e-30) for il in info.moe_layers])
     llm = SteeredLlama(path, n_ctx=512, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=1, n_threads_batch=1,
                        engine="hook" if config == "hook" else "graph",
-                       profile=profile if config in ("graph", "hook") else None)
+                       profile=profile if config in ("graph", "noop", "hook") else None)
     toks = [int(t) for t in np.random.default_rng(1).integers(0, 256, PREFILL + DECODE)]
     if phase == "none":
         return
@@ -72,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--json")
+    ap.add_argument("--note", default="", help="how the measured build was made (stored in the JSON)")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -80,7 +83,7 @@ def main() -> None:
     res: dict[str, dict[str, float]] = {}
     base = {c: count(c, "none") for c in ("plain", "hook")}  # the hook engine sets up a little more
     print(f"start-up and load: {base['plain'] / 1e6:.0f} M instructions", flush=True)
-    for config in ("plain", "graph", "hook", "trace"):
+    for config in ("plain", "graph", "noop", "hook", "trace"):
         for phase in ("prefill", "decode"):
             if config == "trace" and phase == "decode":
                 continue
@@ -89,11 +92,11 @@ def main() -> None:
             per_tok = n / (PREFILL if phase == "prefill" else DECODE)
             res.setdefault(config, {})[phase] = per_tok
             print(f"{config:6s} {phase:8s} {per_tok / 1e6:10.2f} M instructions/token", flush=True)
-    ratios = {f"{c}/plain {ph}": res[c][ph] / res["plain"][ph] for c in ("graph", "hook", "trace")
+    ratios = {f"{c}/plain {ph}": res[c][ph] / res["plain"][ph] for c in ("graph", "noop", "hook", "trace")
               for ph in ("prefill", "decode") if ph in res[c]}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "prefill_tokens": PREFILL, "decode_tokens": DECODE,
+            json.dump({"machine": machine(), "build": args.note, "prefill_tokens": PREFILL, "decode_tokens": DECODE,
                        "instructions_per_token": res, "cost_ratios": ratios}, f, indent=2)
     print("instruction ratios (cost, lower is better): " + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
 
