@@ -170,10 +170,8 @@ class SteeredLlama(llama_cpp.Llama):
         template = self.metadata.get("tokenizer.chat_template")
         if not template:
             raise SteerError(f"{self.model_path}: the model has no chat template (tokenizer.chat_template)")
-        vocab = self._model
         eos = self._model.token_get_text(self._model.token_eos()) if self._model.token_eos() >= 0 else ""
         bos = self._model.token_get_text(self._model.token_bos()) if self._model.token_bos() >= 0 else ""
-        del vocab
         fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
                                   add_generation_prompt=add_generation_prompt)
         try:
