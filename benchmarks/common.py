@@ -44,6 +44,26 @@ def synthetic_model(n_layer: int = 8, n_embd: int = 1024, n_expert: int = 32, n_
     return out
 
 
+def bench_profiles(info):
+    """The benchmarks' two profiles: ~10% of the experts of every MoE layer, activated and
+    deactivated alternately; and "noop", the steering op in every MoE layer with routing left
+    exactly as upstream's (a 1e-30 bias, lost to rounding)."""
+    import numpy as np
+
+    from steer_gguf import BiasRule, ExpertRule, ModelRef, Profile
+
+    n_steer = max(1, round(0.1 * info.n_expert))
+    rng = np.random.default_rng(0)
+    rules = []
+    for il in info.moe_layers:
+        for j, e in enumerate(rng.choice(info.n_expert, n_steer, replace=False)):
+            rules.append(ExpertRule(il, int(e), "activate" if j % 2 == 0 and j // 2 < info.n_expert_used
+                                    else "deactivate"))
+    profile = Profile(ModelRef.of(info), rules, name="bench-10pct")
+    noop = Profile(ModelRef.of(info), [], [BiasRule(il, 0, 1e-30) for il in info.moe_layers], name="bench-noop")
+    return profile, noop
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()

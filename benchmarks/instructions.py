@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import machine, synthetic_model
+from common import bench_profiles, machine, synthetic_model
 
 PREFILL, DECODE = 128, 16
 
@@ -25,19 +25,13 @@ PREFILL, DECODE = 128, 16
 def child(config: str, phase: str) -> None:
     import numpy as np
 
-    from steer_gguf import BiasRule, ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+    from steer_gguf import SteeredLlama, model_info
 
     path = synthetic_model()
     info = model_info(path)
-    rng = np.random.default_rng(0)
-    rules = []
-    for il in info.moe_layers:  # the overhead benchmark's ~10% profile
-        for j, e in enumerate(rng.choice(info.n_expert, max(1, round(0.1 * info.n_expert)), replace=False)):
-            rules.append(ExpertRule(il, int(e), "activate" if j % 2 == 0 and j // 2 < info.n_expert_used
-                                    else "deactivate"))
-    profile = Profile(ModelRef.of(info), rules)
-    if config == "noop":  # the steering op everywhere, routing exactly upstream's (see overhead.py)
-        profile = Profile(ModelRef.of(info), [], [BiasRule(il, 0, 1e-30) for il in info.moe_layers])
+    profile, noop = bench_profiles(info)
+    if config == "noop":
+        profile = noop
     llm = SteeredLlama(path, n_ctx=512, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=1, n_threads_batch=1,
                        engine="hook" if config == "hook" else "graph",
                        profile=profile if config in ("graph", "noop", "hook") else None)

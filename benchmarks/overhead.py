@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from common import machine, summary, synthetic_model, timed
+from common import bench_profiles, machine, summary, synthetic_model, timed
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     args = ap.parse_args()
 
-    from steer_gguf import BiasRule, ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+    from steer_gguf import SteeredLlama, model_info
 
     if args.quick:
         path = synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256)
@@ -46,16 +46,8 @@ def main() -> None:
     kw = dict(n_ctx=args.prompt_tokens + args.decode_tokens + 16, n_batch=args.prompt_tokens,
               n_ubatch=args.prompt_tokens, n_gpu_layers=args.n_gpu_layers, **threads)
 
-    # ~10% of the experts of every MoE layer: activate and deactivate alternately
-    n_steer = max(1, round(0.1 * info.n_expert))
-    rng = np.random.default_rng(0)
-    rules = []
-    for il in info.moe_layers:
-        for j, e in enumerate(rng.choice(info.n_expert, n_steer, replace=False)):
-            rules.append(ExpertRule(il, int(e), "activate" if j % 2 == 0 and j // 2 < info.n_expert_used
-                                    else "deactivate"))
-    profile = Profile(ModelRef.of(info), rules, name="bench-10pct")
-    noop = Profile(ModelRef.of(info), [], [BiasRule(il, 0, 1e-30) for il in info.moe_layers], name="bench-noop")
+    profile, noop = bench_profiles(info)
+    n_steer = len(profile.experts) // len(info.moe_layers)
 
     graph = SteeredLlama(path, **kw)
     hook = SteeredLlama(path, engine="hook", profile=profile, **kw)

@@ -121,15 +121,13 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
         const int8_t * a = actions + (size_t) il * n_expert;
         const float  * b = bias ? bias + (size_t) il * n_expert : nullptr;
         layer & l = layers[il];
-        bool any_bias = false;
-        for (int32_t e = 0; e < n_expert; ++e) {
-            l.any_act   |= a[e] == LLAMA_STEER_ACTIVATE;
-            l.any_deact |= a[e] == LLAMA_STEER_DEACTIVATE;
-            any_bias    |= b && b[e] != 0.0f;
-        }
-        if (!l.any_act && !l.any_deact && !any_bias) {
+        host[il].resize((size_t) STEER_N_ROWS * n_expert);
+        const steer_flags f = steer_coefficients(a, b, n_expert, eps, host[il].data());
+        if (!f.any()) {
             continue;  // no nodes at all for this layer
         }
+        l.any_act   = f.act;
+        l.any_deact = f.deact;
         ggml_backend_buffer_type_t buft = model.select_buft(il);
         ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
         // only the CPU backend runs the custom op (its buffer type names no device);
@@ -142,8 +140,6 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
         if (!c) {
             return false;
         }
-        host[il].resize((size_t) STEER_N_ROWS * n_expert);
-        steer_coefficients(a, b, n_expert, eps, host[il].data());
         l.coef = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_expert, STEER_N_ROWS);
     }
 

@@ -181,13 +181,11 @@ struct Observer {
         for (int il = 0; il < n_layer; ++il) {
             const int8_t * a = actions.data() + (size_t) il * n_expert;
             const float * b = bias.data() + (size_t) il * n_expert;
-            steer_coefficients(a, b, n_expert, eps, coef.data() + (size_t) il * STEER_N_ROWS * n_expert);
-            layer_act[il] = layer_deact[il] = layer_steered[il] = 0;
-            for (int e = 0; e < n_expert; ++e) {
-                layer_act[il]     |= a[e] == LLAMA_STEER_ACTIVATE;
-                layer_deact[il]   |= a[e] == LLAMA_STEER_DEACTIVATE;
-                layer_steered[il] |= a[e] != LLAMA_STEER_NONE || b[e] != 0.0f;
-            }
+            const steer_flags f = steer_coefficients(a, b, n_expert, eps,
+                                                     coef.data() + (size_t) il * STEER_N_ROWS * n_expert);
+            layer_act[il]     = f.act;
+            layer_deact[il]   = f.deact;
+            layer_steered[il] = f.any();
         }
         logit_stage = std::move(logit_stage_);
         select_stage = std::move(select_stage_);

@@ -23,8 +23,18 @@ enum steer_coef_row {
     STEER_N_ROWS    = 4,
 };
 
+// what a layer's table asks for: no flag set means the layer is not steered at all
+struct steer_flags {
+    bool act   = false;
+    bool deact = false;
+    bool bias  = false;
+    bool any() const { return act || deact || bias; }
+};
+
 // coef: [STEER_N_ROWS][n_expert], from one layer's actions and (optional) bias
-inline void steer_coefficients(const int8_t * actions, const float * bias, int n_expert, float eps, float * coef) {
+inline steer_flags steer_coefficients(const int8_t * actions, const float * bias, int n_expert, float eps,
+                                      float * coef) {
+    steer_flags f;
     for (int e = 0; e < n_expert; ++e) {
         const bool a = actions[e] == LLAMA_STEER_ACTIVATE;
         const bool d = actions[e] == LLAMA_STEER_DEACTIVATE;
@@ -33,7 +43,11 @@ inline void steer_coefficients(const int8_t * actions, const float * bias, int n
         coef[STEER_DEACT     * n_expert + e] = d ? 1.0f : 0.0f;
         coef[STEER_ADD_SEL   * n_expert + e] = off;
         coef[STEER_ADD_LOGIT * n_expert + e] = off + (bias ? bias[e] : 0.0f);
+        f.act   |= a;
+        f.deact |= d;
+        f.bias  |= bias && bias[e] != 0.0f;
     }
+    return f;
 }
 
 // Grouped selection scores carry -inf for masked groups, and -inf * 0 would be NaN; 1e4 is
