@@ -65,6 +65,52 @@ def _field(reader, key: str, default=None):
     return v
 
 
+def _int_field(reader, path: str, key: str) -> int:
+    """A count from the metadata (0 when absent). llama.cpp lets expert_used_count be an array
+    (one per layer); the largest is what every limit must hold for."""
+    v = _field(reader, key, 0)
+    values = v if isinstance(v, list) else [v]
+    if not values or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+        raise SteerError(f"{path}: metadata {key} must be an unsigned integer, got {_short(v)}")
+    if min(values) < 0:
+        raise SteerError(f"{path}: metadata {key} is negative ({min(values)})")
+    return max(values)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# llama.cpp's limits (llama-hparams.h); it aborts the process, with no message, on a file
+# beyond them, so they are checked here first
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+
+
+def _check_layout(path: str, arch: str, n_layer: int, n_expert: int, n_used: int, n_groups: int,
+                  n_group_used: int, n_nextn: int) -> None:
+    """What llama.cpp asserts while loading the hyperparameters (llama-model.cpp, load_hparams)."""
+    def bad(msg: str):
+        raise SteerError(f"{path}: inconsistent MoE metadata: {msg}")
+
+    if not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        bad(f"{arch}.block_count is {n_layer}, must be 1..{LLAMA_MAX_LAYERS}")
+    if n_nextn > n_layer:
+        bad(f"{arch}.nextn_predict_layers ({n_nextn}) exceeds {arch}.block_count ({n_layer})")
+    if n_expert > LLAMA_MAX_EXPERTS:
+        bad(f"{arch}.expert_count is {n_expert}, more than llama.cpp's {LLAMA_MAX_EXPERTS}")
+    if n_used > n_expert:
+        bad(f"{arch}.expert_used_count ({n_used}) exceeds {arch}.expert_count ({n_expert})")
+    if n_groups >= n_expert:
+        bad(f"{arch}.expert_group_count ({n_groups}) must be less than {arch}.expert_count ({n_expert})")
+    if n_groups > 1:
+        if n_expert % n_groups:
+            bad(f"{arch}.expert_count ({n_expert}) is not a multiple of {arch}.expert_group_count ({n_groups})")
+        if not 0 < n_group_used < n_groups:
+            bad(f"{arch}.expert_group_used_count ({n_group_used}) must be 1..{n_groups - 1}")
+
+
 def _open(path: str | os.PathLike):
     import gguf
 
@@ -100,14 +146,28 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
     non-GGUF or non-MoE file."""
     path = os.fspath(path)
     r = _open(path)
+    try:
+        return _read_info(path, r)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+        # the gguf reader decodes lazily: corrupt fields and tensor headers fail only here
+        raise SteerError(f"{path}: corrupt GGUF ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _read_info(path: str, r) -> ModelInfo:
     arch = _field(r, "general.architecture")
     if not arch:
         raise SteerError(f"{path}: GGUF has no general.architecture")
-    n_layer = int(_field(r, f"{arch}.block_count", 0) or 0)
-    n_expert = int(_field(r, f"{arch}.expert_count", 0) or 0)
-    n_used = int(_field(r, f"{arch}.expert_used_count", 0) or 0)
+    if not isinstance(arch, str):
+        raise SteerError(f"{path}: general.architecture must be a string, got {_short(arch)}")
+    n_layer = _int_field(r, path, f"{arch}.block_count")
+    n_expert = _int_field(r, path, f"{arch}.expert_count")
+    n_used = _int_field(r, path, f"{arch}.expert_used_count")
     if n_expert <= 1 or n_used <= 0:
         raise SteerError(f"{path}: not a Mixture-of-Experts model ({arch} has no {arch}.expert_count)")
+    n_groups = _int_field(r, path, f"{arch}.expert_group_count")
+    n_group_used = _int_field(r, path, f"{arch}.expert_group_used_count")
+    _check_layout(path, arch, n_layer, n_expert, n_used, n_groups, n_group_used,
+                  _int_field(r, path, f"{arch}.nextn_predict_layers"))
 
     size = os.path.getsize(path)
     end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
@@ -153,12 +213,12 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
         n_expert=n_expert,
         n_expert_used=n_used,
         gating=gating,
-        n_expert_groups=int(_field(r, f"{arch}.expert_group_count", 0) or 0),
-        n_group_used=int(_field(r, f"{arch}.expert_group_used_count", 0) or 0),
-        n_shared_expert=int(_field(r, f"{arch}.expert_shared_count", 0) or 0),
+        n_expert_groups=n_groups,
+        n_group_used=n_group_used,
+        n_shared_expert=_int_field(r, path, f"{arch}.expert_shared_count"),
         has_selection_bias=sel_bias,
         has_router_bias=router_bias,
-        n_embd=int(_field(r, f"{arch}.embedding_length", 0) or 0),
-        n_ctx_train=int(_field(r, f"{arch}.context_length", 0) or 0),
+        n_embd=_int_field(r, path, f"{arch}.embedding_length"),
+        n_ctx_train=_int_field(r, path, f"{arch}.context_length"),
         fingerprint=h.hexdigest()[:32],
     )

@@ -10,10 +10,12 @@ from typing import Any
 import numpy as np
 
 from .errors import SteerError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_json
 from .model import ModelInfo
 
 FORMAT = "steer-gguf.profile/1"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT32_MAX = 2**31 - 1
 ACTIONS = {"activate": 1, "deactivate": 2}  # codes of csrc/steer.h's llama_steer_action
 
 
@@ -94,103 +96,92 @@ class Profile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise SteerError(f"{path}: no such profile file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise SteerError(f"{path}: cannot read profile: {e}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SteerError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json(path, "profile file"), source=path)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "profile") -> "Profile":
+        """A profile from its JSON form; every field is checked by validate()."""
         v = _Validator(source)
         if not isinstance(data, dict):
             v.fail("", "must be a JSON object")
         fmt = data.get("format")
         if fmt != FORMAT:
-            v.fail("format", f"must be {FORMAT!r}, got {fmt!r}")
-        m = v.obj(data, "model")
-        model = ModelRef(
-            n_expert_used=v.int(m, "n_expert_used", "model.", minimum=1),
-            architecture=v.opt_str(m, "architecture", "model."),
-            n_layer=v.opt_int(m, "n_layer", "model.", minimum=1),
-            n_expert=v.opt_int(m, "n_expert", "model.", minimum=2),
-            fingerprint=v.opt_str(m, "fingerprint", "model."),
-        )
-        eps = v.float(data, "eps", "", default=0.01)
-        if eps < 0:
-            v.fail("eps", "must be >= 0")
-        name = v.opt_str(data, "name", "") or os.path.splitext(os.path.basename(source))[0]
-        experts, seen = [], set()
-        for i, e in enumerate(v.list(data, "experts")):
-            p = f"experts[{i}]."
-            if not isinstance(e, dict):
-                v.fail(f"experts[{i}]", "must be an object")
-            layer = v.int(e, "layer", p, minimum=0)
-            expert = v.int(e, "expert", p, minimum=0)
-            action = e.get("action")
-            if action not in ACTIONS:
-                v.fail(p + "action", f"must be 'activate' or 'deactivate', got {action!r}")
-            rd = e.get("risk_diff")
-            if rd is not None:
-                rd = v.float(e, "risk_diff", p)
-            if (layer, expert) in seen:
-                v.fail(f"experts[{i}]", f"layer {layer} expert {expert} appears twice")
-            seen.add((layer, expert))
-            experts.append(ExpertRule(layer, expert, action, rd))
-        bias, seen_b = [], set()
-        for i, b in enumerate(v.list(data, "bias", required=False)):
-            p = f"bias[{i}]."
-            if not isinstance(b, dict):
-                v.fail(f"bias[{i}]", "must be an object")
-            layer = v.int(b, "layer", p, minimum=0)
-            expert = v.int(b, "expert", p, minimum=0)
-            if (layer, expert) in seen_b:
-                v.fail(f"bias[{i}]", f"layer {layer} expert {expert} appears twice")
-            seen_b.add((layer, expert))
-            bias.append(BiasRule(layer, expert, v.float(b, "value", p)))
-        prov = data.get("provenance", {})
-        if not isinstance(prov, dict):
-            v.fail("provenance", "must be an object")
-        prof = cls(model=model, experts=experts, bias=bias, eps=eps, name=name, provenance=prov)
-        prof._check_self(source)
+            v.fail("format", f"must be {FORMAT!r}, got {_short(fmt)}")
+        m = data.get("model")
+        if not isinstance(m, dict):
+            v.fail("model", "missing or not an object")
+        model = ModelRef(m.get("n_expert_used"), m.get("architecture"), m.get("n_layer"), m.get("n_expert"),
+                         m.get("fingerprint"))
+        experts = [ExpertRule(e.get("layer"), e.get("expert"), e.get("action"), e.get("risk_diff"))
+                   for e in v.objects(data, "experts", required=True)]
+        bias = [BiasRule(b.get("layer"), b.get("expert"), b.get("value"))
+                for b in v.objects(data, "bias", required=False)]
+        name = data.get("name")
+        if name is None or name == "":
+            name = os.path.splitext(os.path.basename(source))[0]
+        prof = cls(model=model, experts=experts, bias=bias, eps=data.get("eps", 0.01), name=name,
+                   provenance=data.get("provenance", {}))
+        prof.validate(source)
         return prof
 
     # ---- checks ------------------------------------------------------------------------
-    def _check_self(self, source: str) -> None:
-        """What can be checked without the model: ranges against the profile's own shape,
-        and the per-layer limits of the method."""
-        m, k = self.model, self.model.n_expert_used
+    def validate(self, source: str | None = None) -> None:
+        """Raise SteerError unless every field has the type and range steering needs, checked
+        against the profile's own model shape and the method's per-layer limits. A profile
+        built in code is held to exactly what a profile file is."""
+        src = source or f"profile {_short(self.name)}"
+        v = _Validator(src)
+        if not isinstance(self.model, ModelRef):
+            v.fail("model", f"must be a ModelRef, got {type(self.model).__name__}")
+        m = self.model
+        k = v.int(m.n_expert_used, "model.n_expert_used", minimum=1)
+        v.opt_str(m.architecture, "model.architecture")
+        v.opt_int(m.n_layer, "model.n_layer", minimum=1)
+        v.opt_int(m.n_expert, "model.n_expert", minimum=2)
+        v.opt_str(m.fingerprint, "model.fingerprint")
+        v.float32(self.eps, "eps", minimum=0.0)
+        if not isinstance(self.name, str):
+            v.fail("name", f"must be a string, got {_short(self.name)}")
+        if not isinstance(self.provenance, dict):
+            v.fail("provenance", "must be an object")
         per_layer: dict[int, list[int]] = {}
-        for i, r in enumerate(self.experts):
-            if m.n_layer is not None and r.layer >= m.n_layer:
-                raise SteerError(f"{source}: experts[{i}].layer: {r.layer} out of range (model has {m.n_layer} layers)")
-            if m.n_expert is not None and r.expert >= m.n_expert:
-                raise SteerError(f"{source}: experts[{i}].expert: {r.expert} out of range (model has {m.n_expert} experts)")
-            c = per_layer.setdefault(r.layer, [0, 0])
-            c[0 if r.action == "activate" else 1] += 1
-        for i, b in enumerate(self.bias):
-            if m.n_layer is not None and b.layer >= m.n_layer:
-                raise SteerError(f"{source}: bias[{i}].layer: {b.layer} out of range (model has {m.n_layer} layers)")
-            if m.n_expert is not None and b.expert >= m.n_expert:
-                raise SteerError(f"{source}: bias[{i}].expert: {b.expert} out of range (model has {m.n_expert} experts)")
+        for kind, rules, rule_type in (("experts", self.experts, ExpertRule), ("bias", self.bias, BiasRule)):
+            if not isinstance(rules, list):
+                v.fail(kind, "must be a list")
+            seen: set[tuple[int, int]] = set()
+            for i, r in enumerate(rules):
+                at = f"{kind}[{i}]"
+                if not isinstance(r, rule_type):
+                    v.fail(at, f"must be a {rule_type.__name__}, got {type(r).__name__}")
+                layer = v.int(r.layer, at + ".layer", minimum=0)
+                expert = v.int(r.expert, at + ".expert", minimum=0)
+                if m.n_layer is not None and layer >= m.n_layer:
+                    v.fail(at + ".layer", f"{layer} out of range (model has {m.n_layer} layers)")
+                if m.n_expert is not None and expert >= m.n_expert:
+                    v.fail(at + ".expert", f"{expert} out of range (model has {m.n_expert} experts)")
+                if isinstance(r, ExpertRule):
+                    if not isinstance(r.action, str) or r.action not in ACTIONS:
+                        v.fail(at + ".action", f"must be 'activate' or 'deactivate', got {_short(r.action)}")
+                    if r.risk_diff is not None:
+                        v.float32(r.risk_diff, at + ".risk_diff")
+                    per_layer.setdefault(layer, [0, 0])[0 if r.action == "activate" else 1] += 1
+                else:
+                    v.float32(r.value, at + ".value")
+                if (layer, expert) in seen:
+                    v.fail(at, f"layer {layer} expert {expert} appears twice")
+                seen.add((layer, expert))
         for layer, (n_act, n_deact) in sorted(per_layer.items()):
             if n_act > k:
-                raise SteerError(f"{source}: experts: layer {layer} activates {n_act} experts, more than k={k} per token")
+                v.fail("experts", f"layer {layer} activates {n_act} experts, more than k={k} per token")
             if m.n_expert is not None and m.n_expert - n_deact < k:
-                raise SteerError(f"{source}: experts: layer {layer} deactivates {n_deact} of {m.n_expert} experts, "
-                                 f"leaving fewer than k={k}")
+                v.fail("experts", f"layer {layer} deactivates {n_deact} of {m.n_expert} experts, "
+                                  f"leaving fewer than k={k}")
 
     def check(self, info: ModelInfo, force: bool = False, source: str | None = None) -> None:
         """Raise SteerError unless this profile fits the model. A shape mismatch is always an
         error; another model of the same shape only with force=True."""
-        src = source or f"profile {self.name!r}"
+        self.validate(source)
+        src = source or f"profile {_short(self.name)}"
         m = self.model
         for fld, mine, theirs in (("n_layer", m.n_layer, info.n_layer), ("n_expert", m.n_expert, info.n_expert),
                                   ("n_expert_used", m.n_expert_used, info.n_expert_used)):
@@ -216,7 +207,7 @@ class Profile:
                     raise SteerError(f"{src}: {kind}[{i}].expert: {r.expert} out of range (model has {info.n_expert} experts)")
         full = Profile(ModelRef(info.n_expert_used, n_layer=info.n_layer, n_expert=info.n_expert),
                        self.experts, self.bias, self.eps, self.name)
-        full._check_self(src)
+        full.validate(src)
 
     def to_arrays(self, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
         """The table the C API takes: actions int8 [n_layer, n_expert], bias float32 or None."""
@@ -239,6 +230,8 @@ class Profile:
 def as_profile(p: "Profile | str | os.PathLike | None") -> "Profile | None":
     if p is None or isinstance(p, Profile):
         return p
+    if not isinstance(p, (str, os.PathLike)):
+        raise SteerError(f"profile: must be a Profile, a path or None, got {type(p).__name__}")
     return Profile.load(p)
 
 
@@ -248,8 +241,17 @@ def _ranges(xs: list[int]) -> str:
     return f"{xs[0]}..{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else ",".join(map(str, xs))
 
 
+def _short(v: Any) -> str:
+    """repr() cut to one short line: a message must not carry a whole file's worth of value."""
+    try:
+        r = repr(v)
+    except (RecursionError, ValueError):  # a nested structure, an int of 5,000 digits
+        return f"a {type(v).__name__}"
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 class _Validator:
-    """Field checks whose errors name the file and the JSON path."""
+    """Field checks whose errors name the file and the field's JSON path."""
 
     def __init__(self, source: str):
         self.source = source
@@ -258,39 +260,48 @@ class _Validator:
         where = f"{self.source}: {path}: " if path else f"{self.source}: "
         raise SteerError(where + msg)
 
-    def obj(self, d: dict, key: str) -> dict:
-        v = d.get(key)
-        if not isinstance(v, dict):
-            self.fail(key, "missing or not an object")
-        return v
-
-    def list(self, d: dict, key: str, required: bool = True) -> list:
+    def objects(self, d: dict, key: str, required: bool) -> list[dict]:
         if key not in d and not required:
             return []
-        v = d.get(key)
-        if not isinstance(v, list):
+        items = d.get(key)
+        if not isinstance(items, list):
             self.fail(key, "missing or not a list")
-        return v
+        for i, x in enumerate(items):
+            if not isinstance(x, dict):
+                self.fail(f"{key}[{i}]", "must be an object")
+        return items
 
-    def int(self, d: dict, key: str, prefix: str, minimum: int | None = None) -> int:
-        v = d.get(key)
-        if isinstance(v, bool) or not isinstance(v, int):
-            self.fail(prefix + key, f"must be an integer, got {v!r}")
+    def int(self, v: Any, path: str, minimum: int | None = None) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            self.fail(path, f"must be an integer, got {_short(v)}")
         if minimum is not None and v < minimum:
-            self.fail(prefix + key, f"must be >= {minimum}, got {v}")
-        return v
+            self.fail(path, f"must be >= {minimum}, got {v}")
+        if v > INT32_MAX:
+            self.fail(path, f"{_short(v)} is too large")
+        return int(v)
 
-    def opt_int(self, d: dict, key: str, prefix: str, minimum: int | None = None) -> int | None:
-        return None if d.get(key) is None else self.int(d, key, prefix, minimum)
+    def opt_int(self, v: Any, path: str, minimum: int | None = None) -> int | None:
+        return None if v is None else self.int(v, path, minimum)
 
-    def opt_str(self, d: dict, key: str, prefix: str) -> str | None:
-        v = d.get(key)
+    def opt_str(self, v: Any, path: str) -> str | None:
         if v is not None and not isinstance(v, str):
-            self.fail(prefix + key, f"must be a string, got {v!r}")
+            self.fail(path, f"must be a string, got {_short(v)}")
         return v
 
-    def float(self, d: dict, key: str, prefix: str, default: float | None = None) -> float:
-        v = d.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            self.fail(prefix + key, f"must be a finite number, got {v!r}")
-        return float(v)
+    def float32(self, v: Any, path: str, minimum: float | None = None) -> float:
+        """A finite number that stays finite as llama.cpp's float32."""
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            self.fail(path, f"must be a finite number, got {_short(v)}")
+        try:
+            x = float(v)
+        except OverflowError:
+            x = math.inf
+        if not math.isfinite(x):
+            self.fail(path, f"must be a finite number, got {_short(v)}")
+        with np.errstate(over="ignore"):
+            representable = bool(np.isfinite(np.float32(x)))
+        if not representable:
+            self.fail(path, f"{x:g} is not representable as a 32-bit float (|value| <= {FLOAT32_MAX:.4g})")
+        if minimum is not None and x < minimum:
+            self.fail(path, f"must be >= {minimum:g}, got {x:g}")
+        return x

@@ -172,9 +172,10 @@ def llama_kwargs(llm: SteeredLlama, body: ChatRequest | CompletionRequest, model
                             for t in llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)}
     if body.grammar is not None:
         try:
-            kw["grammar"] = llama_cpp.LlamaGrammar.from_string(body.grammar, verbose=False)
-        except Exception as e:
-            raise APIError(400, f"grammar: {e}", code="invalid_grammar") from None
+            llm.check_grammar(body.grammar)
+        except SteerError as e:
+            raise APIError(400, str(e), code="invalid_grammar", param="grammar") from None
+        kw["grammar"] = llama_cpp.LlamaGrammar.from_string(body.grammar, verbose=False)
     if body.min_tokens > 0:
         kw["logits_processor"] = llama_cpp.LogitsProcessorList(
             [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llm.token_eos())])

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import runtime
 from .errors import SteerError
+from .grammar import check_grammar
 from .model import ModelInfo, model_info
 from .profile import Profile, as_profile
 from .trace import RoutingTrace
@@ -87,6 +88,18 @@ class SteeredLlama(llama_cpp.Llama):
         with self.lock:
             yield from make()
 
+    def _init_sampler(self, *args, **kwargs):
+        # llama.cpp hands back NULL for a grammar it cannot parse, and llama-cpp-python puts
+        # that NULL into the sampler chain: check first, so a bad grammar is an error, not a crash
+        grammar = kwargs.get("grammar")
+        if grammar is not None:
+            self.check_grammar(grammar._grammar, grammar._root)
+        return super()._init_sampler(*args, **kwargs)
+
+    def check_grammar(self, grammar: str, root: str = "root") -> None:
+        """Raise SteerError unless llama.cpp can sample with this GBNF grammar."""
+        check_grammar(self._model.vocab, grammar, root)
+
     # ---- steering ------------------------------------------------------------------------
     @property
     def _ctx_ptr(self) -> int:
@@ -107,22 +120,7 @@ class SteeredLlama(llama_cpp.Llama):
             self.reset()
 
     def _apply(self, p: Profile | None) -> None:
-        ctx = self._ctx_ptr
-        _native.clear_table(ctx)
-        self._observer.clear_hook()
-        self._hooking = False
-        if p is not None:
-            actions, bias = p.to_arrays(self.info)
-            if self.engine == "graph":
-                rc, msg = _native.set_table(ctx, actions, bias, float(p.eps))
-                if rc != 0:
-                    raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
-            else:
-                if bias is None:
-                    bias = np.zeros(actions.shape, dtype=np.float32)
-                self._observer.set_hook(actions, bias, float(p.eps), self.info.logit_stage,
-                                        self.info.select_stage, self.info.n_expert_groups > 1)
-                self._hooking = True
+        self._hooking = install_steering(self._ctx_ptr, self._observer, self.engine, self.info, p)
         self._sync_observer()
 
     def _sync_observer(self) -> None:
@@ -225,9 +223,11 @@ class SteeredLlama(llama_cpp.Llama):
         return self._make_trace(toks, rec, err)
 
     def trace_many(self, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]] | None = None,
-                   batch_tokens: int = 2048, record: bool = True) -> list[np.ndarray]:
+                   batch_tokens: int = 2048, record: bool = True, logits: bool = False) -> list[np.ndarray]:
         """Prefill many sequences, several per llama.cpp batch, and return for each the
         experts of the requested token rows: int32 [len(rows[i]), n_moe_layers, k].
+        logits=True returns instead the next-token logits at those rows, float32
+        [len(rows[i]), n_vocab] (teacher forcing: row r is the prediction of token r+1).
 
         Only the requested rows are marked as outputs: the last layer computes nothing
         else, and the logits of the rest are never needed."""
@@ -247,7 +247,8 @@ class SteeredLlama(llama_cpp.Llama):
                     group.append(i)
                     n += len(seqs[i])
                     i += 1
-                for j, ex in zip(group, tc.run([seqs[j] for j in group], [rows[j] for j in group], record)):
+                for j, ex in zip(group, tc.run([seqs[j] for j in group], [rows[j] for j in group], record,
+                                               logits)):
                     out[j] = ex
         return out  # type: ignore[return-value]
 
@@ -324,24 +325,23 @@ class _TraceContext:
         self.obs.record = True
         self.obs.record_weights = False  # detection counts experts only
         self.obs.attach(self.ptr)
+        self.hooking = False
         self.profile_applied: object = False
 
     def sync_profile(self) -> None:
         p = self.llm.profile
         if p is self.profile_applied:
             return
-        _native.clear_table(self.ptr)
-        if p is not None:
-            actions, bias = p.to_arrays(self.llm.info)
-            rc, msg = _native.set_table(self.ptr, actions, bias, float(p.eps))
-            if rc != 0:
-                raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
+        self.hooking = install_steering(self.ptr, self.obs, self.llm.engine, self.llm.info, p)
         self.profile_applied = p
 
-    def run(self, seqs: list[Sequence[int]], rows: list[list[int]], record: bool = True) -> list[np.ndarray]:
+    def run(self, seqs: list[Sequence[int]], rows: list[list[int]], record: bool = True,
+            logits: bool = False) -> list[np.ndarray]:
         """Decode the sequences as one batch. record=False is plain prefill of the same batch
-        (recorder off, one output per sequence): the baseline detection is measured against."""
-        if not record:
+        (recorder off, one output per sequence): the baseline detection is measured against.
+        logits=True: recorder off, the requested rows' logits are returned."""
+        record = record and not logits
+        if not record and not logits:
             rows = [[len(t) - 1] for t in seqs]
         b = self.batch
         n = 0
@@ -365,15 +365,28 @@ class _TraceContext:
         b.n_tokens = n
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
         self.obs.clear_records()
-        if not record:
+        # the plain-prefill baseline drops the recorder, but a hook engine still steers from it
+        detach = not record and not self.hooking
+        self.obs.record = record
+        if detach:
             self.obs.detach(self.ptr)
         try:
             rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         finally:
-            if not record:
+            self.obs.record = True
+            if detach:
                 self.obs.attach(self.ptr)
         if rc != 0:
             raise SteerError(f"llama_decode failed while tracing (code {rc})")
+        if logits:
+            n_vocab = self.llm.n_vocab()
+            out = []
+            for idx in out_index:
+                m = np.empty((len(idx), n_vocab), dtype=np.float32)
+                for r, (i_batch, _) in enumerate(idx):
+                    m[r] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, i_batch), (n_vocab,))
+                out.append(m)
+            return out
         if not record:
             return []
         rec = self.obs.take()
@@ -408,3 +421,26 @@ class _TraceContext:
         if self.ctx is not None:
             self.ctx.close()
             self.ctx = None
+
+
+def install_steering(ptr: int, observer, engine: str, info: ModelInfo, p: Profile | None) -> bool:
+    """Put `p` (None: upstream routing) in force on one llama.cpp context, with the engine's
+    mechanism, and return whether the observer now steers (hook engine). On error nothing
+    has changed: the previous steering stays in force, so a caller's record of the profile
+    in force stays true."""
+    if p is None:
+        _native.clear_table(ptr)
+        observer.clear_hook()
+        return False
+    actions, bias = p.to_arrays(info)
+    if engine == "graph":
+        rc, msg = _native.set_table(ptr, actions, bias, float(p.eps))
+        if rc != 0:  # llama_steer_set leaves the previous table in place
+            raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
+        observer.clear_hook()
+        return False
+    if bias is None:
+        bias = np.zeros(actions.shape, dtype=np.float32)
+    observer.set_hook(actions, bias, float(p.eps), info.logit_stage, info.select_stage, info.n_expert_groups > 1)
+    _native.clear_table(ptr)
+    return True
