@@ -466,3 +466,122 @@ def demo(out_dir, n_show, n_threads):
 
 if __name__ == "__main__":
     main()
+# ---- eval / tune / audit -------------------------------------------------------------------------
+def _eval_options(f):
+    """What every command that measures behavior takes."""
+    f = click.option("--behavior", "behavior_name", help="built-in behavior: its judge and held-out eval set")(f)
+    f = click.option("--eval-set", "eval_set", help="held-out prompts (JSONL, or builtin:NAME) instead of the behavior's")(f)
+    f = click.option("--max-items", type=click.IntRange(min=1), help="use only the first N eval items")(f)
+    f = click.option("--controls", "n_controls", type=int, default=2, show_default=True,
+                     help="random-expert controls per profile")(f)
+    f = click.option("--samples", type=int, default=2, show_default=True, help="answers per prompt")(f)
+    f = click.option("--temperature", type=float, default=0.7, show_default=True)(f)
+    f = click.option("--max-tokens", type=int, default=64, show_default=True, help="tokens per answer")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="sampling and control seed")(f)
+    f = click.option("--judge", "judge_model", type=click.Path(), help="an instruct GGUF that judges the answers")(f)
+    f = click.option("--toward", help="the label profiles steer toward (default: from each profile)")(f)
+    return f
+
+
+def _nonneg(name: str, v: int, minimum: int = 0) -> int:
+    if v < minimum:
+        raise SteerError(f"--{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw):
+    """(EvalSet, Behavior, judge) from the options; the judge model is loaded here."""
+    from .evalsets import load_eval_set
+    from .judges import ANSWERS, GGUFJudge, behavior
+
+    b = behavior(behavior_name) if behavior_name else None
+    if eval_set is None:
+        if b is None:
+            raise SteerError("give --behavior NAME (and optionally --eval-set FILE)")
+        eval_set = b.eval_set
+    es = load_eval_set(eval_set, max_items=max_items)
+    if b is None:
+        if not es.has_answers:
+            raise SteerError(f"{eval_set}: give --behavior NAME to pick a judge (or put answer_0 and answer_1 "
+                             f"on every item)")
+        b = ANSWERS
+    judge = None
+    if judge_model:
+        judge = GGUFJudge(judge_model, b, n_threads=kw.get("n_threads"), n_gpu_layers=kw.get("n_gpu_layers", 0))
+    return es, b, judge
+
+
+def _sampling(samples, temperature, max_tokens, seed):
+    from .evaluate import Sampling
+
+    _nonneg("samples", samples, 1)
+    _nonneg("max-tokens", max_tokens, 1)
+    if not (temperature >= 0):
+        raise SteerError(f"--temperature must be >= 0, got {temperature}")
+    return Sampling(samples, temperature, max_tokens, seed)
+
+
+class _Progress:
+    """A progress bar on stderr, fed with finished work units."""
+
+    def __init__(self, total: int, label: str):
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+@main.command("eval")
+@_model_arg()
+@click.option("--profile", "profiles", multiple=True, required=True, type=click.Path(),
+              help="profile to evaluate (repeatable)")
+@_eval_options
+@click.option("--text", "text_file", type=click.Path(), help="also report perplexity on this text")
+@click.option("--json", "json_out", type=click.Path(), help="write the summary and every outcome as JSON")
+@click.option("--plot", type=click.Path(), help="rates with intervals and KL (PNG)")
+@llama_options
+def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, samples, temperature, max_tokens,
+             seed, judge_model, toward, text_file, json_out, plot, **kw):
+    """Does a profile change the behavior, against random-expert controls, and at what cost?"""
+    from .evaluate import conditions_for, evaluate, work_units
+    from .fileio import check_output, decode_text, read_bytes
+    from .profile import Profile
+
+    _nonneg("controls", n_controls)
+    sampling = _sampling(samples, temperature, max_tokens, seed)
+    for out in (json_out, plot):
+        if out is not None:
+            check_output(out)
+    if plot:
+        from .plots import require
+
+        require()
+    text = decode_text(read_bytes(text_file, "text file"), text_file) if text_file else None
+    profs = [Profile.load(p) for p in profiles]
+    llm = open_model(model, None, **kw)
+    es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
+    conds = conditions_for(profs, llm.info, b.labels, n_controls, seed, toward)
+    with _Progress(work_units(es, len(conds), sampling), "generating") as bar:
+        report = evaluate(llm, es, b, profs, sampling=sampling, judge=judge, text=text, conditions=conds,
+                          on_progress=bar)
+    click.echo(report.table())
+    if json_out:
+        from .fileio import atomic_write
+
+        atomic_write(json_out, report.to_json())
+    if plot:
+        from .plots import eval_plot
+
+        eval_plot(report, plot)
+    wrote = [x for x in (json_out, plot) if x]
+    if wrote:
+        click.echo("wrote " + ", ".join(wrote))
+
+
