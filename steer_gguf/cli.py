@@ -584,4 +584,6 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
     if wrote:
         click.echo("wrote " + ", ".join(wrote))
 
+    for path, p in zip(profiles, profs):
+        p.check(llm.info, force=kw["force"], source=path)
 
