@@ -8,6 +8,7 @@ import sys
 import click
 
 from .errors import SteerError
+from .fileio import check_output
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -132,12 +133,26 @@ def _messages(prompt: str, system: str | None) -> list[dict]:
 
 
 def _complete(llm, prompt, chat, system, max_tokens, temperature, seed) -> str:
+    for what, text in (("--prompt", prompt), ("--system", system)):
+        _check_arg_text(text, what)
+    n = len(llm.chat_tokens(_messages(prompt, system), add_generation_prompt=True) if chat
+            else llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+    if n >= llm.n_ctx():
+        raise SteerError(f"the prompt has {n} tokens and the context only {llm.n_ctx()}: raise --ctx or shorten it")
     if chat:
         r = llm.create_chat_completion(messages=_messages(prompt, system), max_tokens=max_tokens,
                                        temperature=temperature, seed=seed)
         return r["choices"][0]["message"]["content"] or ""
     r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
     return r["choices"][0]["text"]
+
+
+def _check_arg_text(text: str | None, what: str) -> None:
+    # bytes that are not UTF-8 reach Python's argv as lone surrogates, which no tokenizer takes
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise SteerError(f"{what}: not valid UTF-8 text") from None
 
 
 @main.command()
@@ -150,67 +165,13 @@ def _complete(llm, prompt, chat, system, max_tokens, temperature, seed) -> str:
 @llama_options
 def chat(model, profile, system, max_tokens, temperature, seed, **kw):
     """Interactive chat. Commands: /profile PATH|off, /compare, /quit."""
-    from .profile import Profile
+    from .chat import ChatSession, run_chat
 
+    _check_arg_text(system, "--system")
     llm = open_model(model, profile, seed=seed, **kw)
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    last_prompt: str | None = None
-    click.echo(f"steer-gguf chat: {os.path.basename(model)}, profile: {_pname(llm)}. "
-               f"/profile PATH|off, /compare, /quit")
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            click.echo()
-            return
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return
-        if line.startswith("/profile"):
-            arg = line[len("/profile"):].strip()
-            if not arg:
-                click.echo("usage: /profile PATH|off")
-                continue
-            try:
-                llm.set_profile(None if arg in ("off", "none") else Profile.load(arg))
-            except SteerError as e:
-                click.echo(f"error: {e}", err=True)
-                continue
-            click.echo(f"profile: {_pname(llm)}")
-            continue
-        if line == "/compare":
-            if last_prompt is None:
-                click.echo("nothing to compare yet: ask something first")
-                continue
-            msgs = [m for m in history[:-2]] + [{"role": "user", "content": last_prompt}]
-            current = llm.profile
-            with llm.steering(None):
-                plain = llm.create_chat_completion(messages=msgs, max_tokens=max_tokens, temperature=temperature,
-                                                   seed=seed)["choices"][0]["message"]["content"]
-            with llm.steering(current):
-                steered = llm.create_chat_completion(messages=msgs, max_tokens=max_tokens, temperature=temperature,
-                                                     seed=seed)["choices"][0]["message"]["content"]
-            click.echo(f"--- unsteered\n{plain}\n--- steered ({_pname(llm)})\n{steered}")
-            continue
-        if line.startswith("/"):
-            click.echo("unknown command: /profile PATH|off, /compare, /quit")
-            continue
-        history.append({"role": "user", "content": line})
-        parts = []
-        for chunk in llm.create_chat_completion(messages=history, max_tokens=max_tokens, temperature=temperature,
-                                                seed=seed, stream=True):
-            piece = chunk["choices"][0]["delta"].get("content") or ""
-            parts.append(piece)
-            click.echo(piece, nl=False)
-        click.echo()
-        history.append({"role": "assistant", "content": "".join(parts)})
-        last_prompt = line
-
-
-def _pname(llm) -> str:
-    return llm.profile.name if llm.profile else "none"
+    session = ChatSession(llm, system, max_tokens, temperature, seed, out=click.echo,
+                          err=lambda msg: click.echo(msg, err=True))
+    run_chat(session, os.path.basename(model))
 
 
 # ---- trace ---------------------------------------------------------------------------------------
@@ -228,6 +189,8 @@ def trace(model, prompt, messages, chat, profile, output, **kw):
         raise SteerError("give exactly one of -p TEXT or --messages FILE")
     if not (output.endswith(".json") or output.endswith(".npz")):
         raise SteerError(f"{output}: output must end in .json or .npz")
+    check_output(output, "trace")
+    _check_arg_text(prompt, "--prompt")
     msgs = None
     if messages is not None:
         msgs = _read_messages(messages)
@@ -240,15 +203,9 @@ def trace(model, prompt, messages, chat, profile, output, **kw):
 
 
 def _read_messages(path: str) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise SteerError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SteerError(f"{path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise SteerError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    from .fileio import read_json
+
+    data = read_json(path)
     if isinstance(data, dict) and "messages" in data:
         data = data["messages"]
     if not isinstance(data, list) or not data:
@@ -321,6 +278,7 @@ def profile_make(table, model, k, activate, deactivate, reverse, eps, name, outp
 
     if (model is None) == (k is None):
         raise SteerError("give exactly one of --model MODEL or --k K")
+    check_output(output, "profile")
     t = DetectionTable.from_csv(table)
     target = model_info(model) if model else k
     name = name or os.path.splitext(os.path.basename(output))[0]
@@ -351,6 +309,7 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, **kw)
 
     if not output.endswith(".csv"):
         raise SteerError(f"{output}: the detection table is a .csv file")
+    check_output(output, "detection table")
     ps = load_pairs(pairs, skip_bad=skip_bad, max_pairs=max_pairs)
     llm = open_model(model, None, **kw)
     t0 = time.perf_counter()
@@ -390,6 +349,9 @@ def stats(model, prompts, output, plot, max_prompts, profile, **kw):
     from .datasets import load_prompts
     from .stats import routing_stats, save_heatmap
 
+    check_output(output, "statistics")
+    if plot:
+        check_output(plot, "plot")
     convs = load_prompts(prompts)[:max_prompts]
     if not convs:
         raise SteerError(f"{prompts}: no prompts")
@@ -424,8 +386,10 @@ def stats(model, prompts, output, plot, max_prompts, profile, **kw):
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
               help="requests allowed to wait behind the running one; more get 503")
 @click.option("--access-log", is_flag=True, help="log every request")
+@click.option("--max-body", type=click.IntRange(min=1), default=8, show_default=True,
+              help="largest request body in MiB; larger ones get 413")
 @llama_options
-def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, access_log, **kw):
+def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, access_log, max_body, **kw):
     """OpenAI-compatible HTTP server; requests pick a profile with "steer_profile"."""
     try:
         from . import server
@@ -442,7 +406,8 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, 
         profiles = server.load_profiles(llm, profiles_dir, default_profile, force=kw["force"])
         server.warn_excluded(profiles)
         worker = server.Worker(llm, max_queue)
-        state = server.ServerState(llm, profiles, worker, model_id=os.path.basename(model), api_key=api_key)
+        state = server.ServerState(llm, profiles, worker, model_id=os.path.basename(model), api_key=api_key,
+                                   max_body=max_body * 1024 * 1024)
         try:
             server.run(state, sock, access_log=access_log)
         finally:

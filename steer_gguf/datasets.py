@@ -13,7 +13,6 @@ refusal), `_1` behavior 2 (e.g. compliance). Two line shapes are accepted:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SteerError
+from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "pairs"
@@ -74,20 +74,7 @@ def resolve(spec: str | os.PathLike) -> str:
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
     """(line number, text) for each line; a final newline does not make an extra empty line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise SteerError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SteerError(f"{path}: is a directory, not a JSONL file") from None
-    except OSError as e:
-        raise SteerError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise SteerError(f"{path}:{line}: not UTF-8 text") from None
+    text = decode_text(read_bytes(path, "file", MAX_DATASET_BYTES), path)
     # split on \n only: str.splitlines would also split on U+2028 etc. inside JSON strings
     parts = text.split("\n")
     if parts and parts[-1] == "":
@@ -99,10 +86,7 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
 def _json_object(raw: str, where: str) -> dict:
     if not raw.strip():
         raise SteerError(f"{where}: empty line")
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise SteerError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+    obj = parse_json(raw, where, one_line=True)
     if not isinstance(obj, dict):
         raise SteerError(f"{where}: not a JSON object (got {type(obj).__name__})")
     return obj

@@ -37,7 +37,7 @@ def read_bytes(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSO
         raise SteerError(f"{path}: is a directory, not a {what}")
     if not stat.S_ISREG(st.st_mode):
         # a FIFO blocks until someone writes, a device like /dev/zero never ends
-        raise SteerError(f"{path}: not a regular file (a pipe, device or socket): save the {what} to a file")
+        raise SteerError(f"{path}: not a regular file (a pipe, device or socket)")
     if st.st_size > limit:
         raise SteerError(f"{path}: {st.st_size / MiB:.0f} MiB, more than the {limit // MiB} MiB a {what} may have")
     try:
@@ -58,29 +58,31 @@ def decode_text(data: bytes, where: str) -> str:
         raise SteerError(f"{where}:{line}: not UTF-8 text") from None
 
 
-def parse_json(text: str, where: str) -> Any:
+def parse_json(text: str, where: str, one_line: bool = False) -> Any:
     """json.loads, with every way it can fail (and every value our readers cannot use) as one
-    SteerError naming `where`."""
+    SteerError naming `where` (with one_line, `where` names the line already: FILE:LINE)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if one_line:
+            raise SteerError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
         raise SteerError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise SteerError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:  # an integer of more digits than Python converts
         raise SteerError(f"{where}: not usable JSON ({str(e).splitlines()[0]})") from None
-    check_json_value(data, where)
+    check_json_value(data, where, MAX_JSON_DEPTH)
     return data
 
 
-def check_json_value(data: Any, where: str) -> None:
-    """Refuse nesting deeper than MAX_JSON_DEPTH and strings that are not valid Unicode (a JSON
+def check_json_value(data: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse nesting deeper than max_depth and strings that are not valid Unicode (a JSON
     \\ud800 escape decodes to a lone surrogate, which no printer or tokenizer accepts)."""
     stack = [(data, 0)]
     while stack:
         v, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise SteerError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        if depth > max_depth:
+            raise SteerError(f"{where}: JSON nested more than {max_depth} levels deep")
         if isinstance(v, str):
             _check_unicode(v, where)
         elif isinstance(v, dict):
@@ -107,7 +109,7 @@ def check_output(path: str | os.PathLike, what: str = "output") -> str:
     """Fail now, before any work or any other output, if `path` cannot be written."""
     path = os.fspath(path)
     if not path:
-        raise SteerError(f"{what}: empty file name")
+        raise SteerError(f"the {what} file name is empty")
     if os.path.isdir(path):
         raise SteerError(f"{path}: is a directory; give a file name for the {what}")
     d = os.path.dirname(os.path.abspath(path))

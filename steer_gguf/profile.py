@@ -90,7 +90,9 @@ class Profile:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a crash or Ctrl-C never leaves a half-written profile."""
+        """Write atomically: a crash or Ctrl-C never leaves a half-written profile. A profile
+        that would not load again (or that llama.cpp would refuse) is never written."""
+        self.validate()
         atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

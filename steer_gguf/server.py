@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from .errors import SteerError
+from .fileio import check_json_value
 from .profile import Profile
 from .steered import SteeredLlama
 
@@ -33,6 +34,9 @@ from pydantic import BaseModel, StrictBool, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 NONE = "none"
+DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes (serve --max-body): far above any chat request, far below what ties the server up
+# request bodies nest a few levels; JSON schemas of tools a few more
+MAX_BODY_DEPTH = 128
 
 
 # ---- profiles --------------------------------------------------------------------------------
@@ -66,13 +70,15 @@ def load_profiles(llm: SteeredLlama, profiles_dir: Optional[str], default: Optio
             raise SteerError(f"{profiles_dir}: --profiles-dir is not a directory")
         for path in sorted(d.glob("*.json")):
             if path.stem == NONE:
-                ps.excluded[path.stem] = f"{path}: the name 'none' is reserved for unsteered routing"
+                ps.excluded[path.stem] = f"{path.name}: the name 'none' is reserved for unsteered routing"
                 continue
             try:
                 p = Profile.load(path)
-                p.check(llm.info, force=force, source=str(path))
-            except SteerError as e:
-                ps.excluded[path.stem] = str(e)
+                p.check(llm.info, force=force, source=path.name)
+            except Exception as e:  # one bad file must never keep the server from starting
+                why = str(e) if isinstance(e, SteerError) else f"{path}: unreadable ({type(e).__name__})"
+                # clients see these reasons: name the file, not where the server keeps it
+                ps.excluded[path.stem] = why.replace(str(path), path.name)
                 continue
             ps.usable[path.stem] = None if p.is_empty else p
     if default is None or default == NONE:
@@ -163,13 +169,20 @@ def llama_kwargs(llm: SteeredLlama, body: ChatRequest | CompletionRequest, model
         raise APIError(400, "n and best_of must be 1: one completion per request", code="unsupported")
     kw = body.model_dump(exclude=_NOT_LLAMA_ARGS)
     kw["model"] = model_id
-    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list):
-        if len(body.prompt) > 1:
-            raise APIError(400, "prompt: one prompt per request", code="unsupported")
-        kw["prompt"] = body.prompt[0] if body.prompt else ""
+    if isinstance(body, CompletionRequest):
+        if isinstance(body.prompt, list):
+            if len(body.prompt) > 1:
+                raise APIError(400, "prompt: one prompt per request", code="unsupported")
+            kw["prompt"] = body.prompt[0] if body.prompt else ""
+        if not kw["prompt"]:
+            raise APIError(400, "prompt: empty", code="invalid_value", param="prompt")
+    else:
+        kw["messages"] = [_text_message(m, i) for i, m in enumerate(kw["messages"])]
     if body.logit_bias is not None and body.logit_bias_type == "tokens":
         kw["logit_bias"] = {str(t): v for text, v in body.logit_bias.items()
                             for t in llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)}
+    if kw.get("logit_bias"):
+        kw["logit_bias"] = _token_bias(kw["logit_bias"], llm.n_vocab())
     if body.grammar is not None:
         try:
             llm.check_grammar(body.grammar)
@@ -180,6 +193,39 @@ def llama_kwargs(llm: SteeredLlama, body: ChatRequest | CompletionRequest, model
         kw["logits_processor"] = llama_cpp.LogitsProcessorList(
             [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, llm.token_eos())])
     return kw
+
+
+def _text_message(m: dict, i: int) -> dict:
+    """A message whose content is a string, as chat templates need: OpenAI clients may send
+    null (an assistant turn that only called tools) or a list of text parts."""
+    content = m.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
+                               code="unsupported", param="messages")
+            texts.append(part["text"])
+        content = "".join(texts)
+    return {**m, "content": content}
+
+
+def _token_bias(bias: dict, n_vocab: int) -> dict:
+    """logit_bias with every key a token id of this vocabulary (llama-cpp-python indexes the
+    logits with it, and an id out of range fails inside the sampler callback, unseen)."""
+    out = {}
+    for key, value in bias.items():
+        try:
+            t = int(key)
+        except (TypeError, ValueError):
+            t = -1
+        if not 0 <= t < n_vocab:
+            raise APIError(400, f"logit_bias: {str(key)[:20]!r} is not a token id (0..{n_vocab - 1})",
+                           code="invalid_value", param="logit_bias")
+        out[str(t)] = value
+    return out
 
 
 # ---- the worker ------------------------------------------------------------------------------
@@ -329,6 +375,7 @@ class ServerState:
     worker: Worker
     model_id: str
     api_key: Optional[str] = None
+    max_body: int = DEFAULT_MAX_BODY
     started: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -339,7 +386,8 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         await asyncio.to_thread(state.worker.stop)
 
-    app = FastAPI(title="steer-gguf", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: they would be served without the API key
+    app = FastAPI(title="steer-gguf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -352,6 +400,11 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         return APIError(e.status_code, str(e.detail), "invalid_request_error", None).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        # a bug of ours, not the client's: still an OpenAI-style body, and the server lives on
+        return APIError(500, f"internal error: {type(e).__name__}", "server_error", "internal_error").response()
 
     async def authorized(request: Request) -> None:
         if state.api_key is None:
@@ -383,21 +436,49 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request):
-        return await _generate(state, request, await _parse(request, ChatRequest), chat=True)
+        return await _generate(state, request, await _parse(request, ChatRequest, state.max_body), chat=True)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
-        return await _generate(state, request, await _parse(request, CompletionRequest), chat=False)
+        return await _generate(state, request, await _parse(request, CompletionRequest, state.max_body), chat=False)
 
     return app
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes:
+    before reading when Content-Length says so, else as the chunks arrive."""
+    too_big = APIError(413, f"request body larger than {limit} bytes (the server's --max-body)",
+                       code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _parse(request: Request, model: type[BaseModel], max_body: int) -> Any:
     # parsed by hand, whatever the Content-Type: `curl -d` sends JSON as a form
+    raw = await _read_body(request, max_body)
     try:
-        data = json.loads(await request.body())
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
     except ValueError as e:
-        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        raise APIError(400, f"malformed JSON body: {str(e).splitlines()[0]}", code="invalid_json") from None
+    try:
+        check_json_value(data, "request body", max_depth=MAX_BODY_DEPTH)
+    except SteerError as e:
+        raise APIError(400, str(e), code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from . import runtime
 from .errors import SteerError
 from .grammar import check_grammar
+from .locking import ModelLock
 from .model import ModelInfo, model_info
 from .profile import Profile, as_profile
 from .trace import RoutingTrace
@@ -49,7 +49,7 @@ class SteeredLlama(llama_cpp.Llama):
         self.engine = engine
         self.force = force
         self.profile: Profile | None = None
-        self.lock = threading.RLock()
+        self.lock = ModelLock()
         self._observer = _native.Observer(self.info.n_layer)
         self._hooking = False
         self._attached = False
@@ -85,8 +85,7 @@ class SteeredLlama(llama_cpp.Llama):
         return self._locked(lambda: super(SteeredLlama, self).create_chat_completion(*args, **kwargs))
 
     def _locked(self, make):
-        with self.lock:
-            yield from make()
+        return self.lock.hold_while(make)
 
     def _init_sampler(self, *args, **kwargs):
         # llama.cpp hands back NULL for a grammar it cannot parse, and llama-cpp-python puts
