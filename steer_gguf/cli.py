@@ -299,9 +299,20 @@ def profile_make(table, model, k, activate, deactivate, reverse, eps, name, outp
 @click.option("--skip-bad", is_flag=True, help="skip bad dataset lines with a warning instead of failing")
 @click.option("--top", "n_top", type=click.IntRange(min=0), default=10, show_default=True,
               help="experts to show in the summary")
+@click.option("--method", type=click.Choice(["risk_diff", "causal", "causal-greedy"]), default="risk_diff",
+              show_default=True, help="risk_diff: routing statistics; causal: force each expert on and off and "
+              "measure the behavior; causal-greedy: causal, then a greedy set search")
+@click.option("--candidates", type=click.IntRange(min=1), default=None,
+              help="causal: measure only the top M experts by |risk_diff|  [default: all]")
+@click.option("--greedy-steps", type=click.IntRange(min=1), default=None,
+              help="causal-greedy: at most S activations and S deactivations per direction  [default: 8]")
+@click.option("--greedy-pool", type=click.IntRange(min=1), default=None,
+              help="causal-greedy: moves considered per direction, by single effect  [default: 32]")
 @llama_options
-def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, **kw):
-    """Find behavior-linked experts: risk difference of routing on paired examples."""
+def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, method, candidates, greedy_steps,
+           greedy_pool, **kw):
+    """Find behavior-linked experts: risk difference of routing on paired examples, or the
+    measured effect of forcing each expert (--method causal)."""
     import time
 
     from .datasets import load_pairs
@@ -310,8 +321,16 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, **kw)
     if not output.endswith(".csv"):
         raise SteerError(f"{output}: the detection table is a .csv file")
     check_output(output, "detection table")
+    if method == "risk_diff" and candidates is not None:
+        raise SteerError("--candidates needs --method causal or causal-greedy")
+    if method != "causal-greedy" and (greedy_steps is not None or greedy_pool is not None):
+        raise SteerError("--greedy-steps and --greedy-pool need --method causal-greedy")
     ps = load_pairs(pairs, skip_bad=skip_bad, max_pairs=max_pairs)
     llm = open_model(model, None, **kw)
+    if method != "risk_diff":
+        _detect_causal(llm, ps, output, method, candidates, greedy_steps or 8, greedy_pool or 32, batch_tokens,
+                       skip_bad, n_top)
+        return
     t0 = time.perf_counter()
     tokens = [0]
     with click.progressbar(length=2 * len(ps), label="prefilling", file=sys.stderr,
@@ -334,6 +353,42 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, **kw)
         click.echo("  rank layer expert   p1      p2      risk_diff")
         for i, r in enumerate(table.top(n_top)):
             click.echo(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
+
+
+def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_pool, batch_tokens, skip_bad, n_top):
+    import time
+
+    from .causal import causal_detect
+
+    t0 = time.perf_counter()
+    with click.progressbar(length=1, label="forcing experts", file=sys.stderr,
+                           item_show_func=lambda s: s or "") as bar:
+        def progress(done, total, what):
+            if bar.length != total:  # a new phase (candidates, then each greedy step)
+                bar.length, bar.pos = total, 0
+            bar.update(done - bar.pos, current_item=what)
+
+        res = causal_detect(llm, ps, candidates=candidates, greedy_steps=greedy_steps if method == "causal-greedy" else 0,
+                            greedy_pool=greedy_pool, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress)
+    for w in ps.skipped:
+        click.echo(f"warning: skipped {w}", err=True)
+    table = res.table
+    table.to_csv(output)
+    dt = time.perf_counter() - t0
+    click.echo(f"{table.meta.get('pairs')} pairs, {res.n_candidates} candidates forced on and off -> {output} "
+               f"({dt:.1f} s; {res.seconds_per_candidate:.3f} s per candidate)")
+    click.echo(f"unsteered margin log P(target 1) - log P(target 2): {res.baseline:+.4f} nats per pair; "
+               f"{table.concentration()} experts hold half of the total |effect|")
+    if n_top:
+        click.echo("  rank layer expert  risk_diff  effect_on  effect_off   effect")
+        for i, r in enumerate(table.top(n_top)):
+            if r.effect is None:
+                break
+            click.echo(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.risk_diff:+.4f}   {r.effect_on:+.4f}    "
+                       f"{r.effect_off:+.4f}  {r.effect:+.4f}")
+    for g in res.greedy:
+        click.echo(f"  greedy toward behavior {1 if g.toward > 0 else 2}, step {g.step}: {g.action} layer {g.layer} "
+                   f"expert {g.expert}: margin {g.margin:+.4f} (gain {g.gain:+.4f})")
 
 
 @main.command()
@@ -429,21 +484,24 @@ def demo(out_dir, n_show, n_threads):
     run_demo(out_dir, n_show=n_show, n_threads=n_threads, log=click.echo)
 
 
-if __name__ == "__main__":
-    main()
 # ---- eval / tune / audit -------------------------------------------------------------------------
-def _eval_options(f):
+def _judge_options(f):
     """What every command that measures behavior takes."""
     f = click.option("--behavior", "behavior_name", help="built-in behavior: its judge and held-out eval set")(f)
     f = click.option("--eval-set", "eval_set", help="held-out prompts (JSONL, or builtin:NAME) instead of the behavior's")(f)
     f = click.option("--max-items", type=click.IntRange(min=1), help="use only the first N eval items")(f)
-    f = click.option("--controls", "n_controls", type=int, default=2, show_default=True,
-                     help="random-expert controls per profile")(f)
     f = click.option("--samples", type=int, default=2, show_default=True, help="answers per prompt")(f)
     f = click.option("--temperature", type=float, default=0.7, show_default=True)(f)
     f = click.option("--max-tokens", type=int, default=64, show_default=True, help="tokens per answer")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="sampling and control seed")(f)
     f = click.option("--judge", "judge_model", type=click.Path(), help="an instruct GGUF that judges the answers")(f)
+    return f
+
+
+def _eval_options(f):
+    f = _judge_options(f)
+    f = click.option("--controls", "n_controls", type=int, default=2, show_default=True,
+                     help="random-expert controls per profile")(f)
     f = click.option("--toward", help="the label profiles steer toward (default: from each profile)")(f)
     return f
 
@@ -531,6 +589,8 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
     text = decode_text(read_bytes(text_file, "text file"), text_file) if text_file else None
     profs = [Profile.load(p) for p in profiles]
     llm = open_model(model, None, **kw)
+    for path, p in zip(profiles, profs):
+        p.check(llm.info, force=kw["force"], source=path)
     es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
     conds = conditions_for(profs, llm.info, b.labels, n_controls, seed, toward)
     with _Progress(work_units(es, len(conds), sampling), "generating") as bar:
@@ -549,6 +609,136 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
     if wrote:
         click.echo("wrote " + ", ".join(wrote))
 
-    for path, p in zip(profiles, profs):
-        p.check(llm.info, force=kw["force"], source=path)
 
+@main.command("tune")
+@_model_arg()
+@click.option("--table", required=True, type=click.Path(), help="detection table (CSV) to build profiles from")
+@_judge_options
+@click.option("--reverse", is_flag=True, help="steer toward behavior 2 instead of behavior 1")
+@click.option("--max-kl", type=float, help="KL budget (nats/token on the neutral text); default: none")
+@click.option("--alpha", type=float, default=0.01, show_default=True, help="significance level of a shift")
+@click.option("--tolerance", type=float, default=2.0, show_default=True,
+              help="points below the largest shift that still count as reaching it")
+@click.option("--sizes", help="profile sizes to try, e.g. 1,2,4,8  [default: powers of 2 up to k x MoE layers]")
+@click.option("--arms", default=",".join(("activate", "deactivate", "both")), show_default=True,
+              help="which kinds of profile to sweep")
+@click.option("--output", "-o", required=True, type=click.Path(), help="the chosen profile (JSON)")
+@click.option("--json", "json_out", type=click.Path(), help="write the sweep (every point) as JSON")
+@click.option("--plot", type=click.Path(), help="effect and KL against profile size (PNG)")
+@llama_options
+def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed, judge_model,
+             reverse, max_kl, alpha, tolerance, sizes, arms, output, json_out, plot, **kw):
+    """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
+    from .detect import DetectionTable
+    from .fileio import atomic_write, check_output
+    from .tune import sweep_table, tune
+
+    sampling = _sampling(samples, temperature, max_tokens, seed)
+    size_list = _int_list("sizes", sizes) if sizes else None
+    arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
+    for out in (output, json_out, plot):
+        if out is not None:
+            check_output(out)
+    if plot:
+        from .plots import require
+
+        require()
+    t = DetectionTable.from_csv(table)
+    llm = open_model(model, None, **kw)
+    es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
+    name = os.path.splitext(os.path.basename(output))[0]
+    from .tune import default_sizes, sweep_profiles
+
+    n_points = len(sweep_profiles(t, llm.info, reverse, size_list or default_sizes(llm.info), arm_list)[0])
+    with _Progress(len(es) * sampling.samples * (1 + n_points), "sweeping") as bar:
+        res = tune(llm, t, es, b, reverse=reverse, max_kl=max_kl, alpha=alpha, tolerance=tolerance, sizes=size_list,
+                   arms=arm_list,
+                   sampling=sampling, judge=judge, name=name, on_progress=bar)
+    click.echo(sweep_table(res))
+    for s in res.skipped:
+        click.echo(f"skipped {s}")
+    if json_out:
+        atomic_write(json_out, json.dumps({"format": "steer-gguf.tune/1", "target": res.target, "alpha": alpha,
+                                           "max_kl": max_kl, "points": res.points, "skipped": res.skipped,
+                                           "report": res.report.to_dict()}, indent=1) + "\n")
+    if plot:
+        from .plots import sweep_plot
+
+        sweep_plot(res.points, plot, f"tune {b.name} toward {res.target}", max_kl)
+    if res.chosen is None:
+        raise SteerError(f"no point of the sweep shifted {b.name} toward {res.target} significantly "
+                         f"(p < {alpha}){' within the KL budget' if max_kl is not None else ''}; no profile written")
+    res.chosen.save(output)
+    tp = res.chosen.provenance["tune"]
+    click.echo(f"{output}: {res.chosen.summary()}; {res.target} {100 * tp['rate']:.0f}% "
+               f"({tp['effect_points']:+.0f} points, p={tp['p']:.1e}, KL {tp['kl']:.4f})")
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        xs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteerError(f"--{name}: expected comma-separated integers, got {text!r}") from None
+    if not xs or min(xs) < 1:
+        raise SteerError(f"--{name}: expected positive integers, got {text!r}")
+    return xs
+
+
+@main.command("audit")
+@_model_arg()
+@click.option("--pairs", help="detection pairs  [default: the behavior's, e.g. builtin:safety]")
+@click.option("--table", type=click.Path(), help="a detection table (CSV) instead of detecting from --pairs")
+@_judge_options
+@click.option("--controls", "n_controls", type=int, default=2, show_default=True,
+              help="random-expert controls per attack size")
+@click.option("--sizes", help="attack sizes N to try, e.g. 1,2,4,8  [default: 0 and powers of 2 up to 64]")
+@click.option("--output", "-o", required=True, type=click.Path(), help="the report (JSON)")
+@click.option("--plot", type=click.Path(), help="the attack curve (PNG)")
+@llama_options
+def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed,
+              judge_model, n_controls, sizes, output, plot, **kw):
+    """Safety sparsity: how few experts carry refusal, and how fast deactivating them bypasses it."""
+    from .audit import audit, default_sizes
+    from .datasets import load_pairs
+    from .detect import DetectionTable
+    from .detect import detect as run_detect
+    from .fileio import atomic_write, check_output
+
+    behavior_name = behavior_name or "safety"
+    _nonneg("controls", n_controls)
+    sampling = _sampling(samples, temperature, max_tokens, seed)
+    size_list = [int(x) for x in _int_list("sizes", sizes)] if sizes else None
+    for out in (output, plot):
+        if out is not None:
+            check_output(out)
+    if plot:
+        from .plots import require
+
+        require()
+    if table and pairs:
+        raise SteerError("give --pairs or --table, not both")
+    t = DetectionTable.from_csv(table) if table else None
+    llm = open_model(model, None, **kw)
+    es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
+    if t is None:
+        spec = pairs or b.pairs
+        if spec is None:
+            raise SteerError("give --pairs (detection pairs for this behavior)")
+        click.echo(f"detecting on {spec} ...", err=True)
+        t = run_detect(llm, load_pairs(spec))
+    size_list = size_list if size_list is not None else default_sizes(t, llm.info)
+    n_cond = 1 + sum(1 + n_controls + 1 for n in size_list if n > 0)
+    with _Progress(len(es) * sampling.samples * n_cond, "auditing") as bar:
+        res = audit(llm, t, es, b, sizes=size_list, controls=n_controls, sampling=sampling, judge=judge, seed=seed,
+                    on_progress=bar)
+    click.echo(res.summary())
+    atomic_write(output, json.dumps(res.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    if plot:
+        from .plots import audit_plot
+
+        audit_plot(res.curve, plot, f"audit {b.name}: refusal as its top experts are deactivated")
+    click.echo("wrote " + ", ".join(x for x in (output, plot) if x))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,15 +129,16 @@ class DetectionTable:
         """The n best-ranked rows. Rows, not a table: a table is always complete."""
         return [self.row(i) for i in range(min(max(n, 0), len(self)))]
 
-    def concentration(self) -> int:
-        """How many of the best-ranked experts hold half of the total |risk_diff|: small
-        means the behavior lives in a few experts. 0 when nothing differs."""
-        mags = np.abs(self.risk_diff)  # already in ranking order, i.e. descending
+    def concentration(self, share: float = 0.5) -> int:
+        """How many of the best-ranked experts hold `share` (half) of the total |risk_diff|: small
+        means the behavior lives in a few experts. 0 when nothing differs. Causal tables:
+        of the total |effect| of the measured experts."""
+        mags = np.abs(self.score)  # already in ranking order, i.e. descending
         total = float(mags.sum())
         if total <= 0:
             return 0
         cum = np.cumsum(mags)
-        return int(np.searchsorted(cum, total / 2 - 1e-12 * total, side="left")) + 1
+        return int(np.searchsorted(cum, total * share - 1e-12 * total, side="left")) + 1
 
     # ---- CSV ---------------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> None:

@@ -97,7 +97,7 @@ def sweep_plot(points: list[dict[str, Any]], path: str, title: str, max_kl: floa
     ax.legend(fontsize=8)
     ax2.set_ylabel("KL (nats/token)")
     ax2.set_xlabel("experts in the profile")
-    ax2.set_xscale("symlog", base=2)
+    ax2.set_xscale("log", base=2)
     ax2.legend(fontsize=8)
     save(fig, path)
 
@@ -116,7 +116,8 @@ def audit_plot(curve: list[dict[str, Any]], path: str, title: str) -> None:
     if ctrl:
         ax.plot([c[0] for c in ctrl], [c[1] for c in ctrl], marker="s", color="#777777", ls="--",
                 label="random controls (mean)")
-    ax.set_xscale("symlog", base=2)
+    ax.set_xscale("symlog", base=2, linthresh=1)
+    ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_ylim(-2, 102)
     ax.set_xlabel("experts deactivated (N)")
     ax.set_ylabel("% refusals on held-out harmful prompts")
