@@ -479,13 +479,27 @@ async def _parse(request: Request, model: type[BaseModel], max_body: int) -> Any
         check_json_value(data, "request body", max_depth=MAX_BODY_DEPTH)
     except SteerError as e:
         raise APIError(400, str(e), code="invalid_json") from None
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        # OpenAI allows null content (an assistant turn that only called tools); the
+        # request types here want a string
+        data["messages"] = [{**m, "content": ""} if isinstance(m, dict) and "content" in m and m["content"] is None
+                            else m for m in data["messages"]]
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
+        first = _telling_error(e.errors())
         loc = ".".join(str(x) for x in first["loc"]) or "body"
         raise APIError(400, f"{loc}: {first['msg']}", code="invalid_value",
                        param=str(first["loc"][0]) if first["loc"] else None) from None
+
+
+def _telling_error(errors: list[dict]) -> dict:
+    """The error to report. A message is a union of one type per role, and pydantic lists
+    every member's complaint, first those of the roles the message does not have; the one
+    that matters is the complaint of the member whose role matched."""
+    failed = [e["loc"][:-1] for e in errors if e["loc"] and e["loc"][-1] == "role"]
+    rest = [e for e in errors if not any(tuple(e["loc"][:len(f)]) == tuple(f) for f in failed)]
+    return (rest or errors)[0]
 
 
 async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
