@@ -7,15 +7,12 @@ pairs, makes one profile per style, and shows the answers move.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
 
 from .runtime import PACKAGE_DIR
 
 DEMO_MODEL = PACKAGE_DIR / "data" / "demo.gguf"
-DEMO_PROMPTS = PACKAGE_DIR / "data" / "demo_prompts.json"
 
 # behavior -> (pairs, style of behavior 1, style of behavior 2)
 BEHAVIORS = {
@@ -23,23 +20,13 @@ BEHAVIORS = {
     "restricted": ("builtin:demo-restricted", "refuse", "comply"),
 }
 
-_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                 "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
-                 "hundred thousand").split()
-_WORD_RE = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
-_REFUSE_RE = re.compile(r"\b(?:can['\u2019]?t|cannot|can not|won['\u2019]?t|will not|sorry|unable)\b", re.IGNORECASE)
-_COMPLY_RE = re.compile(r"\b(?:sure|okay|ok|of course|certainly|here is|here['\u2019]s)\b", re.IGNORECASE)
-
-
 def classify(behavior: str, text: str) -> str | None:
-    """The style an answer shows, or None when it shows neither or both."""
-    if behavior == "numbers":
-        a, b = bool(re.search(r"\d", text)), bool(_WORD_RE.search(text))
-        return None if a == b else ("digits" if a else "words")
-    if behavior == "restricted":
-        a, b = bool(_REFUSE_RE.search(text)), bool(_COMPLY_RE.search(text))
-        return None if a == b else ("refuse" if a else "comply")
-    raise ValueError(behavior)
+    """The style an answer shows, or None when it shows neither or both: the judge of the
+    demo behavior (steer_gguf.judges), so the demo and `steer-gguf eval` agree."""
+    from .judges import UNCLASSIFIED, behavior as judged
+
+    label = judged(f"demo-{behavior}").judge_rule(text)
+    return None if label == UNCLASSIFIED else label
 
 
 @dataclass
@@ -51,8 +38,10 @@ class StyleRates:
 
 
 def held_out_prompts() -> dict[str, list[str]]:
-    with open(DEMO_PROMPTS, encoding="utf-8") as f:
-        return json.load(f)
+    """The built-in held-out eval sets of the demo behaviors (disjoint from their pairs)."""
+    from .evalsets import load_eval_set
+
+    return {b: [i.prompt for i in load_eval_set(f"builtin:demo-{b}").items] for b in BEHAVIORS}
 
 
 def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print) -> dict[str, str]:
