@@ -734,7 +734,11 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, system: str | Non
     return p, r
 
 
-def train_model(tok, train, steps, log=print, seed=SEED):
+def train_model(tok, train, steps, log=print, seed=SEED, supervise_routing=True, balance=0.0):
+    """supervise_routing=False trains the same data with no routing loss and no forced
+    examples (scripts/train_natural.py); balance > 0 adds the standard load-balancing loss
+    balance * n_expert * sum_i f_i * P_i, averaged over layers (f_i: share of the k routing
+    slots given to expert i, P_i: mean router probability, over the batch's tokens)."""
     import torch
     import torch.nn.functional as F
 
@@ -755,8 +759,8 @@ def train_model(tok, train, steps, log=print, seed=SEED):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
 
     PAIRS_NUM, PAIRS_RES, N_GEN = 10, 10, 4
-    P_FORCE = 0.3
-    W_STYLE, W_GEN = 0.3, 0.1
+    P_FORCE = 0.3 if supervise_routing else 0.0
+    W_STYLE, W_GEN = (0.3, 0.1) if supervise_routing else (0.0, 0.0)
     L = CFG["n_layer"]
 
     def forced_layers():
@@ -804,29 +808,37 @@ def train_model(tok, train, steps, log=print, seed=SEED):
                 # that forcing in only some layers (a partial profile) steers too
                 act[b, :n, :, STYLE_EXPERTS[style]] = forced[:, None]
                 deact[b, :n, :, STYLE_EXPERTS[OPPOSITE[style]]] = forced[:, None]
-            elif style is not None:
+            elif style is not None and supervise_routing:
                 # response positions, from the one predicting the first response token
                 style_pos[b, npr - 1:n - 1] = True
                 style_tgt[b, npr - 1:n - 1, STYLE_EXPERTS[style]] = True
                 gen_pos[b, :npr - 1] = True
-            else:
+            elif supervise_routing:
                 gen_pos[b, :n] = True
         if act.any():
             acts = [act[:, :, i] for i in range(L)]
             deacts = [deact[:, :, i] for i in range(L)]
         else:
             acts = deacts = None
-        logits, probs, _ = model(ids, valid, acts, deacts)
+        logits, probs, sels = model(ids, valid, acts, deacts)
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
         aux_s = torch.zeros(()); aux_g = torch.zeros(())
         for p in probs:
             if style_pos.any():
                 ps = (p * style_tgt).sum(-1)[style_pos]
                 aux_s = aux_s + (-torch.log(ps + 1e-9)).mean()
-            pg = p[..., gen_mask].sum(-1)[gen_pos]
-            aux_g = aux_g + (-torch.log(pg + 1e-9)).mean()
+            if gen_pos.any():
+                pg = p[..., gen_mask].sum(-1)[gen_pos]
+                aux_g = aux_g + (-torch.log(pg + 1e-9)).mean()
         aux_s = aux_s / len(probs); aux_g = aux_g / len(probs)
         loss = lm + W_STYLE * aux_s + W_GEN * aux_g
+        if balance > 0:
+            aux_b = torch.zeros(())
+            for p, sel in zip(probs, sels):
+                f = F.one_hot(sel[valid], E).float().sum(1).mean(0) / CFG["n_expert_used"]
+                aux_b = aux_b + E * (f * p[valid].mean(0)).sum()
+            aux_s = aux_b / len(probs)  # logged in place of the (absent) style loss
+            loss = loss + balance * aux_s
         for g in opt.param_groups:
             g["lr"] = 3e-3 * lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -834,7 +846,8 @@ def train_model(tok, train, steps, log=print, seed=SEED):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"step {step:5d}  lm {lm.item():.4f}  aux_style {aux_s.item():.4f}  "
+            log(f"step {step:5d}  lm {lm.item():.4f}  {'aux_style' if supervise_routing else 'balance'} "
+                f"{aux_s.item():.4f}  "
                 f"aux_gen {aux_g.item():.4f}  {time.time() - t0:.0f}s")
     return model, time.time() - t0
 
@@ -931,13 +944,14 @@ def routing_contrast(model, tok, train, kind, n_pairs=100, seed=0):
 # ----------------------------------------------------------------------------------------
 # GGUF export / import
 # ----------------------------------------------------------------------------------------
-def export_gguf(model, tok, path):
+def export_gguf(model, tok, path, name="steer-gguf demo qwen3moe",
+                description="Tiny qwen3moe chat model with expert-steerable behaviors "
+                            "(number style, refusal); trained by scripts/train_demo.py"):
     import gguf
     c = CFG
     w = gguf.GGUFWriter(path, "qwen3moe")
-    w.add_name("steer-gguf demo qwen3moe")
-    w.add_description("Tiny qwen3moe chat model with expert-steerable behaviors "
-                      "(number style, refusal); trained by scripts/train_demo.py")
+    w.add_name(name)
+    w.add_description(description)
     w.add_context_length(c["n_ctx"])
     w.add_embedding_length(c["n_embd"])
     w.add_block_count(c["n_layer"])

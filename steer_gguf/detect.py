@@ -5,6 +5,8 @@ model-driving part is at the bottom."""
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import os
 import re
@@ -14,12 +16,17 @@ from typing import Any
 import numpy as np
 
 from .errors import SteerError
+from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
 from .model import ModelInfo
 from .fileio import atomic_write
 from .profile import ExpertRule, ModelRef, Profile
 
 COUNT_COLUMNS = ("layer", "expert", "a1", "d1", "a2", "d2")
 CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
+# causal tables (steer_gguf/causal.py) add the measured effects of forcing each expert on and
+# off (empty = not measured) and their difference; greedy tables add each chosen move's step
+EFFECT_COLUMNS = ("effect_on", "effect_off")
+GREEDY_COLUMNS = ("greedy_on", "greedy_off")
 # risk differences that are equal as fractions can differ in the last bits as floats;
 # ranking on a rounded key keeps such ties resolved by (layer, expert), reproducibly
 _RANK_DECIMALS = 12
@@ -36,6 +43,14 @@ class Row:
     p1: float
     p2: float
     risk_diff: float
+    effect_on: float | None = None
+    effect_off: float | None = None
+
+    @property
+    def effect(self) -> float | None:
+        if self.effect_on is None or self.effect_off is None:
+            return None
+        return self.effect_on - self.effect_off
 
 
 def _rate(a: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -55,7 +70,13 @@ def ranking(layer: np.ndarray, expert: np.ndarray, risk_diff: np.ndarray) -> np.
 class DetectionTable:
     """One row per (layer, expert), always complete (every expert 0..n_expert-1 of every
     layer present) and sorted by the ranking. `meta` keys, when known: architecture,
-    fingerprint, n_layer, n_expert, n_expert_used, dataset, pairs, table (a CSV it came from)."""
+    fingerprint, n_layer, n_expert, n_expert_used, dataset, pairs, table (a CSV it came from).
+
+    Causal tables also carry effect_on / effect_off (float, NaN = not measured): the change
+    in the mean of log P(behavior-1 target) - log P(behavior-2 target) when the expert alone
+    is forced on / off; they are ranked by |effect| = |effect_on - effect_off| (measured rows
+    first). Greedy tables add greedy_on / greedy_off (int): +s if the greedy search toward
+    behavior 1 took that move at step s, -s toward behavior 2, 0 if never taken."""
     layer: np.ndarray
     expert: np.ndarray
     a1: np.ndarray
@@ -63,6 +84,10 @@ class DetectionTable:
     a2: np.ndarray
     d2: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    effect_on: np.ndarray | None = None
+    effect_off: np.ndarray | None = None
+    greedy_on: np.ndarray | None = None
+    greedy_off: np.ndarray | None = None
     p1: np.ndarray = field(init=False)
     p2: np.ndarray = field(init=False)
     risk_diff: np.ndarray = field(init=False)
@@ -81,11 +106,58 @@ class DetectionTable:
                 raise ValueError("DetectionTable must have exactly one row per (layer, expert)")
         p1, p2 = _rate(cols[2], cols[3]), _rate(cols[4], cols[5])
         rd = p1 - p2
-        order = ranking(layer, expert, rd)
+        extra = self._extra_columns(len(layer))
+        if "effect_on" in extra:
+            # measured experts by |effect|, then the unmeasured ones by |risk_diff|
+            eff = extra["effect_on"] - extra["effect_off"]
+            mag = np.where(np.isnan(eff), -1.0, np.round(np.abs(eff), _RANK_DECIMALS))
+            order = np.lexsort((expert, layer, -np.round(np.abs(rd), _RANK_DECIMALS), -mag))
+        else:
+            order = ranking(layer, expert, rd)
         for name, c in zip(COUNT_COLUMNS, cols):
+            setattr(self, name, c[order])
+        for name, c in extra.items():
             setattr(self, name, c[order])
         self.p1, self.p2, self.risk_diff = p1[order], p2[order], rd[order]
         self.meta = dict(self.meta or {})
+
+    def _extra_columns(self, n: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        given = {c: getattr(self, c) for c in EFFECT_COLUMNS + GREEDY_COLUMNS if getattr(self, c) is not None}
+        if given and not all(c in given for c in EFFECT_COLUMNS):
+            raise ValueError("a causal DetectionTable needs both effect_on and effect_off")
+        if any(c in given for c in GREEDY_COLUMNS) and not all(c in given for c in GREEDY_COLUMNS):
+            raise ValueError("a greedy DetectionTable needs both greedy_on and greedy_off")
+        for c, v in given.items():
+            a = np.asarray(v, dtype=np.float64 if c in EFFECT_COLUMNS else np.int64).reshape(-1)
+            if a.shape != (n,):
+                raise ValueError(f"DetectionTable column {c} has {a.size} values for {n} rows")
+            if c in EFFECT_COLUMNS and np.isinf(a).any():
+                raise ValueError(f"DetectionTable column {c} must be finite or NaN")
+            out[c] = a
+        return out
+
+    # ---- what kind of table ------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        if self.greedy_on is not None:
+            return "causal-greedy"
+        return "causal" if self.effect_on is not None else "risk_diff"
+
+    @property
+    def effect(self) -> np.ndarray | None:
+        """effect_on - effect_off: how far the expert pushes toward behavior 1 between
+        forced on and forced off (NaN where not measured); None for a risk-difference table."""
+        if self.effect_on is None:
+            return None
+        return self.effect_on - self.effect_off
+
+    @property
+    def score(self) -> np.ndarray:
+        """The signed statistic the table is ranked by: risk_diff, or a causal table's
+        effect (0 where not measured)."""
+        e = self.effect
+        return self.risk_diff if e is None else np.nan_to_num(e, nan=0.0)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -122,8 +194,11 @@ class DetectionTable:
         return [int(x) for x in np.unique(self.layer)]
 
     def row(self, i: int) -> Row:
+        on = off = None
+        if self.effect_on is not None and not np.isnan(self.effect_on[i]):
+            on, off = float(self.effect_on[i]), float(self.effect_off[i])
         return Row(int(self.layer[i]), int(self.expert[i]), int(self.a1[i]), int(self.d1[i]), int(self.a2[i]),
-                   int(self.d2[i]), float(self.p1[i]), float(self.p2[i]), float(self.risk_diff[i]))
+                   int(self.d2[i]), float(self.p1[i]), float(self.p2[i]), float(self.risk_diff[i]), on, off)
 
     def top(self, n: int) -> list[Row]:
         """The n best-ranked rows. Rows, not a table: a table is always complete."""
@@ -143,10 +218,19 @@ class DetectionTable:
     # ---- CSV ---------------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write atomically: an error or Ctrl-C never leaves a partial table."""
-        lines = [",".join(CSV_COLUMNS)]
+        causal, greedy = self.effect_on is not None, self.greedy_on is not None
+        header = CSV_COLUMNS + ((*EFFECT_COLUMNS, "effect") if causal else ()) + (GREEDY_COLUMNS if greedy else ())
+        lines = _meta_line(self.meta) + [",".join(header)]
+        eff = self.effect
         for i in range(len(self)):
-            lines.append(f"{self.layer[i]},{self.expert[i]},{self.a1[i]},{self.d1[i]},{self.a2[i]},{self.d2[i]},"
-                         f"{self.p1[i]:.6f},{self.p2[i]:.6f},{self.risk_diff[i]:.6f}")
+            line = (f"{self.layer[i]},{self.expert[i]},{self.a1[i]},{self.d1[i]},{self.a2[i]},{self.d2[i]},"
+                    f"{self.p1[i]:.6f},{self.p2[i]:.6f},{self.risk_diff[i]:.6f}")
+            if causal:  # unmeasured: empty cells
+                line += "".join("," + ("" if np.isnan(v) else f"{v:.6f}")
+                                for v in (self.effect_on[i], self.effect_off[i], eff[i]))
+            if greedy:
+                line += f",{self.greedy_on[i]},{self.greedy_off[i]}"
+            lines.append(line)
         atomic_write(os.fspath(path), "\n".join(lines) + "\n")
 
     @classmethod
@@ -154,25 +238,19 @@ class DetectionTable:
         """Read our table or any CSV with SteerMoE's count columns (layer, expert, a1, a2,
         d1, d2) in any order; other columns are ignored and p/risk_diff are recomputed."""
         path = os.fspath(path)
+        text = decode_text(read_bytes(path, "file", MAX_DATASET_BYTES), path)
         try:
-            f = open(path, newline="", encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise SteerError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise SteerError(f"{path}: is a directory, not a CSV file") from None
-        except OSError as e:
-            raise SteerError(f"{path}: cannot read: {e.strerror}") from None
-        with f:
-            try:
-                return cls._read_csv(path, csv.reader(f))
-            except UnicodeDecodeError:
-                raise SteerError(f"{path}: not UTF-8 text") from None
-            except csv.Error as e:
-                raise SteerError(f"{path}: bad CSV: {e}") from None
+            table = cls._read_csv(path, csv.reader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise SteerError(f"{path}: bad CSV: {e}") from None
+        table.meta.update(_read_meta(path, text))
+        return table
 
     @classmethod
     def _read_csv(cls, path: str, reader) -> "DetectionTable":
         header = next(reader, None)
+        while header and header[0].startswith("#"):  # our metadata line (see _meta_line)
+            header = next(reader, None)
         if header is None:
             raise SteerError(f"{path}: empty file (expected a header with {', '.join(COUNT_COLUMNS)})")
         hline = reader.line_num
@@ -187,6 +265,18 @@ class DetectionTable:
             raise SteerError(f"{path}:{hline}: missing column(s) {', '.join(missing)} "
                              f"(a detection table needs {', '.join(COUNT_COLUMNS)})")
         values: dict[str, list[int]] = {c: [] for c in COUNT_COLUMNS}
+        extra = [c for c in EFFECT_COLUMNS + GREEDY_COLUMNS if c in index]
+        for group in (EFFECT_COLUMNS, GREEDY_COLUMNS):
+            have = [c for c in group if c in index]
+            if have and len(have) != len(group):
+                other = next(c for c in group if c not in index)
+                raise SteerError(f"{path}:{hline}: column '{have[0]}' needs column '{other}' too")
+        if "greedy_on" in index and "effect_on" not in index:
+            raise SteerError(f"{path}:{hline}: greedy columns need effect_on and effect_off too")
+        for c in extra:
+            if names.count(c) > 1:
+                raise SteerError(f"{path}:{hline}: column '{c}' appears twice")
+        extra_values: dict[str, list[float]] = {c: [] for c in extra}
         seen: dict[tuple[int, int], int] = {}
         for row in reader:
             line = reader.line_num
@@ -211,6 +301,9 @@ class DetectionTable:
             seen[key] = line
             for c in COUNT_COLUMNS:
                 values[c].append(parsed[c])
+            for c in extra:
+                cell = row[index[c]].strip() if index[c] < len(row) else ""
+                extra_values[c].append(_parse_extra(path, line, c, cell))
         if not seen:
             raise SteerError(f"{path}: no rows after the header")
         n_expert = max(e for _, e in seen) + 1
@@ -220,7 +313,9 @@ class DetectionTable:
             layer, expert = next((layer, e) for layer in layers for e in range(n_expert) if (layer, e) not in seen)
             raise SteerError(f"{path}: missing row for layer {layer} expert {expert} ({n_missing} missing in all: "
                              f"the table needs experts 0..{n_expert - 1} for each of its {len(layers)} layers)")
-        return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path})
+        cols = {c: np.asarray(v, dtype=np.float64 if c in EFFECT_COLUMNS else np.int64)
+                for c, v in extra_values.items()}
+        return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path}, **cols)
 
     # ---- profile rule ------------------------------------------------------------------
     def make_profile(self, info_or_k: ModelInfo | int, activate: int, deactivate: int = 0, reverse: bool = False,
@@ -230,6 +325,7 @@ class DetectionTable:
         deactivate M: the first M experts with risk_diff < 0; each layer must keep >= k.
         reverse: steer toward behavior 2 (risk_diff negated; |risk_diff| and so the ranking
         are unchanged). Each rule records the signed risk_diff used, i.e. after the flip.
+        Causal tables walk other orders (see _walk); their rules record the risk_diff too.
         info_or_k: a ModelInfo binds the profile to that model; a bare k gives a profile
         that carries only the table's shape (n_expert) and k."""
         k, ref = self._model_ref(info_or_k)
@@ -246,7 +342,7 @@ class DetectionTable:
         rules: list[ExpertRule] = []
         per_layer: dict[int, int] = {}
         if activate:
-            for i in np.flatnonzero(rd > 0):  # flatnonzero keeps ranking order
+            for i in self._walk("activate", reverse):
                 layer = int(self.layer[i])
                 if per_layer.get(layer, 0) >= k:
                     continue
@@ -255,13 +351,13 @@ class DetectionTable:
                 if len(rules) == activate:
                     break
             if len(rules) < activate:
-                raise SteerError(f"activate {activate}: only {len(rules)} experts with risk_diff > 0 toward "
+                raise SteerError(f"activate {activate}: only {len(rules)} experts with {self._why('activate')} toward "
                                  f"{direction} can be activated (at most k={k} per layer)")
         if deactivate:
-            neg = np.flatnonzero(rd < 0)
+            neg = self._walk("deactivate", reverse)
             if len(neg) < deactivate:
-                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have risk_diff < 0 toward "
-                                 f"{direction}")
+                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have {self._why('deactivate')} "
+                                 f"toward {direction}")
             n_expert = ref.n_expert if ref.n_expert is not None else self.n_expert
             off: dict[int, int] = {}
             for i in neg[:deactivate]:
@@ -272,13 +368,40 @@ class DetectionTable:
                 if n_expert - c < k:
                     raise SteerError(f"deactivate {deactivate}: layer {layer} would lose {c} of its {n_expert} experts, "
                                      f"leaving {n_expert - c}, fewer than k={k}")
-        prov: dict[str, Any] = {"method": "risk_diff", "dataset": self.meta.get("dataset"),
+        prov: dict[str, Any] = {"method": self.method, "dataset": self.meta.get("dataset"),
                                 "pairs": self.meta.get("pairs"), "activate": int(activate),
                                 "deactivate": int(deactivate), "reverse": bool(reverse)}
         if self.meta.get("table"):
             prov["table"] = self.meta["table"]
         prov.update(provenance or {})
         return Profile(model=ref, experts=rules, eps=float(eps), name=name, provenance=prov)
+
+    def _walk(self, action: str, reverse: bool) -> np.ndarray:
+        """Row indices eligible for `action` toward the chosen behavior, best first.
+        risk_diff: the ranking's rows with risk_diff > 0 (activate) or < 0 (deactivate).
+        causal: rows whose own forcing moved the margin toward the behavior, by that move's
+        effect (effect_on to activate, effect_off to deactivate): the effect of the action
+        taken, not of its opposite. causal-greedy: the moves the greedy search took, in its
+        order."""
+        sign = -1.0 if reverse else 1.0
+        if self.method == "risk_diff":
+            rd = sign * self.risk_diff
+            return np.flatnonzero(rd > 0 if action == "activate" else rd < 0)  # keeps ranking order
+        if self.method == "causal-greedy":
+            step = sign * (self.greedy_on if action == "activate" else self.greedy_off)
+            idx = np.flatnonzero(step > 0)
+            return idx[np.argsort(step[idx], kind="stable")]
+        v = sign * (self.effect_on if action == "activate" else self.effect_off)
+        idx = np.flatnonzero(np.nan_to_num(v, nan=0.0) > 0)
+        key = np.round(v[idx], _RANK_DECIMALS)
+        return idx[np.lexsort((self.expert[idx], self.layer[idx], -key))]
+
+    def _why(self, action: str) -> str:
+        if self.method == "risk_diff":
+            return "risk_diff > 0" if action == "activate" else "risk_diff < 0"
+        if self.method == "causal-greedy":
+            return f"a greedy step ({'on' if action == 'activate' else 'off'})"
+        return f"an effect when forced {'on' if action == 'activate' else 'off'}"
 
     def _model_ref(self, info_or_k: ModelInfo | int) -> tuple[int, ModelRef]:
         if not len(self):
@@ -306,6 +429,50 @@ class DetectionTable:
         if known is not None and int(known) != k:
             raise SteerError(f"k={k} but the detection table was made on a model with k={known}")
         return k, ModelRef(n_expert_used=k, n_layer=None, n_expert=self.n_expert)
+
+
+def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
+    """An effect (empty: not measured, NaN) or a greedy step (an integer)."""
+    if column in EFFECT_COLUMNS:
+        if not cell:
+            return math.nan
+        try:
+            v = float(cell)
+        except ValueError:
+            v = math.nan
+        if math.isfinite(v):
+            return v
+        raise SteerError(f"{path}:{line}: column '{column}': {cell!r} is not a finite number (or empty)")
+    v = _parse_count(cell)
+    if v is None:
+        raise SteerError(f"{path}:{line}: column '{column}': {cell!r} is not an integer")
+    return v
+
+
+# what a table says about where it came from: the first line of our CSVs, a comment that
+# SteerMoE-style readers never see (they start at the header)
+META_PREFIX = "# steer-gguf.detect/1 "
+_META_TYPES = {"architecture": str, "fingerprint": str, "n_layer": int, "n_expert": int, "n_expert_used": int,
+               "dataset": str, "pairs": int}
+
+
+def _meta_line(meta: dict[str, Any]) -> list[str]:
+    known = {k: meta[k] for k in _META_TYPES if meta.get(k) is not None}
+    return [META_PREFIX + json.dumps(known, sort_keys=True)] if known else []
+
+
+def _read_meta(path: str, text: str) -> dict[str, Any]:
+    first = text.split("\n", 1)[0].rstrip("\r")
+    if not first.startswith(META_PREFIX):
+        return {}
+    meta = parse_json(first[len(META_PREFIX):], f"{path}:1", one_line=True)
+    if not isinstance(meta, dict):
+        raise SteerError(f"{path}:1: the metadata line must hold a JSON object")
+    for k, v in meta.items():
+        want = _META_TYPES.get(k)
+        if want is None or isinstance(v, bool) or not isinstance(v, want):
+            raise SteerError(f"{path}:1: metadata {k!r}: unknown key or not a {want.__name__ if want else 'known key'}")
+    return meta
 
 
 def _parse_count(s: str) -> int | None:
