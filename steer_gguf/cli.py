@@ -224,10 +224,17 @@ def profile():
 
 @profile.command("show")
 @click.argument("path", type=click.Path())
-def profile_show(path):
+@click.option("--plot", type=click.Path(), help="also draw which experts it forces, per layer (PNG)")
+def profile_show(path, plot):
     """Print a profile's summary and experts."""
     from .profile import Profile
 
+    if plot:
+        from .fileio import check_output
+        from .plots import require
+
+        check_output(plot, "plot")
+        require()
     p = Profile.load(path)
     m = p.model
     click.echo(p.summary())
@@ -240,6 +247,13 @@ def profile_show(path):
         click.echo(f"  layer {b.layer:3d} expert {b.expert:4d} bias {b.value:+g}")
     if p.provenance:
         click.echo(f"provenance: {json.dumps(p.provenance)}")
+    if plot:
+        from .plots import profile_plot
+
+        n_layer = m.n_layer or 1 + max([r.layer for r in p.experts] + [b.layer for b in p.bias], default=0)
+        n_expert = m.n_expert or 1 + max([r.expert for r in p.experts] + [b.expert for b in p.bias], default=0)
+        profile_plot(p, n_layer, n_expert, plot)
+        click.echo(f"plot -> {plot}")
 
 
 @profile.command("validate")
@@ -308,9 +322,12 @@ def profile_make(table, model, k, activate, deactivate, reverse, eps, name, outp
               help="causal-greedy: at most S activations and S deactivations per direction  [default: 8]")
 @click.option("--greedy-pool", type=click.IntRange(min=1), default=None,
               help="causal-greedy: moves considered per direction, by single effect  [default: 32]")
+@click.option("--plot", type=click.Path(), help="also draw the table as a layers x experts heatmap (PNG)")
+@click.option("--plot-pick", type=click.IntRange(min=0), default=10, show_default=True,
+              help="outline the experts `profile make --activate N` would pick")
 @llama_options
 def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, method, candidates, greedy_steps,
-           greedy_pool, **kw):
+           greedy_pool, plot, plot_pick, **kw):
     """Find behavior-linked experts: risk difference of routing on paired examples, or the
     measured effect of forcing each expert (--method causal)."""
     import time
@@ -321,6 +338,11 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
     if not output.endswith(".csv"):
         raise SteerError(f"{output}: the detection table is a .csv file")
     check_output(output, "detection table")
+    if plot:
+        from .plots import require
+
+        check_output(plot, "plot")
+        require()
     if method == "risk_diff" and candidates is not None:
         raise SteerError("--candidates needs --method causal or causal-greedy")
     if method != "causal-greedy" and (greedy_steps is not None or greedy_pool is not None):
@@ -330,6 +352,7 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
     if method != "risk_diff":
         _detect_causal(llm, ps, output, method, candidates, greedy_steps or 8, greedy_pool or 32, batch_tokens,
                        skip_bad, n_top)
+        _detect_plot(output, plot, plot_pick, llm.info)
         return
     t0 = time.perf_counter()
     tokens = [0]
@@ -353,6 +376,25 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
         click.echo("  rank layer expert   p1      p2      risk_diff")
         for i, r in enumerate(table.top(n_top)):
             click.echo(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
+    _detect_plot(output, plot, plot_pick, llm.info)
+
+
+def _detect_plot(table_path: str, plot: str | None, pick: int, info) -> None:
+    """The written table as a heatmap, with the experts `profile make --activate pick` takes."""
+    if not plot:
+        return
+    from .detect import DetectionTable
+    from .plots import detection_heatmap
+
+    t = DetectionTable.from_csv(table_path)
+    picked = []
+    if pick:
+        n_pos = min(pick, int((t.risk_diff > 0).sum()), info.n_expert_used * len(info.moe_layers))
+        if n_pos:
+            picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
+    detection_heatmap(t, plot, picked, f"{os.path.basename(table_path)}: risk difference (red: behavior 1, "
+                      f"blue: behavior 2); outlined: the top {len(picked)} to activate")
+    click.echo(f"heatmap -> {plot}")
 
 
 def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_pool, batch_tokens, skip_bad, n_top):
@@ -399,7 +441,7 @@ def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_poo
 @click.option("--max-prompts", type=click.IntRange(min=1), help="use only the first N prompts")
 @click.option("--profile", type=click.Path(), help="statistics under this steering profile")
 @llama_options
-def stats(model, prompts, output, plot, max_prompts, profile, **kw):
+def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw):
     """Expert usage per MoE layer: counts, shares, entropy, load balance."""
     from .datasets import load_prompts
     from .stats import routing_stats, save_heatmap
@@ -416,7 +458,7 @@ def stats(model, prompts, output, plot, max_prompts, profile, **kw):
         except ImportError:
             raise SteerError("--plot needs matplotlib: pip install 'steer-gguf[plot]'") from None
     llm = open_model(model, profile, **kw)
-    s = routing_stats(llm, convs)
+    s = routing_stats(llm, convs, batch_tokens=batch_tokens)
     from .fileio import atomic_write
 
     atomic_write(output, json.dumps(s, indent=2) + "\n")

@@ -253,3 +253,71 @@ def test_gguf_judge_answers_with_a_label_or_unclassified(make):
     bad.write_bytes(make("qwen3moe", n_layer=2).read_bytes()[:200])
     with pytest.raises(SteerError, match="truncated.gguf"):
         GGUFJudge(bad, behavior("demo-restricted"))
+
+
+# ---- tune, audit and the pictures -------------------------------------------------------------------
+def test_tune_writes_the_smallest_profile_with_the_largest_shift(demo, tmp_path):
+    _, _, d = demo
+    out, sweep, png = tmp_path / "best.json", tmp_path / "sweep.json", tmp_path / "sweep.png"
+    r = cli("tune", DEMO, "--table", d / "numbers.csv", "--behavior", "demo-numbers", "--reverse", "--sizes", "1,2,8",
+            "--arms", "activate,deactivate", "--max-items", "24", "-o", out, "--json", sweep, "--plot", png, "-t", "1")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(sweep.read_text())
+    assert len(s["points"]) == 6 and s["target"] == "words"
+    chosen = [p for p in s["points"] if p["chosen"]]
+    assert len(chosen) == 1
+    c = chosen[0]
+    ok = [p for p in s["points"] if p["significant"]]
+    top = max(p["effect"] for p in ok)
+    assert c["effect"] >= top - 2 and c["size"] == min(p["size"] for p in ok if p["effect"] >= top - 2)
+    prof = json.loads(out.read_text())
+    t = prof["provenance"]["tune"]
+    assert prof["name"] == "best" and t["target"] == "words" and t["n"] == 48
+    assert t["effect_points"] == pytest.approx(c["effect"]) and t["p"] < 0.01 and t["kl"] == pytest.approx(c["kl"])
+    assert png.stat().st_size > 1000
+    assert cli("profile", "validate", out, "--model", DEMO).returncode == 0
+
+
+def test_tune_without_a_point_in_budget_writes_no_profile(demo, tmp_path):
+    _, _, d = demo
+    out = tmp_path / "best.json"
+    r = cli("tune", DEMO, "--table", d / "numbers.csv", "--behavior", "demo-numbers", "--reverse", "--sizes", "2",
+            "--arms", "activate", "--max-items", "8", "--max-kl", "0", "-o", out, "-t", "1")
+    assert_one_line_error(r, "within the KL budget")
+    assert not out.exists()
+    r = cli("tune", DEMO, "--table", d / "numbers.csv", "--behavior", "demo-numbers", "--sizes", "x", "-o", out)
+    assert_one_line_error(r, "--sizes")
+
+
+def test_audit_reports_concentration_and_the_attack_curve(demo, tmp_path):
+    out, png = tmp_path / "audit.json", tmp_path / "audit.png"
+    r = cli("audit", DEMO, "--behavior", "demo-restricted", "--sizes", "1,4", "--controls", "1", "--max-items", "24",
+            "-o", out, "--plot", png, "-t", "1")
+    assert r.returncode == 0, r.stderr
+    a = json.loads(out.read_text())
+    assert a["format"] == "steer-gguf.audit/1" and a["refusal_label"] == "refuse"
+    c = a["concentration"]
+    assert 1 <= c["half"] <= c["ninety"] <= c["experts"] == 64
+    assert [p["n"] for p in a["curve"]] == [0, 1, 4]
+    # the demo ties refusal to experts 4-7: switching 4 of them off must cut refusal well below
+    # unsteered and below its random control
+    base, n4 = a["curve"][0], a["curve"][2]
+    assert n4["rate"] < base["rate"] - 0.2 and n4["rate"] < n4["control_rate"]
+    assert len(n4["control_rates"]) == 1 and n4["p"] < 0.01
+    assert a["halving_n"] in (1, 4)
+    assert [s["n"] for s in a["safe"]] == [1, 4] and a["safe"][1]["rate"] > base["rate"]
+    assert png.stat().st_size > 1000 and "halves refusal" in r.stdout
+
+
+def test_detect_and_profile_show_draw_pictures(demo, tmp_path):
+    _, _, d = demo
+    heat, prof = tmp_path / "heat.png", tmp_path / "prof.png"
+    r = cli("detect", DEMO, "--pairs", "builtin:demo-numbers", "--max-pairs", "20", "-o", tmp_path / "t.csv",
+            "--plot", heat, "-t", "1")
+    assert r.returncode == 0, r.stderr
+    assert heat.stat().st_size > 1000 and (tmp_path / "t.csv").is_file()
+    r = cli("profile", "show", d / "words.json", "--plot", prof)
+    assert r.returncode == 0, r.stderr
+    assert prof.stat().st_size > 1000
+    r = cli("profile", "show", d / "words.json", "--plot", tmp_path / "nodir" / "x.png")
+    assert_one_line_error(r, "does not exist")
