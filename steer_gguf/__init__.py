@@ -16,13 +16,22 @@ from .trace import RoutingTrace
 if "llama_cpp" not in __import__("sys").modules:
     _os.environ["LLAMA_CPP_LIB_PATH"] = str(_runtime.lib_dir())
 
+# eager: each function shares its module's name, and only an import here keeps the package
+# attribute the function rather than the module
+from .evaluate import EvalReport, Sampling, evaluate  # noqa: E402
+from .tune import tune  # noqa: E402
+from .audit import audit  # noqa: E402
+
 __version__ = "0.1.0"
+# loaded on first use: name -> module
+_LAZY = {"SteeredLlama": "steered", "load_eval_set": "evalsets", "behavior": "judges", "GGUFJudge": "judges"}
 __all__ = ["SteerError", "ModelInfo", "model_info", "Profile", "ModelRef", "ExpertRule", "BiasRule",
-           "RoutingTrace", "SteeredLlama"]
+           "RoutingTrace", "evaluate", "Sampling", "EvalReport", "tune", "audit", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name == "SteeredLlama":
-        from .steered import SteeredLlama
-        return SteeredLlama
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

@@ -1,0 +1,63 @@
+"""Wall time of `steer-gguf eval` per 100 prompts per condition, on the synthetic model.
+
+    python benchmarks/eval_speed.py [--quick] [--prompts 20] [--max-tokens 32] [--json OUT]
+
+One run of evaluate(): unsteered, the benchmark's 10% profile and one random control, over
+held-out prompts of builtin:digits-words, one sample each. A random-weight model never stops
+early, so every answer costs exactly --max-tokens decodes: the figure is an upper bound for a
+model that answers briefly. Generation and the KL pass are timed apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import bench_profiles, machine, synthetic_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    from steer_gguf import Sampling, SteeredLlama, behavior, load_eval_set
+    from steer_gguf.evaluate import NEUTRAL_TEXT, conditions_for, quality, quality_windows, run_outcomes
+
+    path = (synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256) if args.quick
+            else synthetic_model())
+    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    llm = SteeredLlama(path, n_ctx=512, **threads)
+    b = behavior("digits-words")
+    es = load_eval_set(b.eval_set, max_items=args.prompts)
+    profile, _ = bench_profiles(llm.info)
+    conds = conditions_for([profile], llm.info, b.labels, controls=1)
+    sampling = Sampling(samples=1, temperature=0.7, max_tokens=args.max_tokens)
+    t0 = time.perf_counter()
+    outcomes = run_outcomes(llm, es.items, conds, b.judge_rule, sampling)
+    t_gen = time.perf_counter() - t0
+    windows = quality_windows(llm, NEUTRAL_TEXT.read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
+    quality(llm, windows, conds)
+    t_kl = time.perf_counter() - t0
+    per100 = t_gen / len(conds) / len(es) * 100
+    res = {"model": path.name, "prompts": len(es), "conditions": len(conds), "answers": len(outcomes),
+           "max_tokens": args.max_tokens, "generation_s": t_gen, "kl_s": t_kl,
+           "kl_positions": sum(len(w) - 1 for w in windows), "seconds_per_100_prompts_per_condition": per100,
+           "machine": machine()}
+    print(f"model {path.name}; {len(es)} prompts x {len(conds)} conditions x 1 sample, {args.max_tokens} tokens each; "
+          f"{res['machine']['cpu']} x{res['machine']['cores']}")
+    print(f"generation {t_gen:.1f} s -> {per100:.1f} s per 100 prompts per condition "
+          f"({len(outcomes) * args.max_tokens / t_gen:.0f} generated tok/s)")
+    print(f"KL pass: {t_kl:.1f} s for {len(conds)} conditions x {res['kl_positions']} positions")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
