@@ -11,9 +11,6 @@ digits-words held-out split, and the demo model's held-out prompts.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -169,26 +166,7 @@ def build() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(OUT_DIR), help="output folder (default: %(default)s)")
-    ap.add_argument("--check", action="store_true", help="compare with the files in --out instead of writing")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    files = build()
-    if args.check:
-        stale = [n for n, text in files.items()
-                 if not (out / n).is_file() or (out / n).read_text(encoding="utf-8") != text]
-        for n in stale:
-            print(f"{out / n}: stale; run scripts/make_evalsets.py", file=sys.stderr)
-        return 1 if stale else 0
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, out / name)
-        print(f"wrote {out / name} ({len(text.splitlines())} lines)")
-    return 0
-
+    return make_pairs.write_or_check(build(), OUT_DIR, __doc__, "make_evalsets.py", argv)
 
 if __name__ == "__main__":
     sys.exit(main())

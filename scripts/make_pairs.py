@@ -398,18 +398,19 @@ def build() -> dict[str, str]:
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(OUT_DIR), help="output folder (default: %(default)s)")
+def write_or_check(files: dict[str, str], default_out: Path, doc: str, script: str,
+                   argv: list[str] | None = None) -> int:
+    """The generators' command line: write `files` into --out, or with --check report stale ones."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default=str(default_out), help="output folder (default: %(default)s)")
     ap.add_argument("--check", action="store_true", help="compare with the files in --out instead of writing")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    files = build()
     if args.check:
         stale = [n for n, text in files.items()
                  if not (out / n).is_file() or (out / n).read_text(encoding="utf-8") != text]
         for n in stale:
-            print(f"{out / n}: stale; run scripts/make_pairs.py", file=sys.stderr)
+            print(f"{out / n}: stale; run scripts/{script}", file=sys.stderr)
         return 1 if stale else 0
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -419,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out / name} ({len(text.encode('utf-8')) // 1024} KB)")
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(build(), OUT_DIR, __doc__, "make_pairs.py", argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -321,3 +321,13 @@ def test_detect_and_profile_show_draw_pictures(demo, tmp_path):
     assert prof.stat().st_size > 1000
     r = cli("profile", "show", d / "words.json", "--plot", tmp_path / "nodir" / "x.png")
     assert_one_line_error(r, "does not exist")
+
+
+def test_committed_eval_sets_are_what_the_script_generates():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_evalsets.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
