@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from .errors import SteerError
+from .errors import SteerError, printable
 from .profile import Profile
 
 HELP = "/profile PATH|off, /compare, /quit"
@@ -125,7 +125,7 @@ class ChatSession:
 
 
 def profile_name(llm) -> str:
-    return llm.profile.name if llm.profile else "none"
+    return printable(llm.profile.name) if llm.profile else "none"
 
 
 def read_line(prompt: str = "> ") -> str | None:

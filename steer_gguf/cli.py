@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import SteerError
+from .errors import SteerError, printable
 from .fileio import check_output
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -20,7 +20,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SteerError as e:
-            click.echo(f"steer-gguf: error: {e}", err=True)
+            click.echo(f"steer-gguf: error: {printable(str(e))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("steer-gguf: interrupted", err=True)
@@ -235,11 +235,13 @@ def profile_show(path, plot):
 
         check_output(plot, "plot")
         require()
+    from .profile import printable
+
     p = Profile.load(path)
     m = p.model
     click.echo(p.summary())
-    click.echo(f"model: {m.architecture or '?'} n_layer={m.n_layer or '?'} n_expert={m.n_expert or '?'} "
-               f"k={m.n_expert_used} fingerprint={m.fingerprint or '(none: checked by shape)'}")
+    click.echo(f"model: {printable(m.architecture or '?')} n_layer={m.n_layer or '?'} n_expert={m.n_expert or '?'} "
+               f"k={m.n_expert_used} fingerprint={printable(m.fingerprint or '(none: checked by shape)')}")
     for r in p.experts:
         rd = f"  risk_diff={r.risk_diff:+.4f}" if r.risk_diff is not None else ""
         click.echo(f"  layer {r.layer:3d} expert {r.expert:4d} {r.action}{rd}")
@@ -440,6 +442,8 @@ def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_poo
 @click.option("--plot", type=click.Path(), help="also draw a layers x experts heatmap (PNG; needs matplotlib)")
 @click.option("--max-prompts", type=click.IntRange(min=1), help="use only the first N prompts")
 @click.option("--profile", type=click.Path(), help="statistics under this steering profile")
+@click.option("--batch", "batch_tokens", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="tokens per llama.cpp batch (a longer prompt gets a batch of its own)")
 @llama_options
 def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw):
     """Expert usage per MoE layer: counts, shares, entropy, load balance."""

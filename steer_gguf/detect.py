@@ -449,8 +449,9 @@ def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
     return v
 
 
-# what a table says about where it came from: the first line of our CSVs, a comment that
-# SteerMoE-style readers never see (they start at the header)
+# where a table came from (model identity, dataset), so that `profile make --model` can refuse
+# a table detected on another model: the first line of our CSVs, a comment line (pandas reads
+# the table with comment="#"); SteerMoE's count CSVs have none
 META_PREFIX = "# steer-gguf.detect/1 "
 _META_TYPES = {"architecture": str, "fingerprint": str, "n_layer": int, "n_expert": int, "n_expert_used": int,
                "dataset": str, "pairs": int}
@@ -468,11 +469,11 @@ def _read_meta(path: str, text: str) -> dict[str, Any]:
     meta = parse_json(first[len(META_PREFIX):], f"{path}:1", one_line=True)
     if not isinstance(meta, dict):
         raise SteerError(f"{path}:1: the metadata line must hold a JSON object")
-    for k, v in meta.items():
-        want = _META_TYPES.get(k)
-        if want is None or isinstance(v, bool) or not isinstance(v, want):
-            raise SteerError(f"{path}:1: metadata {k!r}: unknown key or not a {want.__name__ if want else 'known key'}")
-    return meta
+    for k, want in _META_TYPES.items():
+        v = meta.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, want)):
+            raise SteerError(f"{path}:1: metadata {k!r} must be a {want.__name__}, got {type(v).__name__}")
+    return {k: v for k, v in meta.items() if k in _META_TYPES}  # later versions may add keys
 
 
 def _parse_count(s: str) -> int | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SteerError
+from .errors import SteerError, printable
 from .fileio import atomic_write, read_json
 from .model import ModelInfo
 
@@ -225,7 +225,7 @@ class Profile:
 
     def summary(self) -> str:
         layers = sorted({r.layer for r in self.experts} | {b.layer for b in self.bias})
-        return (f"{self.name}: {self.count('activate')} activated, {self.count('deactivate')} deactivated, "
+        return (f"{printable(self.name)}: {self.count('activate')} activated, {self.count('deactivate')} deactivated, "
                 f"{len(self.bias)} biased experts in {len(layers)} layers (eps={self.eps})")
 
 

@@ -46,6 +46,7 @@ class SteeredLlama(llama_cpp.Llama):
             super().__init__(model_path=os.fspath(model_path), **llama_kwargs)
         except ValueError as e:
             raise SteerError(f"{model_path}: llama.cpp could not load the model ({e})") from None
+        self._fit_arrays_to_context()
         self.engine = engine
         self.force = force
         self.profile: Profile | None = None
@@ -54,6 +55,20 @@ class SteeredLlama(llama_cpp.Llama):
         self._hooking = False
         self._attached = False
         self.set_profile(profile)
+
+    def _fit_arrays_to_context(self) -> None:
+        # llama.cpp rounds the context up (to 256 tokens here); llama-cpp-python checks prompts
+        # against that real size but sized its token buffer for the size asked for, so a
+        # prompt in between fails with a numpy broadcast error deep inside eval
+        n = self.n_ctx()
+        if self.input_ids.shape[0] < n:
+            ids = np.zeros(n, dtype=self.input_ids.dtype)
+            ids[: self.input_ids.shape[0]] = self.input_ids
+            self.input_ids = ids
+        if self._logits_all and self.scores.shape[0] < n:
+            scores = np.zeros((n, self.scores.shape[1]), dtype=self.scores.dtype)
+            scores[: self.scores.shape[0]] = self.scores
+            self.scores = scores
 
     def close(self) -> None:
         if getattr(self, "_stack", None) is None:
@@ -234,15 +249,15 @@ class SteeredLlama(llama_cpp.Llama):
         if len(rows) != len(seqs):
             raise SteerError("trace_many: one row list per sequence")
         out: list[np.ndarray | None] = [None] * len(seqs)
+        # batch_tokens is how many tokens to pack per decode; a longer sequence gets a batch
+        # of its own size rather than an error
+        longest = max((len(s) for s in seqs), default=0)
         with self.lock:
-            tc = self._trace_context(batch_tokens)
+            tc = self._trace_context(max(batch_tokens, longest))
             i = 0
             while i < len(seqs):
                 group, n = [], 0
                 while i < len(seqs) and len(group) < tc.n_seq and (not group or n + len(seqs[i]) <= tc.n_tok):
-                    if len(seqs[i]) > tc.n_tok:
-                        raise SteerError(f"sequence {i} has {len(seqs[i])} tokens, more than the tracing "
-                                         f"batch ({tc.n_tok}); raise batch_tokens")
                     group.append(i)
                     n += len(seqs[i])
                     i += 1
@@ -317,7 +332,11 @@ class _TraceContext:
         # one unified KV stream keeps llama.cpp's simple batch split, so the recorder
         # sees tokens in batch order
         p.kv_unified = True
-        self.ctx = internals.LlamaContext(model=llm._model, params=p, verbose=llm.verbose)
+        try:
+            self.ctx = internals.LlamaContext(model=llm._model, params=p, verbose=llm.verbose)
+        except ValueError:
+            raise SteerError(f"llama.cpp could not make a {n_tok}-token tracing context (out of memory?): "
+                             f"use shorter conversations or a smaller batch") from None
         self.ptr = ctypes.cast(self.ctx.ctx, ctypes.c_void_p).value
         self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
         self.obs = _native.Observer(llm.info.n_layer)

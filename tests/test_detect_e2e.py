@@ -78,8 +78,10 @@ def test_cli_detect_and_profile_make(digits_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "signal concentration" in r.stdout
     rows = out.read_text().splitlines()
-    assert rows[0] == "layer,expert,a1,d1,a2,d2,p1,p2,risk_diff"
-    assert rows[1].split(",")[1] == str(DIGIT_EXPERT)
+    meta = json.loads(rows[0].removeprefix("# steer-gguf.detect/1 "))
+    assert meta["fingerprint"] == model_info(digits_model).fingerprint and meta["dataset"] == "builtin:digits-words"
+    assert rows[1] == "layer,expert,a1,d1,a2,d2,p1,p2,risk_diff"
+    assert rows[2].split(",")[1] == str(DIGIT_EXPERT)
     prof = tmp_path / "p.json"
     r = cli("profile", "make", out, "--model", digits_model, "--activate", "4", "-o", prof)
     assert r.returncode == 0, r.stderr

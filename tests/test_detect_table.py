@@ -299,13 +299,14 @@ def test_csv_round_trip(tmp_path):
     path = tmp_path / "t.csv"
     t.to_csv(path)
     lines = path.read_text().splitlines()
-    assert lines[0] == "layer,expert,a1,d1,a2,d2,p1,p2,risk_diff"
-    assert lines[1].split(",")[:6] == ["2", "2", "0", "4", "3", "2"]
-    assert float(lines[1].split(",")[8]) == pytest.approx(-0.6)
+    assert lines[0] == '# steer-gguf.detect/1 {"dataset": "hand", "pairs": 2}'  # where the table came from
+    assert lines[1] == "layer,expert,a1,d1,a2,d2,p1,p2,risk_diff"
+    assert lines[2].split(",")[:6] == ["2", "2", "0", "4", "3", "2"]
+    assert float(lines[2].split(",")[8]) == pytest.approx(-0.6)
     back = DetectionTable.from_csv(path)
     for col in ("layer", "expert", "a1", "d1", "a2", "d2", "p1", "p2", "risk_diff"):
         assert np.array_equal(getattr(back, col), getattr(t, col)), col
-    assert back.meta == {"table": str(path)}
+    assert back.meta == {"table": str(path), "dataset": "hand", "pairs": 2}
     assert t.make_profile(2, activate=2).experts == back.make_profile(2, activate=2).experts
 
 
