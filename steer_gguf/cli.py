@@ -523,11 +523,15 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, 
 @click.option("--show", "n_show", type=click.IntRange(min=0), default=3, show_default=True,
               help="held-out prompts shown side by side per behavior")
 @click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None)
-def demo(out_dir, n_show, n_threads):
-    """The whole workflow on the bundled demo model: detect, make profiles, compare."""
+@click.option("--model", "model_name", type=click.Choice(["demo", "natural"]), default="demo", show_default=True,
+              help="demo: trained to tie styles to experts; natural: same data, no routing supervision")
+@click.option("--controls", type=click.IntRange(min=0), default=None,
+              help="random-expert controls per profile in a final eval  [default: 0 demo, 3 natural]")
+def demo(out_dir, n_show, n_threads, model_name, controls):
+    """The whole workflow on a bundled model: detect, make profiles, compare."""
     from .demo import run_demo
 
-    run_demo(out_dir, n_show=n_show, n_threads=n_threads, log=click.echo)
+    run_demo(out_dir, n_show=n_show, n_threads=n_threads, log=click.echo, model=model_name, controls=controls)
 
 
 # ---- eval / tune / audit -------------------------------------------------------------------------

@@ -13,6 +13,20 @@ from dataclasses import dataclass, field
 from .runtime import PACKAGE_DIR
 
 DEMO_MODEL = PACKAGE_DIR / "data" / "demo.gguf"
+NATURAL_MODEL = PACKAGE_DIR / "data" / "natural.gguf"
+
+# what each bundled model is, said plainly before the demo runs on it
+MODELS = {
+    "demo": (DEMO_MODEL, "demo.gguf was TRAINED to tie each style to designated experts (a routing loss and "
+                         "forced-routing examples, see data/MODEL_CARD.md): it shows the steering mechanism, "
+                         "not what detection finds in a model that learned on its own (try --model natural)"),
+    "natural": (NATURAL_MODEL, "natural.gguf: the same data, architecture and seed, trained with no routing "
+                               "supervision (LM loss + load balancing, see data/NATURAL_MODEL_CARD.md): whether "
+                               "steering moves it is an open question, answered below against random-expert "
+                               "controls"),
+}
+# random-expert controls per profile in the final eval, by model
+DEFAULT_CONTROLS = {"demo": 0, "natural": 3}
 
 # behavior -> (pairs, style of behavior 1, style of behavior 2)
 BEHAVIORS = {
@@ -94,20 +108,29 @@ def style_rates(llm, behavior: str, prompts: list[str], profile_name: str, sampl
 
 
 def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pairs: int | None = None,
-             n_threads: int | None = None, log=print) -> list[StyleRates]:
+             n_threads: int | None = None, log=print, model: str = "demo",
+             controls: int | None = None) -> list[StyleRates]:
     """Detect, make profiles, show answers side by side, and measure style rates on the
-    held-out prompts. Returns the measured rates."""
+    held-out prompts; with controls > 0 (the natural model's default), also evaluate each
+    profile against that many random-expert controls. Returns the measured rates."""
     from .errors import SteerError
     from .steered import SteeredLlama
 
-    if not DEMO_MODEL.is_file():
-        raise SteerError(f"{DEMO_MODEL}: the bundled demo model is missing from this installation")
+    if model not in MODELS:
+        raise SteerError(f"unknown demo model {model!r} (bundled: {', '.join(MODELS)})")
+    path, note = MODELS[model]
+    if not path.is_file():
+        raise SteerError(f"{path}: the bundled {model} model is missing from this installation")
+    controls = DEFAULT_CONTROLS[model] if controls is None else controls
+    if controls < 0:
+        raise SteerError(f"controls must be >= 0, got {controls}")
     os.makedirs(out_dir, exist_ok=True)
     threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
-    llm = SteeredLlama(DEMO_MODEL, n_ctx=512, **threads)
+    llm = SteeredLlama(path, n_ctx=512, **threads)
     i = llm.info
-    log(f"demo model: {i.architecture}, {i.n_layer} layers, {i.n_expert} experts, top-{i.n_expert_used} "
-        f"({DEMO_MODEL.stat().st_size / 1e6:.1f} MB)")
+    log(f"{model} model: {i.architecture}, {i.n_layer} layers, {i.n_expert} experts, top-{i.n_expert_used} "
+        f"({path.stat().st_size / 1e6:.1f} MB)")
+    log(f"note: {note}")
     log("1. detecting behavior-linked experts (risk difference on built-in pairs)")
     paths = make_profiles(llm, out_dir, max_pairs=max_pairs, log=lambda s: log("   " + s))
     from .profile import Profile
@@ -135,7 +158,31 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
             row.append(f"{'unsteered' if name == 'none' else 'toward ' + name}: "
                        f"{r.rates.get(s1, 0):.0%} {s1} / {r.rates.get(s2, 0):.0%} {s2}")
         log(f"   {behavior} ({len(qs)} prompts): " + "; ".join(row))
+    if controls:
+        log(f"4. against {controls} random-expert controls per profile (same layers, same counts, other experts)")
+        for behavior, (_, s1, s2) in BEHAVIORS.items():
+            _eval_with_controls(llm, behavior, [profiles[s1], profiles[s2]], controls, n_rates, log)
     llm.close()
     log(f"profiles written to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths.values())
-        + f"  (try: steer-gguf chat {DEMO_MODEL} --profile {paths[BEHAVIORS['numbers'][2]]})")
+        + f"  (try: steer-gguf chat {path} --profile {paths[BEHAVIORS['numbers'][2]]})")
     return results
+
+
+def _eval_with_controls(llm, behavior: str, profiles, controls: int, n_items: int | None, log) -> None:
+    """steer-gguf eval on one demo behavior: the shift of each profile beside its controls'."""
+    from .evaluate import Sampling, evaluate
+    from .evalsets import load_eval_set
+    from .judges import behavior as judged
+
+    b = judged(f"demo-{behavior}")
+    rep = evaluate(llm, load_eval_set(b.eval_set, max_items=n_items), b, profiles, controls=controls,
+                   sampling=Sampling(RATE_SAMPLES, RATE_TEMPERATURE))
+    for line in rep.table().splitlines():
+        log("   " + line)
+    g = rep.primary
+    for p in profiles:
+        mine = rep.condition(p.name).groups[g]
+        ctl = [c.groups[g].effect for c in rep.conditions if c.kind == "control" and c.of == p.name]
+        mean = sum(ctl) / len(ctl)
+        log(f"   toward {p.name}: {mine.effect:+.0f} points (McNemar p={mine.p:.2g}); its {len(ctl)} random "
+            f"controls: {mean:+.0f} on average ({min(ctl):+.0f} to {max(ctl):+.0f})")

@@ -61,3 +61,24 @@ def test_demo_command(tmp_path):
     r = cli("demo", "--show", "0", "--out", tmp_path / "d", "-t", "1")
     assert r.returncode == 0, r.stderr
     assert "style rates" in r.stdout and (tmp_path / "d" / "digits.json").is_file()
+
+
+def test_demo_says_what_each_model_is_and_the_natural_one_runs_with_controls(tmp_path):
+    from steer_gguf.demo import NATURAL_MODEL
+
+    assert NATURAL_MODEL.is_file() and NATURAL_MODEL.stat().st_size <= 12 * 1024 * 1024
+    lines: list[str] = []
+    run_demo(str(tmp_path), n_show=0, n_rates=3, max_pairs=16, n_threads=1, log=lines.append, model="natural",
+             controls=1)
+    text = "\n".join(lines)
+    assert "natural.gguf" in text and "no routing supervision" in text
+    # the eval against random controls ran for both styles of both behaviors
+    for style in ("digits", "words", "refuse", "comply"):
+        assert f"toward {style}:" in text and f"{style}~random1" in text
+    r = cli("demo", "--model", "nope", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_demo_says_the_demo_model_was_trained_for_it(demo_run):
+    _, _, lines = demo_run
+    assert any("demo.gguf was TRAINED to tie each style to designated experts" in l for l in lines)
