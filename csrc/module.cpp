@@ -200,6 +200,23 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "steer-gguf native bridge (patched libllama)";
     m.attr("API_VERSION") = llama_steer_api_version();
     m.attr("LLAMA_CPP_PYTHON_VERSION") = STEER_LLAMA_CPP_PYTHON_VERSION;
+    // steer.h's codes, so that Python names them instead of copying the numbers
+    py::dict status;
+    status["OK"] = (int) LLAMA_STEER_OK;
+    status["ERR_NULL"] = (int) LLAMA_STEER_ERR_NULL;
+    status["ERR_SHAPE"] = (int) LLAMA_STEER_ERR_SHAPE;
+    status["ERR_ACTION"] = (int) LLAMA_STEER_ERR_ACTION;
+    status["ERR_NOT_MOE"] = (int) LLAMA_STEER_ERR_NOT_MOE;
+    status["ERR_TOO_MANY"] = (int) LLAMA_STEER_ERR_TOO_MANY;
+    status["ERR_TOO_FEW"] = (int) LLAMA_STEER_ERR_TOO_FEW;
+    status["ERR_NONFINITE"] = (int) LLAMA_STEER_ERR_NONFINITE;
+    status["ERR_ALLOC"] = (int) LLAMA_STEER_ERR_ALLOC;
+    m.attr("STATUS") = status;
+    py::dict actions;
+    actions["none"] = (int) LLAMA_STEER_NONE;
+    actions["activate"] = (int) LLAMA_STEER_ACTIVATE;
+    actions["deactivate"] = (int) LLAMA_STEER_DEACTIVATE;
+    m.attr("ACTIONS") = actions;
 
     m.def("set_table", [](uintptr_t ctx, py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
                           py::object bias, float eps) -> py::tuple {

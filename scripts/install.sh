@@ -12,7 +12,9 @@
 #    pass CMAKE_ARGS="-DGGML_CUDA=on" for CUDA). About 3 minutes on 2 cores for the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LLAMA_CPP_PYTHON=$(sed -n 's/^set(STEER_LLAMA_CPP_PYTHON_VERSION "\(.*\)")$/\1/p' CMakeLists.txt)
+# the pin's one home: pyproject.toml's dependencies (CMakeLists.txt reads it from there too)
+LLAMA_CPP_PYTHON=$(sed -n 's/^ *"llama-cpp-python==\([^"]*\)",*$/\1/p' pyproject.toml)
+[ -n "$LLAMA_CPP_PYTHON" ] || { echo "steer-gguf: pyproject.toml pins no llama-cpp-python==VERSION" >&2; exit 1; }
 if [ -n "${VIRTUAL_ENV:-}" ]; then
     PY=${PYTHON:-python}
 else

@@ -16,7 +16,7 @@ from .model import ModelInfo
 FORMAT = "steer-gguf.profile/1"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 INT32_MAX = 2**31 - 1
-ACTIONS = {"activate": 1, "deactivate": 2}  # codes of csrc/steer.h's llama_steer_action
+ACTIONS = ("activate", "deactivate")  # their codes come from the native module (steer.h)
 
 
 @dataclass
@@ -211,11 +211,12 @@ class Profile:
                        self.experts, self.bias, self.eps, self.name)
         full.validate(src)
 
-    def to_arrays(self, info: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
-        """The table the C API takes: actions int8 [n_layer, n_expert], bias float32 or None."""
-        actions = np.zeros((info.n_layer, info.n_expert), dtype=np.int8)
+    def to_arrays(self, info: ModelInfo, codes: dict[str, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The table the C API takes: actions int8 [n_layer, n_expert] with the C API's action
+        `codes` (_native.ACTIONS), bias float32 or None."""
+        actions = np.full((info.n_layer, info.n_expert), codes["none"], dtype=np.int8)
         for r in self.experts:
-            actions[r.layer, r.expert] = ACTIONS[r.action]
+            actions[r.layer, r.expert] = codes[r.action]
         bias = None
         if self.bias:
             bias = np.zeros((info.n_layer, info.n_expert), dtype=np.float32)

@@ -52,7 +52,7 @@ def load():
     return llama_cpp, _native
 
 
-# ggml's log levels in the llama.cpp we build (ggml.h): llama-cpp-python 0.3.36 maps an older
+# ggml's log levels in the llama.cpp we build (ggml.h): the pinned llama-cpp-python maps an older
 # numbering, which shows every warning even with verbose=False
 _GGML_TO_LOGGING = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _log_state = {"last": logging.ERROR}

@@ -19,6 +19,7 @@ from .trace import RoutingTrace
 llama_cpp, _native = runtime.load()
 
 ENGINES = ("graph", "hook")
+_STATUS_NAMES = {code: name for name, code in _native.STATUS.items()}
 
 
 class SteeredLlama(llama_cpp.Llama):
@@ -450,11 +451,11 @@ def install_steering(ptr: int, observer, engine: str, info: ModelInfo, p: Profil
         _native.clear_table(ptr)
         observer.clear_hook()
         return False
-    actions, bias = p.to_arrays(info)
+    actions, bias = p.to_arrays(info, _native.ACTIONS)
     if engine == "graph":
         rc, msg = _native.set_table(ptr, actions, bias, float(p.eps))
-        if rc != 0:  # llama_steer_set leaves the previous table in place
-            raise SteerError(f"profile {p.name!r}: rejected by llama.cpp: {msg}")
+        if rc != _native.STATUS["OK"]:  # llama_steer_set leaves the previous table in place
+            raise SteerError(f"profile {p.name!r}: rejected by llama.cpp ({_STATUS_NAMES.get(rc, rc)}): {msg}")
         observer.clear_hook()
         return False
     if bias is None:

@@ -37,7 +37,7 @@ def test_version_mismatch_is_refused():
            "try:\n    from steer_gguf import SteeredLlama\n"
            "except steer_gguf.SteerError as e:\n    print('refused:', e)\n")
     assert r.returncode == 0, r.stderr
-    assert "refused:" in r.stdout and "0.3.36" in r.stdout
+    assert "refused:" in r.stdout and runtime.load()[1].LLAMA_CPP_PYTHON_VERSION in r.stdout
 
 
 def test_interactive_chat(make, tmp_path):

@@ -172,24 +172,25 @@ def test_c_api_rejects_invalid_tables(moe_path):
     def table():
         return np.zeros((L, E), np.int8)
 
+    S = _native.STATUS  # steer.h's codes, exported by the module
     bad_shape = np.zeros((L + 1, E), np.int8)
-    assert _native.set_table(ctx, bad_shape, None, 0.01)[0] == -2
+    assert _native.set_table(ctx, bad_shape, None, 0.01)[0] == S["ERR_SHAPE"]
     t = table(); t[il, 0] = 7
     rc, msg = _native.set_table(ctx, t, None, 0.01)
-    assert rc == -3 and f"layer {il} expert 0" in msg
+    assert rc == S["ERR_ACTION"] and f"layer {il} expert 0" in msg
     t = table(); t[il, : k + 1] = 1
-    assert _native.set_table(ctx, t, None, 0.01)[0] == -5
+    assert _native.set_table(ctx, t, None, 0.01)[0] == S["ERR_TOO_MANY"]
     t = table(); t[il, : E - k + 1] = 2
-    assert _native.set_table(ctx, t, None, 0.01)[0] == -6
+    assert _native.set_table(ctx, t, None, 0.01)[0] == S["ERR_TOO_FEW"]
     b = np.zeros((L, E), np.float32); b[il, 1] = np.nan
-    assert _native.set_table(ctx, table(), b, 0.01)[0] == -7
-    assert _native.set_table(ctx, table(), None, float("inf"))[0] == -7
-    assert _native.set_table(ctx, table(), None, -1.0)[0] == -7
+    assert _native.set_table(ctx, table(), b, 0.01)[0] == S["ERR_NONFINITE"]
+    assert _native.set_table(ctx, table(), None, float("inf"))[0] == S["ERR_NONFINITE"]
+    assert _native.set_table(ctx, table(), None, -1.0)[0] == S["ERR_NONFINITE"]
     dense = [i for i in range(L) if i not in info.moe_layers]
     if dense:
         t = table(); t[dense[0], 0] = 1
         rc, msg = _native.set_table(ctx, t, None, 0.01)
-        assert rc == -4 and "dense" in msg
+        assert rc == S["ERR_NOT_MOE"] and "dense" in msg
     # rejected tables leave routing untouched
     np.testing.assert_array_equal(llm.trace(text=TEXT).experts, base.experts)
     llm.close()
