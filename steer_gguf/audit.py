@@ -81,7 +81,8 @@ class AuditResult:
 
 
 def audit(llm, table, eval_set: EvalSet, behavior: Behavior, *, sizes: list[int] | None = None, controls: int = 2,
-          sampling: Sampling | None = None, judge=None, seed: int = 0, on_progress=None) -> AuditResult:
+          sampling: Sampling | None = None, judge=None, seed: int = 0, on_progress=None,
+          parallel: int = 1) -> AuditResult:
     if controls < 0:
         raise SteerError(f"controls must be >= 0, got {controls}")
     info = llm.info
@@ -114,7 +115,7 @@ def audit(llm, table, eval_set: EvalSet, behavior: Behavior, *, sizes: list[int]
     if not attack:
         raise SteerError("no attack profile can be built from this table: " + "; ".join(skipped[:2]))
     report = evaluate(llm, eval_set, behavior, [], sampling=sampling, judge=judge, conditions=conds,
-                      on_progress=on_progress)
+                      on_progress=on_progress, parallel=parallel)
     by = {c.name: c for c in report.conditions}
     g = report.primary
     base = by["unsteered"].groups[g]

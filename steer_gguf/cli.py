@@ -545,6 +545,8 @@ def _judge_options(f):
     f = click.option("--max-tokens", type=int, default=64, show_default=True, help="tokens per answer")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="sampling and control seed")(f)
     f = click.option("--judge", "judge_model", type=click.Path(), help="an instruct GGUF that judges the answers")(f)
+    f = click.option("--parallel", type=int, default=4, show_default=True,
+                     help="conversations decoded together (1: one at a time)")(f)
     return f
 
 
@@ -584,9 +586,10 @@ def _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw):
     return es, b, judge
 
 
-def _sampling(samples, temperature, max_tokens, seed):
+def _sampling(samples, temperature, max_tokens, seed, parallel):
     from .evaluate import Sampling
 
+    _nonneg("parallel", parallel, 1)
     _nonneg("samples", samples, 1)
     _nonneg("max-tokens", max_tokens, 1)
     if not (temperature >= 0):
@@ -621,14 +624,14 @@ class _Progress:
 @click.option("--plot", type=click.Path(), help="rates with intervals and KL (PNG)")
 @llama_options
 def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, samples, temperature, max_tokens,
-             seed, judge_model, toward, text_file, json_out, plot, **kw):
+             seed, judge_model, parallel, toward, text_file, json_out, plot, **kw):
     """Does a profile change the behavior, against random-expert controls, and at what cost?"""
     from .evaluate import conditions_for, evaluate, work_units
     from .fileio import check_output, decode_text, read_bytes
     from .profile import Profile
 
     _nonneg("controls", n_controls)
-    sampling = _sampling(samples, temperature, max_tokens, seed)
+    sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
     for out in (json_out, plot):
         if out is not None:
             check_output(out)
@@ -645,7 +648,7 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
     conds = conditions_for(profs, llm.info, b.labels, n_controls, seed, toward)
     with _Progress(work_units(es, len(conds), sampling), "generating") as bar:
         report = evaluate(llm, es, b, profs, sampling=sampling, judge=judge, text=text, conditions=conds,
-                          on_progress=bar)
+                          on_progress=bar, parallel=parallel)
     click.echo(report.table())
     if json_out:
         from .fileio import atomic_write
@@ -677,13 +680,13 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
 @click.option("--plot", type=click.Path(), help="effect and KL against profile size (PNG)")
 @llama_options
 def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed, judge_model,
-             reverse, max_kl, alpha, tolerance, sizes, arms, output, json_out, plot, **kw):
+             parallel, reverse, max_kl, alpha, tolerance, sizes, arms, output, json_out, plot, **kw):
     """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
     from .detect import DetectionTable
     from .fileio import atomic_write, check_output
     from .tune import sweep_table, tune
 
-    sampling = _sampling(samples, temperature, max_tokens, seed)
+    sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
     size_list = _int_list("sizes", sizes) if sizes else None
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
     for out in (output, json_out, plot):
@@ -703,7 +706,7 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
     with _Progress(len(es) * sampling.samples * (1 + n_points), "sweeping") as bar:
         res = tune(llm, t, es, b, reverse=reverse, max_kl=max_kl, alpha=alpha, tolerance=tolerance, sizes=size_list,
                    arms=arm_list,
-                   sampling=sampling, judge=judge, name=name, on_progress=bar)
+                   sampling=sampling, judge=judge, name=name, on_progress=bar, parallel=parallel)
     click.echo(sweep_table(res))
     for s in res.skipped:
         click.echo(f"skipped {s}")
@@ -746,7 +749,7 @@ def _int_list(name: str, text: str) -> list[int]:
 @click.option("--plot", type=click.Path(), help="the attack curve (PNG)")
 @llama_options
 def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed,
-              judge_model, n_controls, sizes, output, plot, **kw):
+              judge_model, parallel, n_controls, sizes, output, plot, **kw):
     """Safety sparsity: how few experts carry refusal, and how fast deactivating them bypasses it."""
     from .audit import audit, default_sizes
     from .datasets import load_pairs
@@ -756,7 +759,7 @@ def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, 
 
     behavior_name = behavior_name or "safety"
     _nonneg("controls", n_controls)
-    sampling = _sampling(samples, temperature, max_tokens, seed)
+    sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
     size_list = [int(x) for x in _int_list("sizes", sizes)] if sizes else None
     for out in (output, plot):
         if out is not None:
@@ -780,7 +783,7 @@ def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, 
     n_cond = 1 + sum(1 + n_controls + 1 for n in size_list if n > 0)
     with _Progress(len(es) * sampling.samples * n_cond, "auditing") as bar:
         res = audit(llm, t, es, b, sizes=size_list, controls=n_controls, sampling=sampling, judge=judge, seed=seed,
-                    on_progress=bar)
+                    on_progress=bar, parallel=parallel)
     click.echo(res.summary())
     atomic_write(output, json.dumps(res.to_dict(), indent=1, ensure_ascii=False) + "\n")
     if plot:

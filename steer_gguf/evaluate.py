@@ -220,7 +220,7 @@ Progress = Callable[[int], None]
 
 
 def run_outcomes(llm, items: list[EvalItem], conds: list[Condition], judge, sampling: Sampling,
-                 on_progress: Progress | None = None) -> list[Outcome]:
+                 on_progress: Progress | None = None, parallel: int = 1) -> list[Outcome]:
     """Generate and judge every (condition, item, sample)."""
     jobs, keys = [], []
     for c in conds:
@@ -229,7 +229,7 @@ def run_outcomes(llm, items: list[EvalItem], conds: list[Condition], judge, samp
                 seed = sampling.seed_of(i, s)
                 jobs.append(GenJob(item.messages, c.profile, seed, sampling.temperature, sampling.max_tokens))
                 keys.append((c.name, item, s, seed))
-    texts = generate_batch(llm, jobs, on_progress)
+    texts = generate_batch(llm, jobs, on_progress, parallel)
     return [Outcome(item.id, item.group, cname, s, seed, judge(text, item), text)
             for (cname, item, s, seed), text in zip(keys, texts)]
 
@@ -306,13 +306,15 @@ def summarize(conds: list[Condition], outcomes: list[Outcome], groups: list[str]
 def evaluate(llm, eval_set: EvalSet, behavior: Behavior, profiles: list[Profile], *, controls: int = 2,
              sampling: Sampling | None = None, control_seed: int = 0, toward: str | None = None, judge=None,
              quality_text: str | None = None, text: str | None = None,
-             on_progress: Progress | None = None, conditions: list[Condition] | None = None) -> EvalReport:
+             on_progress: Progress | None = None, conditions: list[Condition] | None = None,
+             parallel: int = 1) -> EvalReport:
     """Evaluate profiles (and their random controls) against unsteered on held-out prompts.
 
     judge(reply, item) -> label defaults to the behavior's rule judge. quality_text: the text
     KL is measured on (default: the built-in neutral text); text: a user text whose
     perplexity is reported per condition. `conditions` replaces the conditions made from
-    `profiles` (tune passes its sweep). on_progress(n) is called as work finishes."""
+    `profiles` (tune passes its sweep). on_progress(n) is called as work finishes. parallel:
+    conversations decoded together (batch.generate_batch)."""
     sampling = sampling or Sampling()
     if sampling.samples < 1 or sampling.max_tokens < 1 or sampling.temperature < 0:
         raise SteerError("samples and max_tokens must be >= 1 and temperature >= 0")
@@ -321,7 +323,7 @@ def evaluate(llm, eval_set: EvalSet, behavior: Behavior, profiles: list[Profile]
         if c.profile is not None:
             c.profile.check(llm.info, force=llm.force)
     judge = judge or behavior.judge_rule
-    outcomes = run_outcomes(llm, eval_set.items, conds, judge, sampling, on_progress)
+    outcomes = run_outcomes(llm, eval_set.items, conds, judge, sampling, on_progress, parallel)
     reports = summarize(conds, outcomes, eval_set.groups, behavior.labels)
     qname = None
     n_q = 0

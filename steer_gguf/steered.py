@@ -317,28 +317,10 @@ class _TraceContext:
     sequences (one KV stream, several sequence ids) with the routing recorder attached."""
 
     def __init__(self, llm: SteeredLlama, n_tok: int):
-        from llama_cpp import _internals as internals
-
         self.llm = llm
         self.n_tok = n_tok
         self.n_seq = max(1, min(64, llama_cpp.llama_max_parallel_sequences()))
-        p = llama_cpp.llama_context_default_params()
-        for name in ("n_threads", "n_threads_batch", "type_k", "type_v", "offload_kqv", "flash_attn_type"):
-            if hasattr(llm.context_params, name):
-                setattr(p, name, getattr(llm.context_params, name))
-        p.n_ctx = n_tok
-        p.n_batch = n_tok
-        p.n_ubatch = min(n_tok, 512)
-        p.n_seq_max = self.n_seq
-        # one unified KV stream keeps llama.cpp's simple batch split, so the recorder
-        # sees tokens in batch order
-        p.kv_unified = True
-        try:
-            self.ctx = internals.LlamaContext(model=llm._model, params=p, verbose=llm.verbose)
-        except ValueError:
-            raise SteerError(f"llama.cpp could not make a {n_tok}-token tracing context (out of memory?): "
-                             f"use shorter conversations or a smaller batch") from None
-        self.ptr = ctypes.cast(self.ctx.ctx, ctypes.c_void_p).value
+        self.ctx, self.ptr = secondary_context(llm, n_tok, self.n_seq, "tracing")
         self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
         self.obs = _native.Observer(llm.info.n_layer)
         self.obs.record = True
@@ -440,6 +422,30 @@ class _TraceContext:
         if self.ctx is not None:
             self.ctx.close()
             self.ctx = None
+
+
+def secondary_context(llm: SteeredLlama, n_ctx: int, n_seq: int, what: str):
+    """Another llama.cpp context on llm's weights (threads, KV types and offload as llm's)
+    for n_seq sequences in one unified KV stream and batches of up to n_ctx tokens:
+    (LlamaContext, its pointer). One unified stream keeps llama.cpp's simple batch split,
+    so the routing recorder sees tokens in batch order."""
+    from llama_cpp import _internals as internals
+
+    p = llama_cpp.llama_context_default_params()
+    for name in ("n_threads", "n_threads_batch", "type_k", "type_v", "offload_kqv", "flash_attn_type"):
+        if hasattr(llm.context_params, name):
+            setattr(p, name, getattr(llm.context_params, name))
+    p.n_ctx = n_ctx
+    p.n_batch = n_ctx
+    p.n_ubatch = min(n_ctx, 512)
+    p.n_seq_max = n_seq
+    p.kv_unified = True
+    try:
+        ctx = internals.LlamaContext(model=llm._model, params=p, verbose=llm.verbose)
+    except ValueError:
+        raise SteerError(f"llama.cpp could not make a {n_ctx}-token {what} context (out of memory?): "
+                         f"use shorter conversations or a smaller batch") from None
+    return ctx, ctypes.cast(ctx.ctx, ctypes.c_void_p).value
 
 
 def install_steering(ptr: int, observer, engine: str, info: ModelInfo, p: Profile | None) -> bool:

@@ -67,7 +67,7 @@ def sweep_profiles(table, info, reverse: bool, sizes: list[int], arms: tuple[str
 def tune(llm, table, eval_set: EvalSet, behavior: Behavior, *, reverse: bool = False, max_kl: float | None = None,
          alpha: float = 0.01, sizes: list[int] | None = None, arms: tuple[str, ...] = ARMS,
          tolerance: float = 2.0, sampling: Sampling | None = None, judge=None, name: str = "tuned",
-         on_progress=None) -> TuneResult:
+         on_progress=None, parallel: int = 1) -> TuneResult:
     if not 0 < alpha < 1:
         raise SteerError(f"alpha must lie in (0, 1), got {alpha}")
     if not tolerance >= 0:
@@ -87,7 +87,7 @@ def tune(llm, table, eval_set: EvalSet, behavior: Behavior, *, reverse: bool = F
     conds = [Condition("unsteered", None, "unsteered")] + [
         Condition(p.name, p, "profile", target) for _, _, p in points]
     report = evaluate(llm, eval_set, behavior, [], sampling=sampling, judge=judge, conditions=conds,
-                      on_progress=on_progress)
+                      on_progress=on_progress, parallel=parallel)
     g = report.primary
     rows = []
     for (arm, n, p), c in zip(points, report.conditions[1:]):

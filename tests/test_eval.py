@@ -218,6 +218,7 @@ def test_eval_shows_the_demo_shift_beyond_its_controls(demo, tmp_path):
     (["--behavior", "nope"], "unknown behavior 'nope'"),
     (["--behavior", "demo-numbers", "--controls", "-1"], "--controls must be >= 0"),
     (["--behavior", "demo-numbers", "--samples", "0"], "--samples must be >= 1"),
+    (["--behavior", "demo-numbers", "--parallel", "0"], "--parallel must be >= 1"),
     (["--eval-set", "builtin:digits-words"], "give --behavior"),
     (["--behavior", "demo-numbers", "--judge", "/nonexistent/judge.gguf"], "judge.gguf"),
     (["--behavior", "demo-numbers", "--json", "/nonexistent/dir/x.json"], "does not exist"),
@@ -331,3 +332,20 @@ def test_committed_eval_sets_are_what_the_script_generates():
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_evalsets.py"
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_batched_generation_gives_the_same_answers_as_one_at_a_time(demo):
+    """Conversations decoded together (own KV sequence, own seeded sampler chain) answer exactly
+    as llama-cpp-python's one-at-a-time path, greedy and sampled, steered and not."""
+    from steer_gguf.batch import GenJob, generate_batch
+
+    llm, words, _ = demo
+    items = load_eval_set("builtin:demo-numbers", max_items=12).items
+    for prof in (None, words):
+        for temp in (0.0, 0.7):
+            jobs = [GenJob(i.messages, prof, 7 + k, temp, 40) for k, i in enumerate(items)]
+            done = []
+            one = generate_batch(llm, jobs)
+            many = generate_batch(llm, jobs, done.append, parallel=5)
+            assert many == one and sum(done) == len(jobs)
+    assert llm.profile is None  # the caller's profile is back in force
