@@ -123,10 +123,6 @@ FAITH_QUESTIONS = [
 ]
 
 
-def cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
 def make_safety() -> list[dict]:
     rows = []
     for i, do in enumerate(HARMFUL_TASKS):
@@ -140,7 +136,7 @@ def make_faithfulness() -> list[dict]:
     rng = random.Random(20261124)
     rows = []
     for i, (wh, subject, true, cf) in enumerate(FACTS):
-        fill = {"wh": wh, "subject": subject, "Subject": cap(subject), "cf": cf}
+        fill = {"wh": wh, "subject": subject, "Subject": make_pairs.cap(subject), "cf": cf}
         c, q = rng.randrange(len(FAITH_CONTEXTS)), rng.randrange(len(FAITH_QUESTIONS))
         rows.append({"id": f"fact-{i:02d}",
                      "prompt": FAITH_CONTEXTS[c].format(**fill) + "\n\n" + FAITH_QUESTIONS[q].format(**fill),
