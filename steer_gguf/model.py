@@ -74,6 +74,8 @@ def _int_field(reader, path: str, key: str) -> int:
         raise SteerError(f"{path}: metadata {key} must be an unsigned integer, got {_short(v)}")
     if min(values) < 0:
         raise SteerError(f"{path}: metadata {key} is negative ({min(values)})")
+    if max(values) > INT32_MAX:  # llama.cpp and llama-cpp-python hold these in int32
+        raise SteerError(f"{path}: metadata {key} is {max(values)}, out of range")
     return max(values)
 
 
@@ -85,6 +87,7 @@ def _short(v) -> str:
 # llama.cpp's limits (llama-hparams.h); it aborts the process, with no message, on a file
 # beyond them, so they are checked here first
 LLAMA_MAX_LAYERS = 512
+INT32_MAX = 2**31 - 1
 LLAMA_MAX_EXPERTS = 1024
 
 
@@ -191,13 +194,11 @@ def _read_info(path: str, r) -> ModelInfo:
         raise SteerError(f"{path}: not a Mixture-of-Experts model (no router tensors blk.N.ffn_gate_inp)")
     moe_layers = sorted(il for il in routers if il < n_layer)
 
-    gating_id = _field(r, f"{arch}.expert_gating_func")
-    if arch in GATING_BY_ARCH:
-        gating = GATING_BY_ARCH[arch]
-    elif gating_id is not None:
-        gating = GATING_NAMES.get(int(gating_id), f"type-{gating_id}")
-    else:
-        gating = "softmax"
+    gating_id = _int_field(r, path, f"{arch}.expert_gating_func")
+    if gating_id not in GATING_NAMES:  # llama.cpp aborts on a gating function it does not know
+        raise SteerError(f"{path}: metadata {arch}.expert_gating_func is {gating_id}, not a gating function "
+                         f"llama.cpp knows (0..{max(GATING_NAMES)})")
+    gating = GATING_BY_ARCH.get(arch, GATING_NAMES[gating_id])
 
     # router weights are never quantized by llama.cpp, and a float's sign survives every
     # float conversion (F32/F16/BF16), so the sign pattern identifies the model at any quant

@@ -141,8 +141,13 @@ def test_more_experts_used_than_exist_is_refused_before_llama_cpp(model, tmp_pat
     ("qwen3moe.block_count", 0, "block_count"),
     ("qwen3moe.block_count", 600, "block_count"),
     ("qwen3moe.expert_count", 5000, "expert_count"),
+    # llama-cpp-python sizes its tokenizer buffer by the training context, as an int32
+    ("qwen3moe.context_length", 2**31, "context_length"),
+    ("qwen3moe.embedding_length", 2**32 - 1, "embedding_length"),
+    ("deepseek2.expert_gating_func", 100000, "expert_gating_func"),
 ])
-def test_layouts_llama_cpp_would_abort_on_are_refused(model, tmp_path, key, value, needle):
+def test_layouts_llama_cpp_would_abort_on_are_refused(make, tmp_path, key, value, needle):
+    model = make("deepseek-v3", n_layer=4) if key.startswith("deepseek2") else make("qwen3moe", n_layer=4)
     bad = patch_u32(model, tmp_path / "bad.gguf", key, value)
     with pytest.raises(SteerError, match=needle):
         model_info(bad)
