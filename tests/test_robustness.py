@@ -419,12 +419,14 @@ def test_devices_and_fifos_are_refused_at_once(model, tmp_path):
             exit_2(cli(*cmd, timeout=60), "not a regular file")
 
 
-def test_oversized_inputs_are_refused(tmp_path, monkeypatch):
+def test_oversized_inputs_are_refused_before_reading(tmp_path):
     big = tmp_path / "big.json"
-    big.write_bytes(b" " * 2048)
-    monkeypatch.setattr(fileio, "MAX_JSON_BYTES", 1024)
-    with pytest.raises(SteerError, match="more than"):
-        fileio.read_json(big, limit=fileio.MAX_JSON_BYTES)
+    with open(big, "wb") as f:  # sparse: 80 MiB that take no disk
+        f.truncate(80 * fileio.MiB)
+    with pytest.raises(SteerError, match="80 MiB, more than the 64 MiB"):
+        Profile.load(big)
+    with pytest.raises(SteerError, match="more than the 1 MiB"):
+        fileio.read_bytes(big, limit=fileio.MiB)
 
 
 # ---- item 19: names cannot forge output --------------------------------------------------------
@@ -497,3 +499,14 @@ def test_trace_many_on_the_hook_engine_steers_with_hooks(model):
     for g, h in zip(got["graph"], got["hook"]):
         assert (h == X).any(axis=2).all()
         assert np.array_equal(np.sort(g, axis=2), np.sort(h, axis=2))
+
+
+def test_serve_with_a_malformed_default_profile_is_a_one_line_error(model, good_profile, tmp_path):
+    bad = tmp_path / "deep.json"
+    bad.write_text("[" * 5000 + "]" * 5000)
+    exit_2(cli("serve", model, "--profile", bad, "--port", "0", "-t", "1"), "deep.json", "nested")
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "bad.json").write_text(profile_text(good_profile, experts=[{"layer": 0, "expert": 1, "action": ["x"]}]))
+    exit_2(cli("serve", model, "--profiles-dir", d, "--profile", "bad", "--port", "0", "-t", "1"),
+           "bad.json", "action")
