@@ -75,8 +75,9 @@ def info(model, as_json):
     if as_json:
         click.echo(json.dumps(i.to_dict(), indent=2))
         return
-    click.echo(f"model         {i.path}")
-    click.echo(f"architecture  {i.architecture}")
+    # the path and the architecture come from the user and the file: shown escaped
+    click.echo(f"model         {printable(i.path)}")
+    click.echo(f"architecture  {printable(i.architecture)}")
     click.echo(f"layers        {i.n_layer} ({len(i.moe_layers)} MoE: {_layer_list(i.moe_layers)})")
     click.echo(f"experts       {i.n_expert}, {i.n_expert_used} per token"
                + (f", {i.n_shared_expert} shared" if i.n_shared_expert else ""))

@@ -510,3 +510,13 @@ def test_serve_with_a_malformed_default_profile_is_a_one_line_error(model, good_
     (d / "bad.json").write_text(profile_text(good_profile, experts=[{"layer": 0, "expert": 1, "action": ["x"]}]))
     exit_2(cli("serve", model, "--profiles-dir", d, "--profile", "bad", "--port", "0", "-t", "1"),
            "bad.json", "action")
+
+
+def test_info_escapes_a_path_with_control_characters(model, tmp_path):
+    odd = tmp_path / "m\nsteer-gguf: error: forged\x1b[2J.gguf"
+    odd.symlink_to(model)
+    r = cli("info", odd)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and not any(l.startswith("steer-gguf: error:") for l in r.stdout.splitlines())
+    r = cli("generate", odd, "-p", "hi", "--profile", tmp_path / "missing\n.json")
+    exit_2(r, "missing\\n.json")
