@@ -50,8 +50,11 @@ def generate_batch(llm, jobs: list[GenJob], on_done: Callable[[int], None] | Non
                         continue
                     for i in idx:
                         j = jobs[i]
-                        r = llm.create_chat_completion(messages=j.messages, max_tokens=j.max_tokens,
-                                                       temperature=j.temperature, seed=j.seed)
+                        try:
+                            r = llm.create_chat_completion(messages=j.messages, max_tokens=j.max_tokens,
+                                                           temperature=j.temperature, seed=j.seed)
+                        except ValueError as e:  # llama-cpp-python: the prompt does not fit the context
+                            raise SteerError(f"{str(e).splitlines()[0]}: raise --ctx or shorten the prompts") from None
                         out[i] = (r["choices"][0]["message"]["content"] or "").strip()
                         if on_done is not None:
                             on_done(1)

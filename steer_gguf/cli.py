@@ -568,7 +568,7 @@ def _nonneg(name: str, v: int, minimum: int = 0) -> int:
 def _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw):
     """(EvalSet, Behavior, judge) from the options; the judge model is loaded here."""
     from .evalsets import load_eval_set
-    from .judges import ANSWERS, GGUFJudge, behavior
+    from .judges import ANSWERS, GGUFJudge, behavior, judge_answers
 
     b = behavior(behavior_name) if behavior_name else None
     if eval_set is None:
@@ -581,6 +581,8 @@ def _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw):
             raise SteerError(f"{eval_set}: give --behavior NAME to pick a judge (or put answer_0 and answer_1 "
                              f"on every item)")
         b = ANSWERS
+    elif b.rule is judge_answers and not es.has_answers:
+        raise SteerError(f"{eval_set}: the {b.name} judge needs answer_0 and answer_1 on every item")
     judge = None
     if judge_model:
         judge = GGUFJudge(judge_model, b, n_threads=kw.get("n_threads"), n_gpu_layers=kw.get("n_gpu_layers", 0))

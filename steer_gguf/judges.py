@@ -166,8 +166,11 @@ class GGUFJudge:
                                    choices=choices)
 
     def __call__(self, reply: str, item: EvalItem) -> str:
-        r = self.llm.create_chat_completion(messages=[{"role": "user", "content": self.prompt(item, reply)}],
-                                            grammar=self.grammar, temperature=0.0, max_tokens=8, seed=0)
+        try:
+            r = self.llm.create_chat_completion(messages=[{"role": "user", "content": self.prompt(item, reply)}],
+                                                grammar=self.grammar, temperature=0.0, max_tokens=8, seed=0)
+        except ValueError as e:  # the judge prompt does not fit the judge's context
+            raise SteerError(f"judge model: {str(e).splitlines()[0]} (item {item.id!r})") from None
         word = (r["choices"][0]["message"]["content"] or "").strip()
         return word if word in self.labels else UNCLASSIFIED
 

@@ -236,6 +236,9 @@ def test_eval_refuses_a_bad_eval_set_and_a_profile_for_another_model(demo, tmp_p
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     r = cli("eval", DEMO, "--profile", d / "words.json", "--behavior", "demo-numbers", "--eval-set", bad)
     assert_one_line_error(r, f"{bad}:2:")
+    r = cli("eval", DEMO, "--profile", d / "words.json", "--behavior", "faithfulness", "--eval-set",
+            "builtin:demo-numbers")
+    assert_one_line_error(r, "needs answer_0 and answer_1")
     other = make("qwen3moe", n_layer=4)
     r = cli("eval", other, "--profile", d / "words.json", "--behavior", "demo-numbers")
     assert_one_line_error(r, "words.json")
@@ -351,3 +354,13 @@ def test_batched_generation_gives_the_same_answers_as_one_at_a_time(demo):
             many = generate_batch(llm, jobs, done.append, parallel=5)
             assert many == one and sum(done) == len(jobs)
     assert llm.profile is None  # the caller's profile is back in force
+
+
+@pytest.mark.parametrize("parallel", ["1", "4"])
+def test_a_prompt_longer_than_the_context_is_a_one_line_error(demo, tmp_path, parallel):
+    _, _, d = demo
+    es = tmp_path / "long.jsonl"
+    es.write_text(json.dumps({"prompt": "How many apples? " * 200}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    r = cli("eval", DEMO, "--profile", d / "words.json", "--behavior", "demo-numbers", "--eval-set", es,
+            "--ctx", "256", "--parallel", parallel, "--controls", "0")
+    assert_one_line_error(r, "--ctx")
