@@ -16,6 +16,10 @@ struct llama_adapter_steer {
         bool any_act   = false;
         bool any_deact = false;
         bool on_cpu    = false;       // the layer lives on the CPU backend: steer with one fused op
+        // the model's selection bias with the table applied (activated: max + 2, deactivated:
+        // min - 2), and the model tensor it was made from; null where the layer has none
+        ggml_tensor * sel_bias = nullptr;
+        const ggml_tensor * sel_bias_src = nullptr;
     };
 
     std::vector<layer> layers; // by real layer index
@@ -26,6 +30,8 @@ struct llama_adapter_steer {
 
     ggml_tensor * apply_logits(ggml_context * ctx, ggml_tensor * logits, int il) const;
     ggml_tensor * apply_selection(ggml_context * ctx, ggml_tensor * scores, int il, bool grouped) const;
+    // the steered selection bias to add in place of exp_probs_b, or null (steer the scores instead)
+    ggml_tensor * selection_bias(int il, const ggml_tensor * exp_probs_b) const;
 
     // builds the tensors from a validated table; false if a buffer cannot be allocated
     bool init(const llama_model & model, const int8_t * actions, const float * bias,

@@ -6,6 +6,7 @@
 #include "llama-context.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -94,6 +95,13 @@ ggml_tensor * llama_adapter_steer::apply_selection(ggml_context * ctx, ggml_tens
     return steer(ctx, scores, layers[il], STEER_ADD_SEL, grouped);
 }
 
+ggml_tensor * llama_adapter_steer::selection_bias(int il, const ggml_tensor * exp_probs_b) const {
+    if (!has_layer(il) || exp_probs_b == nullptr || layers[il].sel_bias_src != exp_probs_b) {
+        return nullptr;
+    }
+    return layers[il].sel_bias;
+}
+
 bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions, const float * bias,
                                int32_t n_expert, float eps) {
     const int32_t n_layer = (int32_t) model.hparams.n_layer();
@@ -105,7 +113,7 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
         if (it != ctx_map.end()) {
             return it->second;
         }
-        ggml_init_params params = { (size_t) n_layer * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params params = { (size_t) 2 * n_layer * ggml_tensor_overhead(), nullptr, true };
         ggml_context * c = ggml_init(params);
         if (c) {
             ctx_map[buft] = c;
@@ -117,6 +125,7 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
     const char * env = std::getenv("STEER_GGUF_PORTABLE_OPS");
     const bool portable = env && env[0] == '1';
     std::vector<std::vector<float>> host(n_layer);
+    std::vector<std::vector<float>> host_bias(n_layer);
     for (int32_t il = 0; il < n_layer; ++il) {
         const int8_t * a = actions + (size_t) il * n_expert;
         const float  * b = bias ? bias + (size_t) il * n_expert : nullptr;
@@ -141,6 +150,31 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
             return false;
         }
         l.coef = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_expert, STEER_N_ROWS);
+
+        // a selection bias (DeepSeek-V3 style): the graph adds it to gating scores in [0, 1]
+        // before the top-k, so forcing an expert on or off is a bias of max + 2 or min - 2,
+        // and the gating -> add -> top-k pattern that backends fuse stays intact
+        const ggml_tensor * b_src = model.layers[il].ffn_exp_probs_b;
+        if ((f.act || f.deact) && b_src && b_src->type == GGML_TYPE_F32 && ggml_nelements(b_src) == n_expert &&
+            ggml_is_contiguous(b_src)) {
+            std::vector<float> & hb = host_bias[il];
+            hb.resize(n_expert);
+            ggml_backend_tensor_get(b_src, hb.data(), 0, n_expert * sizeof(float));
+            float bmax = hb[0], bmin = hb[0];
+            for (float v : hb) {
+                bmax = std::max(bmax, v);
+                bmin = std::min(bmin, v);
+            }
+            for (int32_t e = 0; e < n_expert; ++e) {
+                if (a[e] == LLAMA_STEER_ACTIVATE) {
+                    hb[e] = bmax + 2.0f;
+                } else if (a[e] == LLAMA_STEER_DEACTIVATE) {
+                    hb[e] = bmin - 2.0f;
+                }
+            }
+            l.sel_bias = ggml_new_tensor_1d(c, GGML_TYPE_F32, n_expert);
+            l.sel_bias_src = b_src;
+        }
     }
 
     for (auto & [buft, c] : ctx_map) {
@@ -154,6 +188,9 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
     for (int32_t il = 0; il < n_layer; ++il) {
         if (layers[il].coef) {
             ggml_backend_tensor_set(layers[il].coef, host[il].data(), 0, host[il].size() * sizeof(float));
+        }
+        if (layers[il].sel_bias) {
+            ggml_backend_tensor_set(layers[il].sel_bias, host_bias[il].data(), 0, host_bias[il].size() * sizeof(float));
         }
     }
     return true;

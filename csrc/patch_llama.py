@@ -11,6 +11,21 @@ import sys
 
 MARK = "steer-gguf"
 
+VK_SETTINGS_BLOCK = (
+    "    VkBool32 enable_best_practice = layer_settings;\n"
+    "    std::vector<vk::LayerSettingEXT> settings = {\n"
+    "        {\n"
+    "            \"VK_LAYER_KHRONOS_validation\",\n"
+    "            \"validate_best_practices\",\n"
+    "            vk::LayerSettingTypeEXT::eBool32,\n"
+    "            1,\n"
+    "            &enable_best_practice\n"
+    "        },\n"
+    "    };\n"
+    "    vk::LayerSettingsCreateInfoEXT layer_setting_info(settings);\n"
+    "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, &layer_setting_info);\n"
+)
+
 # (relative path, anchor, text, where): where is "before" or "after" the anchor.
 EDITS: list[tuple[str, str, str, str]] = [
     # graph params carry the steering table and its generation, so a table change
@@ -51,9 +66,26 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        cb(logits, \"ffn_moe_logits_steered\", il);\n"
      "    }\n",
      "after"),
+    # Selection bias without expert groups (sigmoid or softmax gating, scores in [0, 1]): the
+    # table steers the bias instead of the scores, so the graph keeps the gating -> add -> top-k
+    # pattern that the fused top-k-MoE kernels (CUDA, Vulkan, Metal) match; an activated expert's
+    # bias becomes max(bias) + 2, a deactivated one's min(bias) - 2, which decides selection
+    # exactly as steering the scores would (llama-steer.cpp, selection_bias)
+    ("src/llama-graph.cpp",
+     "    ggml_tensor * selection_probs = probs;\n",
+     "    bool steer_sel_done = false; // steer-gguf\n",
+     "before"),
+    ("src/llama-graph.cpp",
+     "        selection_probs = ggml_add(ctx0, probs, exp_probs_b);\n",
+     "        ggml_tensor * steer_b = steer && hparams.n_expert_groups <= 1 && arch != LLM_ARCH_GROVEMOE && // steer-gguf\n"
+     "            (gating_op == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX || gating_op == LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID)\n"
+     "            ? steer->selection_bias(il, exp_probs_b) : nullptr;\n"
+     "        steer_sel_done = steer_b != nullptr;\n"
+     "        selection_probs = ggml_add(ctx0, probs, steer_b ? steer_b : exp_probs_b);\n",
+     "replace"),
     ("src/llama-graph.cpp",
      "    // select experts\n    ggml_tensor * selected_experts = selected_experts_in;\n",
-     "    if (steer && steer->has_layer(il) && (exp_probs_b != nullptr || hparams.n_expert_groups > 1 || arch == LLM_ARCH_GROVEMOE)) { // steer-gguf\n"
+     "    if (steer && !steer_sel_done && steer->has_layer(il) && (exp_probs_b != nullptr || hparams.n_expert_groups > 1 || arch == LLM_ARCH_GROVEMOE)) { // steer-gguf\n"
      "        selection_probs = steer->apply_selection(ctx0, selection_probs, il, hparams.n_expert_groups > 1);\n"
      "        cb(selection_probs, \"ffn_moe_probs_steered\", il);\n"
      "    }\n\n",
@@ -79,6 +111,32 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        /*.res         =*/ res,\n"
      "        /*.steer       =*/ steer.get(), // steer-gguf\n"
      "        /*.steer_gen   =*/ steer_gen,\n    };\n",
+     "replace"),
+    # Backend fusion made visible: STEER_GGUF_LOG_FUSION=1 prints one line per fused top-k-MoE
+    # dispatch, naming the layer's top-k tensor (benchmarks/gpu_check.py, tests/test_vulkan.py)
+    ("ggml/src/ggml-cuda/topk-moe.cu",
+     "                           const ggml_cuda_topk_moe_args & args) {\n    GGML_ASSERT(logits->type == GGML_TYPE_F32);\n",
+     "    { // steer-gguf\n"
+     "        static const bool steer_log = getenv(\"STEER_GGUF_LOG_FUSION\") && atoi(getenv(\"STEER_GGUF_LOG_FUSION\"));\n"
+     "        if (steer_log) { fprintf(stderr, \"steer-gguf: fused topk_moe %s\\n\", ids->name); }\n"
+     "    }\n",
+     "after_first_line"),
+    ("ggml/src/ggml-vulkan/ggml-vulkan.cpp",
+     "    vk_op_topk_moe_push_constants pc {};\n",
+     "    { // steer-gguf\n"
+     "        static const bool steer_log = getenv(\"STEER_GGUF_LOG_FUSION\") && atoi(getenv(\"STEER_GGUF_LOG_FUSION\"));\n"
+     "        if (steer_log) { fprintf(stderr, \"steer-gguf: fused topk_moe %s\\n\", ids->name); }\n"
+     "    }\n",
+     "before"),
+    # Debian 12 ships Vulkan headers 1.3.239; vk::LayerSettingEXT (validation-layer settings at
+    # instance creation) needs >= 1.3.261. Older headers build without those settings; a no-op
+    # on current headers.
+    ("ggml/src/ggml-vulkan/ggml-vulkan.cpp",
+     VK_SETTINGS_BLOCK,
+     "#if VK_HEADER_VERSION >= 261 // steer-gguf\n" + VK_SETTINGS_BLOCK +
+     "#else // steer-gguf: older Vulkan headers, no layer settings\n"
+     "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions);\n"
+     "#endif\n",
      "replace"),
 ]
 

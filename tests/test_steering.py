@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fixtures.backend import TEST_NGL
 from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
 
-# tiny models gain nothing from a second thread, and spinning threads stall on a busy machine
-LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1)
+# tiny models gain nothing from a second thread, and spinning threads stall on a busy machine;
+# STEER_GGUF_TEST_NGL=99 runs every layer on the build's GPU backend (fixtures/backend.py)
+LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
 TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
 
 
