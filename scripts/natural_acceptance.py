@@ -45,7 +45,11 @@ def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathl
     info: dict = {}
     if not g_path.exists():
         t0 = time.perf_counter()
-        res = causal_detect(llm, pairs, greedy_steps=steps, greedy_pool=pool)
+        def progress(done, total, what):
+            if done == total:
+                log(f"{behavior}: {what}: {total} margins measured ({time.perf_counter() - t0:.0f} s)")
+
+        res = causal_detect(llm, pairs, greedy_steps=steps, greedy_pool=pool, on_progress=progress)
         res.table.to_csv(g_path)
         info = {"seconds": time.perf_counter() - t0, "seconds_per_candidate": res.seconds_per_candidate,
                 "margin_unsteered": res.baseline,

@@ -118,7 +118,7 @@ def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: in
     if greedy_steps < 0 or greedy_pool < 1:
         raise SteerError("greedy steps must be >= 0 and the greedy pool >= 1")
     # the risk-difference pass gives the counts columns and the candidates' order
-    rd = detect(llm, pairs, batch_tokens=max(batch_tokens, 64), skip_bad=skip_bad)
+    rd = detect(llm, pairs, batch_tokens=batch_tokens, skip_bad=skip_bad)
     pt = pair_tokens(llm, pairs, skip_bad=skip_bad)
     n = len(rd) if candidates is None else min(candidates, len(rd))
     on = np.full(len(rd), np.nan)

@@ -354,7 +354,11 @@ class DetectionTable:
                 raise SteerError(f"activate {activate}: only {len(rules)} experts with {self._why('activate')} toward "
                                  f"{direction} can be activated (at most k={k} per layer)")
         if deactivate:
-            neg = self._walk("deactivate", reverse)
+            # a causal table can show an expert helping both when forced on and forced off
+            # (effects are measured one at a time): one taken to activate is not deactivated too
+            taken = {(r.layer, r.expert) for r in rules}
+            neg = [i for i in self._walk("deactivate", reverse)
+                   if (int(self.layer[i]), int(self.expert[i])) not in taken]
             if len(neg) < deactivate:
                 raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have {self._why('deactivate')} "
                                  f"toward {direction}")

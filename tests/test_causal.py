@@ -165,3 +165,13 @@ def test_bad_input(tmp_path):
     assert not (tmp_path / "p.json").exists()
     with pytest.raises(SteerError, match="candidates"):
         causal_detect(None, None, candidates=0)
+
+
+def test_an_expert_is_never_both_activated_and_deactivated():
+    # expert (0, 0) helps behavior 1 both forced on and forced off (measured one at a time)
+    t = DetectionTable(np.array([0, 0, 0]), np.array([0, 1, 2]), np.ones(3), np.ones(3), np.ones(3), np.ones(3),
+                       effect_on=np.array([0.9, -0.2, 0.1]), effect_off=np.array([0.8, 0.3, -0.4]))
+    p = t.make_profile(1, activate=1, deactivate=1)
+    assert [(r.expert, r.action) for r in p.experts] == [(0, "activate"), (1, "deactivate")]
+    with pytest.raises(SteerError, match="only 1 experts have an effect when forced off"):
+        t.make_profile(1, activate=1, deactivate=2)
