@@ -392,10 +392,14 @@ def _detect_plot(table_path: str, plot: str | None, pick: int, info) -> None:
     t = DetectionTable.from_csv(table_path)
     picked = []
     if pick:
-        n_pos = min(pick, int((t.risk_diff > 0).sum()), info.n_expert_used * len(info.moe_layers))
+        n_pos = min(pick, int((t.score > 0).sum()), info.n_expert_used * len(info.moe_layers))
         if n_pos:
-            picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
-    detection_heatmap(t, plot, picked, f"{os.path.basename(table_path)}: risk difference (red: behavior 1, "
+            try:
+                picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
+            except SteerError:  # fewer pickable experts under the k-per-layer cap: outline none
+                picked = []
+    what = "risk difference" if t.effect is None else "causal effect"
+    detection_heatmap(t, plot, picked, f"{os.path.basename(table_path)}: {what} (red: behavior 1, "
                       f"blue: behavior 2); outlined: the top {len(picked)} to activate")
     click.echo(f"heatmap -> {plot}")
 

@@ -127,12 +127,13 @@ def audit_plot(curve: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def detection_heatmap(table, path: str, picked: list[tuple[int, int]] | None = None, title: str = "") -> None:
-    """Risk difference per layer x expert, diverging colours; `picked` experts outlined."""
+    """The table's ranking statistic (risk difference, or a causal table's effect) per layer x
+    expert, diverging colours; `picked` experts outlined."""
     plt = _pyplot()
     layers = table.layers
     grid = np.zeros((len(layers), table.n_expert))
     row = {l: i for i, l in enumerate(layers)}
-    grid[[row[int(l)] for l in table.layer], table.expert] = table.risk_diff
+    grid[[row[int(l)] for l in table.layer], table.expert] = table.score
     lim = max(1e-6, float(np.abs(grid).max()))
     fig, ax = plt.subplots(figsize=(min(18, 2.5 + table.n_expert * 0.18), 1.6 + len(layers) * 0.3))
     im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
@@ -142,8 +143,8 @@ def detection_heatmap(table, path: str, picked: list[tuple[int, int]] | None = N
     ax.set_yticks(range(len(layers)), [str(l) for l in layers])
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    ax.set_title(title or "risk difference (red: behavior 1, blue: behavior 2; outlined: picked)")
-    fig.colorbar(im, ax=ax, label="risk difference")
+    ax.set_title(title or "red: toward behavior 1, blue: toward behavior 2; outlined: picked")
+    fig.colorbar(im, ax=ax, label="risk difference" if table.effect is None else "causal effect")
     save(fig, path)
 
 
