@@ -364,3 +364,29 @@ def test_a_prompt_longer_than_the_context_is_a_one_line_error(demo, tmp_path, pa
     r = cli("eval", DEMO, "--profile", d / "words.json", "--behavior", "demo-numbers", "--eval-set", es,
             "--ctx", "256", "--parallel", parallel, "--controls", "0")
     assert_one_line_error(r, "--ctx")
+
+
+def test_evaluate_runs_on_every_architecture_family(moe_path):
+    """eval's whole path (batched generation, controls, McNemar, KL) on each MoE family."""
+    from steer_gguf import SteeredLlama, behavior, evaluate, load_eval_set
+    from steer_gguf.evaluate import Sampling
+    from steer_gguf.profile import ExpertRule, ModelRef, Profile
+
+    llm = SteeredLlama(moe_path, n_ctx=1024, n_threads=1, n_threads_batch=1)
+    try:
+        info = llm.info
+        rules = [ExpertRule(il, 0, "activate") for il in info.moe_layers] + \
+                [ExpertRule(il, 1, "deactivate") for il in info.moe_layers]
+        p = Profile(ModelRef.of(info), rules, name="p", provenance={"toward": "digits"})
+        es = load_eval_set("builtin:digits-words", max_items=3)
+        rep = evaluate(llm, es, behavior("digits-words"), [p], controls=1, parallel=3,
+                       sampling=Sampling(samples=2, temperature=0.8, max_tokens=6))
+        assert [c.kind for c in rep.conditions] == ["unsteered", "profile", "control"]
+        assert len(rep.outcomes) == 3 * 3 * 2
+        assert rep.conditions[0].kl == 0.0 and all(c.kl > 0 for c in rep.conditions[1:])
+        ctrl = rep.conditions[2]
+        assert ctrl.n_activate == ctrl.n_deactivate == len(info.moe_layers)
+        assert not {(e["layer"], e["expert"]) for e in ctrl.experts} & {(r.layer, r.expert) for r in rules}
+        assert all(0.0 <= c.groups["main"].p <= 1.0 for c in rep.conditions[1:])
+    finally:
+        llm.close()
