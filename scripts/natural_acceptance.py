@@ -30,7 +30,8 @@ BEHAVIORS = ("numbers", "restricted")
 GOAL_POINTS, GOAL_P = 15.0, 0.01
 
 
-def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathlib.Path, log) -> dict:
+def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathlib.Path, log,
+           margin_tokens: int | None = None) -> dict:
     """{method: DetectionTable} on the same pairs, cached as CSV (detection is the slow part)."""
     from steer_gguf.causal import causal_detect
     from steer_gguf.datasets import load_pairs
@@ -49,7 +50,8 @@ def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathl
             if done == total:
                 log(f"{behavior}: {what}: {total} margins measured ({time.perf_counter() - t0:.0f} s)")
 
-        res = causal_detect(llm, pairs, greedy_steps=steps, greedy_pool=pool, on_progress=progress)
+        res = causal_detect(llm, pairs, greedy_steps=steps, greedy_pool=pool, margin_tokens=margin_tokens,
+                            on_progress=progress)
         res.table.to_csv(g_path)
         info = {"seconds": time.perf_counter() - t0, "seconds_per_candidate": res.seconds_per_candidate,
                 "margin_unsteered": res.baseline,
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-pool", type=int, default=24)
     ap.add_argument("--cache", default=str(ROOT / "build" / "natural-acceptance"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--margin-tokens", type=int, default=None,
+                    help="causal margin on the first K reply tokens only (default: the whole reply)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "natural-acceptance.json"))
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -90,12 +94,12 @@ def main(argv=None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     llm = SteeredLlama(args.model, n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads)
     result = {"model": os.path.basename(args.model), "pairs": args.pairs, "sizes": sizes, "controls": args.controls,
-              "greedy_steps": max(sizes), "greedy_pool": args.greedy_pool,
+              "greedy_steps": max(sizes), "greedy_pool": args.greedy_pool, "margin_tokens": args.margin_tokens,
               "goal": f"shift - controls' mean >= {GOAL_POINTS:.0f} points, p < {GOAL_P}, KL <= controls' mean",
               "behaviors": {}}
     for behavior in BEHAVIORS:
         b = judged(f"demo-{behavior}")
-        tabs, info = tables(llm, behavior, args.pairs, max(sizes), args.greedy_pool, cache, log)
+        tabs, info = tables(llm, behavior, args.pairs, max(sizes), args.greedy_pool, cache, log, args.margin_tokens)
         profiles, missing = [], []
         for reverse in (False, True):
             toward = b.labels[1 if reverse else 0]

@@ -44,9 +44,11 @@ class PairTokens:
         return len(self.seqs) // 2
 
 
-def pair_tokens(llm, pairs, skip_bad: bool = False) -> PairTokens:
+def pair_tokens(llm, pairs, skip_bad: bool = False, margin_tokens: int | None = None) -> PairTokens:
     """Tokenize the pairs as detect() does; pairs whose target cannot be found are skipped
-    with skip_bad (detect() has already reported them), an error otherwise."""
+    with skip_bad (detect() has already reported them), an error otherwise. margin_tokens=K
+    keeps only the first K tokens of each target (and drops what follows them: teacher
+    forcing never looks ahead), e.g. K=1 for the token where a reply picks its style."""
     seqs, spans = [], []
     for pair in pairs:
         found = []
@@ -60,6 +62,9 @@ def pair_tokens(llm, pairs, skip_bad: bool = False) -> PairTokens:
             if span[0] < 1:
                 raise SteerError(f"{pairs.source}:{pair.line}: target of messages_{side} starts the "
                                  f"conversation: nothing precedes it to predict it from")
+            if margin_tokens is not None:
+                span = (span[0], min(span[1], span[0] + margin_tokens))
+                toks = toks[:span[1]]
             found.append((toks, span))
         else:
             for toks, span in found:
@@ -106,20 +111,22 @@ class CausalResult:
 
 
 def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: int = 0, greedy_pool: int = 32,
-                  batch_tokens: int = 1024, skip_bad: bool = False,
+                  batch_tokens: int = 1024, skip_bad: bool = False, margin_tokens: int | None = None,
                   on_progress: Progress | None = None) -> CausalResult:
     """Causal detection table on a PairSet. candidates: measure only the top M experts by
     |risk_diff| (None: every expert of every MoE layer). greedy_steps > 0 adds the greedy set
     search, up to that many activations and that many deactivations per direction, over the
     greedy_pool moves with the largest single effect toward it. The model's profile is
-    restored afterwards."""
+    restored afterwards. margin_tokens=K: the margin counts the first K target tokens only."""
     if candidates is not None and candidates < 1:
         raise SteerError(f"candidates: must be at least 1, got {candidates}")
     if greedy_steps < 0 or greedy_pool < 1:
         raise SteerError("greedy steps must be >= 0 and the greedy pool >= 1")
+    if margin_tokens is not None and margin_tokens < 1:
+        raise SteerError(f"margin tokens: must be at least 1, got {margin_tokens}")
     # the risk-difference pass gives the counts columns and the candidates' order
     rd = detect(llm, pairs, batch_tokens=batch_tokens, skip_bad=skip_bad)
-    pt = pair_tokens(llm, pairs, skip_bad=skip_bad)
+    pt = pair_tokens(llm, pairs, skip_bad=skip_bad, margin_tokens=margin_tokens)
     n = len(rd) if candidates is None else min(candidates, len(rd))
     on = np.full(len(rd), np.nan)
     off = np.full(len(rd), np.nan)
@@ -134,7 +141,7 @@ def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: in
             if on_progress is not None:
                 on_progress(i + 1, n, f"layer {layer} expert {expert}")
         per_candidate = (time.perf_counter() - t0) / max(1, n)
-        meta = dict(rd.meta, method="causal", margin_unsteered=base, candidates=n)
+        meta = dict(rd.meta, method="causal", margin_unsteered=base, candidates=n, margin_tokens=margin_tokens)
         greedy_log: list[GreedyStep] = []
         g_on = g_off = None
         if greedy_steps:

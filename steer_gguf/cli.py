@@ -325,12 +325,15 @@ def profile_make(table, model, k, activate, deactivate, reverse, eps, name, outp
               help="causal-greedy: at most S activations and S deactivations per direction  [default: 8]")
 @click.option("--greedy-pool", type=click.IntRange(min=1), default=None,
               help="causal-greedy: moves considered per direction, by single effect  [default: 32]")
+@click.option("--margin-tokens", type=click.IntRange(min=1), default=None,
+              help="causal: score only the first K tokens of each target (1: where a reply picks its style)  "
+                   "[default: the whole target]")
 @click.option("--plot", type=click.Path(), help="also draw the table as a layers x experts heatmap (PNG)")
 @click.option("--plot-pick", type=click.IntRange(min=0), default=10, show_default=True,
               help="outline the experts `profile make --activate N` would pick")
 @llama_options
 def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, method, candidates, greedy_steps,
-           greedy_pool, plot, plot_pick, **kw):
+           greedy_pool, margin_tokens, plot, plot_pick, **kw):
     """Find behavior-linked experts: risk difference of routing on paired examples, or the
     measured effect of forcing each expert (--method causal)."""
     import time
@@ -346,15 +349,15 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
 
         check_output(plot, "plot")
         require()
-    if method == "risk_diff" and candidates is not None:
-        raise SteerError("--candidates needs --method causal or causal-greedy")
+    if method == "risk_diff" and (candidates is not None or margin_tokens is not None):
+        raise SteerError("--candidates and --margin-tokens need --method causal or causal-greedy")
     if method != "causal-greedy" and (greedy_steps is not None or greedy_pool is not None):
         raise SteerError("--greedy-steps and --greedy-pool need --method causal-greedy")
     ps = load_pairs(pairs, skip_bad=skip_bad, max_pairs=max_pairs)
     llm = open_model(model, None, **kw)
     if method != "risk_diff":
         _detect_causal(llm, ps, output, method, candidates, greedy_steps or 8, greedy_pool or 32, batch_tokens,
-                       skip_bad, n_top)
+                       skip_bad, n_top, margin_tokens)
         _detect_plot(output, plot, plot_pick, llm.info)
         return
     t0 = time.perf_counter()
@@ -404,7 +407,8 @@ def _detect_plot(table_path: str, plot: str | None, pick: int, info) -> None:
     click.echo(f"heatmap -> {plot}")
 
 
-def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_pool, batch_tokens, skip_bad, n_top):
+def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_pool, batch_tokens, skip_bad, n_top,
+                   margin_tokens=None):
     import time
 
     from .causal import causal_detect
@@ -418,7 +422,8 @@ def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_poo
             bar.update(done - bar.pos, current_item=what)
 
         res = causal_detect(llm, ps, candidates=candidates, greedy_steps=greedy_steps if method == "causal-greedy" else 0,
-                            greedy_pool=greedy_pool, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress)
+                            greedy_pool=greedy_pool, batch_tokens=batch_tokens, skip_bad=skip_bad,
+                            margin_tokens=margin_tokens, on_progress=progress)
     for w in ps.skipped:
         click.echo(f"warning: skipped {w}", err=True)
     table = res.table

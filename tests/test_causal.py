@@ -134,7 +134,7 @@ def test_bad_input(tmp_path):
     out = tmp_path / "x.csv"
     r = cli("detect", DEMO_MODEL, "--pairs", "builtin:demo-numbers", "--candidates", "3", "-o", out)
     assert r.returncode == 2
-    assert_one_line_error(r, "--candidates needs --method causal")
+    assert_one_line_error(r, "need --method causal")
     r = cli("detect", DEMO_MODEL, "--pairs", "builtin:demo-numbers", "--method", "causal", "--greedy-steps", "2",
             "-o", out)
     assert r.returncode == 2
@@ -175,3 +175,13 @@ def test_an_expert_is_never_both_activated_and_deactivated():
     assert [(r.expert, r.action) for r in p.experts] == [(0, "activate"), (1, "deactivate")]
     with pytest.raises(SteerError, match="only 1 experts have an effect when forced off"):
         t.make_profile(1, activate=1, deactivate=2)
+
+
+def test_margin_tokens_scores_only_the_start_of_each_target(llm):
+    pairs = load_pairs("builtin:demo-numbers", max_pairs=3)
+    full, first = pair_tokens(llm, pairs), pair_tokens(llm, pairs, margin_tokens=1)
+    for (a, b), (a1, b1), s, s1 in zip(full.spans, first.spans, full.seqs, first.seqs):
+        assert (a1, b1) == (a, a + 1) and b > a + 1
+        assert s1 == s[:a + 1]  # nothing after the scored token is prefilled
+    with pytest.raises(SteerError, match="margin tokens"):
+        causal_detect(llm, pairs, margin_tokens=0)
