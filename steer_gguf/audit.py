@@ -25,7 +25,7 @@ from .judges import Behavior
 
 def default_sizes(table, info) -> list[int]:
     """0 and powers of 2 up to the number of refusal-linked experts (at most 64)."""
-    n_pos = int((table.risk_diff > 0).sum())
+    n_pos = int((table.score > 0).sum())
     sizes, n = [0], 1
     while n <= min(n_pos, 64):
         sizes.append(n)
