@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from common import machine, summary, synthetic_model, timed
+from common import QUICK_SHAPE, machine, summary, synthetic_model, thread_kwargs, timed
 
 QWEN3_30B_A3B = {"n_moe_layers": 48, "n_expert": 128, "active_params": 3.3e9}  # model card: 3.3B activated
 
@@ -57,12 +57,12 @@ def main() -> None:
     from steer_gguf.datasets import load_pairs
 
     if args.quick:
-        path = synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256)
+        path = synthetic_model(**QUICK_SHAPE)
         n_cand = args.candidates or 4
     else:
         path = synthetic_model()
         n_cand = args.candidates or 16
-    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    threads = thread_kwargs(args.threads)
     llm = SteeredLlama(path, n_ctx=512, **threads)
     pairs = load_pairs(args.pairs, max_pairs=args.max_pairs)
     pt = pair_tokens(llm, pairs)

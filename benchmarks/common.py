@@ -44,6 +44,15 @@ def synthetic_model(n_layer: int = 8, n_embd: int = 1024, n_expert: int = 32, n_
     return out
 
 
+# --quick: a smaller model of the same family, for a fast look
+QUICK_SHAPE = dict(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256)
+
+
+def thread_kwargs(n: int | None) -> dict:
+    """--threads N as SteeredLlama arguments (None: llama.cpp's choice)."""
+    return {} if n is None else {"n_threads": n, "n_threads_batch": n}
+
+
 def bench_profiles(info):
     """The benchmarks' two profiles: ~10% of the experts of every MoE layer, activated and
     deactivated alternately; and "noop", the steering op in every MoE layer with routing left

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from common import machine, summary, synthetic_model, timed
+from common import QUICK_SHAPE, machine, summary, synthetic_model, thread_kwargs, timed
 
 
 def main() -> None:
@@ -31,12 +31,12 @@ def main() -> None:
     from steer_gguf.detect import target_rows
 
     if args.quick:
-        path = synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256)
+        path = synthetic_model(**QUICK_SHAPE)
         reps, max_pairs = args.reps or 2, args.max_pairs or 24
     else:
         path = synthetic_model()
         reps, max_pairs = args.reps or 5, args.max_pairs or 64
-    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    threads = thread_kwargs(args.threads)
     llm = SteeredLlama(path, n_ctx=512, **threads)
     pairs = load_pairs(args.pairs, max_pairs=max_pairs)
     seqs, rows = [], []

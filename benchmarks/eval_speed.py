@@ -18,7 +18,7 @@ import json
 import statistics
 import time
 
-from common import bench_profiles, machine, synthetic_model
+from common import QUICK_SHAPE, bench_profiles, machine, synthetic_model, thread_kwargs
 
 
 def main() -> None:
@@ -35,9 +35,9 @@ def main() -> None:
     from steer_gguf import Sampling, SteeredLlama, behavior, load_eval_set
     from steer_gguf.evaluate import NEUTRAL_TEXT, conditions_for, quality, quality_windows, run_outcomes
 
-    path = (synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256) if args.quick
+    path = (synthetic_model(**QUICK_SHAPE) if args.quick
             else synthetic_model())
-    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    threads = thread_kwargs(args.threads)
     llm = SteeredLlama(path, n_ctx=512, **threads)
     b = behavior("digits-words")
     es = load_eval_set(b.eval_set, max_items=args.prompts)

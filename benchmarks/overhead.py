@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from common import bench_profiles, machine, summary, synthetic_model, timed
+from common import QUICK_SHAPE, bench_profiles, machine, summary, synthetic_model, thread_kwargs, timed
 
 
 def main() -> None:
@@ -36,13 +36,13 @@ def main() -> None:
     from steer_gguf import SteeredLlama, model_info
 
     if args.quick:
-        path = synthetic_model(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp=256)
+        path = synthetic_model(**QUICK_SHAPE)
         reps = args.reps or 2
     else:
         path = synthetic_model()
         reps = args.reps or 5
     info = model_info(path)
-    threads = {} if args.threads is None else {"n_threads": args.threads, "n_threads_batch": args.threads}
+    threads = thread_kwargs(args.threads)
     kw = dict(n_ctx=args.prompt_tokens + args.decode_tokens + 16, n_batch=args.prompt_tokens,
               n_ubatch=args.prompt_tokens, n_gpu_layers=args.n_gpu_layers, **threads)
 
