@@ -6,6 +6,7 @@
 #include "ggml-cpp.h"
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 struct llama_model;
@@ -23,6 +24,7 @@ struct llama_adapter_steer {
     };
 
     std::vector<layer> layers; // by real layer index
+    std::shared_ptr<llama_adapter_steer> prev; // the table this one replaced (llama-steer.cpp)
 
     bool has_layer(int il) const {
         return il >= 0 && (size_t) il < layers.size() && layers[il].coef != nullptr;
