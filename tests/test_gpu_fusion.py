@@ -103,3 +103,36 @@ def test_selection_bias_steering_without_groups_matches_the_hook_engine(make):
     np.testing.assert_array_equal(np.sort(a.experts, -1), np.sort(b.experts, -1))
     np.testing.assert_allclose(np.sort(a.weights, -1), np.sort(b.weights, -1), rtol=1e-5, atol=1e-6)
     assert not np.array_equal(np.sort(a.experts, -1), np.sort(base.experts, -1))
+
+
+def test_replacing_tables_between_prefills(make):
+    """Set, replace and clear tables between prefills and decodes of a Q4_K model. On llvmpipe,
+    freeing a replaced table at once crashed the next prefill inside a shader (the process dies:
+    a failure here is a crash, not an assertion)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    from common import QUICK_SHAPE, bench_profiles, synthetic_model
+    from steer_gguf import SteeredLlama, model_info
+    import llama_cpp
+
+    path = synthetic_model(**QUICK_SHAPE)
+    info = model_info(path)
+    profile, noop = bench_profiles(info)
+    llm = SteeredLlama(path, n_ctx=160, n_batch=128, n_ubatch=128, n_gpu_layers=TEST_NGL)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, 256, 128)]
+    seen = []
+    for p in (None, profile, profile, None, noop, profile, None):
+        llm.set_profile(p)
+        with llm.lock:
+            llm.reset()
+            llm.eval(prompt)
+            seen.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                              shape=(llm.n_vocab(),)).copy())
+            for t in prompt[:4]:  # and one-token decodes: the graph the table change follows
+                llm.eval([t])
+    llm.close()
+    np.testing.assert_array_equal(seen[0], seen[3])  # cleared: upstream's output again
+    np.testing.assert_array_equal(seen[0], seen[6])
+    np.testing.assert_array_equal(seen[1], seen[2])  # the same table twice: the same output
+    assert not np.array_equal(seen[0], seen[1])
