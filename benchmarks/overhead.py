@@ -55,14 +55,20 @@ def main() -> None:
     prompt = [int(t) for t in rng_tokens.integers(0, 256, args.prompt_tokens)]
     decode = [int(t) for t in rng_tokens.integers(0, 256, args.decode_tokens)]
 
+    import llama_cpp
+
+    # GPU backends compute asynchronously: without waiting for the device, a timed prefill
+    # would end at submission and its work would be billed to whatever ran next
     def prefill(llm):
         llm.reset()
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         llm.eval(prompt)
+        llama_cpp.llama_synchronize(llm._ctx.ctx)
 
     def decode_run(llm):
         for t in decode:  # one token per decode, as in generation
             llm.eval([t])
+        llama_cpp.llama_synchronize(llm._ctx.ctx)
 
     configs = {
         "plain": (graph, None),
