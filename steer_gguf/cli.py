@@ -687,17 +687,20 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
 @click.option("--sizes", help="profile sizes to try, e.g. 1,2,4,8  [default: powers of 2 up to k x MoE layers]")
 @click.option("--arms", default=",".join(("activate", "deactivate", "both")), show_default=True,
               help="which kinds of profile to sweep")
+@click.option("--controls", "n_controls", type=int, default=2, show_default=True,
+              help="random-expert controls of the chosen profile (recorded in its provenance)")
 @click.option("--output", "-o", required=True, type=click.Path(), help="the chosen profile (JSON)")
 @click.option("--json", "json_out", type=click.Path(), help="write the sweep (every point) as JSON")
 @click.option("--plot", type=click.Path(), help="effect and KL against profile size (PNG)")
 @llama_options
 def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed, judge_model,
-             parallel, reverse, max_kl, alpha, tolerance, sizes, arms, output, json_out, plot, **kw):
+             parallel, reverse, max_kl, alpha, tolerance, n_controls, sizes, arms, output, json_out, plot, **kw):
     """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
     from .detect import DetectionTable
     from .fileio import atomic_write, check_output
     from .tune import sweep_table, tune
 
+    _nonneg("controls", n_controls)
     sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
     size_list = _int_list("sizes", sizes) if sizes else None
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
@@ -715,10 +718,10 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
     from .tune import default_sizes, sweep_profiles
 
     n_points = len(sweep_profiles(t, llm.info, reverse, size_list or default_sizes(llm.info), arm_list)[0])
-    with _Progress(len(es) * sampling.samples * (1 + n_points), "sweeping") as bar:
+    with _Progress(len(es) * sampling.samples * (1 + n_points + n_controls), "sweeping") as bar:
         res = tune(llm, t, es, b, reverse=reverse, max_kl=max_kl, alpha=alpha, tolerance=tolerance, sizes=size_list,
-                   arms=arm_list,
-                   sampling=sampling, judge=judge, name=name, on_progress=bar, parallel=parallel)
+                   arms=arm_list, sampling=sampling, judge=judge, name=name, controls=n_controls, control_seed=seed,
+                   on_progress=bar, parallel=parallel)
     click.echo(sweep_table(res))
     for s in res.skipped:
         click.echo(f"skipped {s}")

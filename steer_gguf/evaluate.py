@@ -269,6 +269,18 @@ def quality(llm, windows: list[list[int]], conds: list[Condition]) -> tuple[dict
     return ({k: v / n for k, v in kl_sum.items()}, {k: math.exp(v / n) for k, v in nll_sum.items()})
 
 
+def kl_cost(llm, conds: list[Condition], quality_text: str | None = None) -> tuple[dict[str, float], str, int]:
+    """Per condition the mean KL on the quality text (default: the built-in neutral text),
+    the text's description, and the number of positions measured."""
+    if quality_text is None:
+        quality_text, qname = NEUTRAL_TEXT.read_text(encoding="utf-8"), "the built-in neutral text"
+    else:
+        qname = "the given quality text"
+    windows = quality_windows(llm, quality_text)
+    kl, _ = quality(llm, windows, conds)
+    return kl, qname, sum(len(w) - 1 for w in windows)
+
+
 def summarize(conds: list[Condition], outcomes: list[Outcome], groups: list[str],
               labels: tuple[str, str]) -> list[ConditionReport]:
     by: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
@@ -325,15 +337,7 @@ def evaluate(llm, eval_set: EvalSet, behavior: Behavior, profiles: list[Profile]
     judge = judge or behavior.judge_rule
     outcomes = run_outcomes(llm, eval_set.items, conds, judge, sampling, on_progress, parallel)
     reports = summarize(conds, outcomes, eval_set.groups, behavior.labels)
-    qname = None
-    n_q = 0
-    if quality_text is None:
-        quality_text, qname = NEUTRAL_TEXT.read_text(encoding="utf-8"), "the built-in neutral text"
-    else:
-        qname = "the given quality text"
-    windows = quality_windows(llm, quality_text)
-    kl, _ = quality(llm, windows, conds)
-    n_q = sum(len(w) - 1 for w in windows)
+    kl, qname, n_q = kl_cost(llm, conds, quality_text)
     for r in reports:
         r.kl = kl[r.name]
     base_ppl = None

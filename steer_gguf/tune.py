@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SteerError
-from .evaluate import Condition, EvalReport, Sampling, evaluate
+from .evaluate import Condition, EvalReport, Sampling, evaluate, kl_cost, random_control, run_outcomes, summarize
 from .evalsets import EvalSet
 from .judges import Behavior
 from .profile import Profile
@@ -67,7 +67,11 @@ def sweep_profiles(table, info, reverse: bool, sizes: list[int], arms: tuple[str
 def tune(llm, table, eval_set: EvalSet, behavior: Behavior, *, reverse: bool = False, max_kl: float | None = None,
          alpha: float = 0.01, sizes: list[int] | None = None, arms: tuple[str, ...] = ARMS,
          tolerance: float = 2.0, sampling: Sampling | None = None, judge=None, name: str = "tuned",
-         on_progress=None, parallel: int = 1) -> TuneResult:
+         controls: int = 0, control_seed: int = 0, on_progress=None, parallel: int = 1) -> TuneResult:
+    """The sweep, the choice, and with controls > 0 that many random-expert controls of the
+    chosen profile, evaluated on the same prompts and seeds (recorded in its provenance)."""
+    if controls < 0:
+        raise SteerError(f"controls must be >= 0, got {controls}")
     if not 0 < alpha < 1:
         raise SteerError(f"alpha must lie in (0, 1), got {alpha}")
     if not tolerance >= 0:
@@ -116,7 +120,31 @@ def tune(llm, table, eval_set: EvalSet, behavior: Behavior, *, reverse: bool = F
             "rate": r["rate"], "ci": r["ci"], "effect_points": r["effect"], "p": r["p"], "kl": r["kl"],
             "alpha": alpha, "max_kl": max_kl, "tolerance": tolerance, "arm": r["arm"], "points": len(rows)}})
         res.chosen = chosen
+        if controls:
+            chosen.provenance["tune"]["controls"] = _controls(llm, eval_set, behavior, report, conds[0], chosen,
+                                                              r["effect"], controls, control_seed, judge,
+                                                              on_progress, parallel)
     return res
+
+
+def _controls(llm, eval_set, behavior, report, unsteered, chosen, effect, n, seed, judge, on_progress,
+              parallel) -> dict[str, Any]:
+    """Random controls of the chosen profile against the sweep's own unsteered run."""
+    target = report.conditions[1].target
+    ctrl = [Condition(f"{chosen.name}~random{i + 1}", random_control(chosen, llm.info, seed + i,
+                                                                     f"{chosen.name}~random{i + 1}"),
+                      "control", target, chosen.name, seed + i) for i in range(n)]
+    outs = run_outcomes(llm, eval_set.items, ctrl, judge or behavior.judge_rule, report.sampling, on_progress,
+                        parallel)
+    base = [o for o in report.outcomes if o.condition == unsteered.name]
+    reps = summarize([unsteered] + ctrl, base + outs,
+                     report.groups, behavior.labels)[1:]
+    kl, _, _ = kl_cost(llm, ctrl)
+    effects = [c.groups[report.primary].effect for c in reps]
+    mean = sum(effects) / len(effects)
+    return {"n": n, "seeds": [c.control_seed for c in ctrl], "effects_points": effects,
+            "p": [c.groups[report.primary].p for c in reps], "kl": [kl[c.name] for c in ctrl],
+            "mean_effect_points": mean, "beyond_controls_points": effect - mean}
 
 
 def sweep_table(res: TuneResult) -> str:
@@ -129,4 +157,10 @@ def sweep_table(res: TuneResult) -> str:
         mark = "  <- chosen" if r["chosen"] else ("" if r["within_kl"] else "  (over KL budget)")
         lines.append(f"{r['name'][:22]:<22} {str(r['activate']) + '/' + str(r['deactivate']):>7} "
                      f"{100 * r['rate']:>13.0f}% {r['effect']:>+7.0f} {r['p']:>9.1e} {r['kl']:>8.4f}{mark}")
+    ctl = res.chosen.provenance["tune"].get("controls") if res.chosen else None
+    if ctl:
+        lines.append(f"chosen {res.chosen.name}: {ctl['n']} random controls of its shape shifted "
+                     + ", ".join(f"{e:+.0f}" for e in ctl["effects_points"])
+                     + f" points (mean {ctl['mean_effect_points']:+.0f}); the profile beats them by "
+                       f"{ctl['beyond_controls_points']:+.0f}")
     return "\n".join(lines)

@@ -278,6 +278,13 @@ def test_tune_writes_the_smallest_profile_with_the_largest_shift(demo, tmp_path)
     t = prof["provenance"]["tune"]
     assert prof["name"] == "best" and t["target"] == "words" and t["n"] == 48
     assert t["effect_points"] == pytest.approx(c["effect"]) and t["p"] < 0.01 and t["kl"] == pytest.approx(c["kl"])
+    # two random controls of the chosen profile's shape, on the sweep's own unsteered run: on the
+    # demo they move words far less than the profile does
+    ctl = t["controls"]
+    assert ctl["n"] == 2 and len(ctl["effects_points"]) == 2 and len(set(ctl["seeds"])) == 2
+    assert ctl["beyond_controls_points"] == pytest.approx(c["effect"] - ctl["mean_effect_points"])
+    assert ctl["beyond_controls_points"] >= 30 and all(k > 0 for k in ctl["kl"])
+    assert "random controls" in r.stdout
     assert png.stat().st_size > 1000
     assert cli("profile", "validate", out, "--model", DEMO).returncode == 0
 
@@ -291,6 +298,8 @@ def test_tune_without_a_point_in_budget_writes_no_profile(demo, tmp_path):
     assert not out.exists()
     r = cli("tune", DEMO, "--table", d / "numbers.csv", "--behavior", "demo-numbers", "--sizes", "x", "-o", out)
     assert_one_line_error(r, "--sizes")
+    r = cli("tune", DEMO, "--table", d / "numbers.csv", "--behavior", "demo-numbers", "--controls", "-1", "-o", out)
+    assert_one_line_error(r, "--controls must be >= 0")
 
 
 def test_audit_reports_concentration_and_the_attack_curve(demo, tmp_path):
