@@ -467,10 +467,9 @@ def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw
     if not convs:
         raise SteerError(f"{prompts}: no prompts")
     if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SteerError("--plot needs matplotlib: pip install 'steer-gguf[plot]'") from None
+        from .plots import require
+
+        require()
     llm = open_model(model, profile, **kw)
     s = routing_stats(llm, convs, batch_tokens=batch_tokens)
     from .fileio import atomic_write

@@ -19,7 +19,7 @@ def require() -> None:
         raise SteerError("--plot needs matplotlib: pip install 'steer-gguf[plot]'") from None
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +29,7 @@ def _pyplot():
 
 
 def save(fig, path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -41,7 +41,7 @@ _KIND_COLOURS = {"unsteered": "#777777", "profile": "#1f77b4", "control": "#ff7f
 
 def eval_plot(report, path: str) -> None:
     """Target-label rate with its Wilson interval per condition (primary group), KL beside it."""
-    plt = _pyplot()
+    plt = pyplot()
     conds = report.conditions
     g = report.primary
     names = [c.name for c in conds]
@@ -51,7 +51,7 @@ def eval_plot(report, path: str) -> None:
     for i, c in enumerate(conds):
         s = c.groups[g]
         colour = _KIND_COLOURS.get(c.kind, "#333333")
-        if s.target_rate is None:  # unsteered: show each label's rate of the first profile's target
+        if s.target_rate is None:  # unsteered has no target: its rates are the dashed lines
             continue
         lo, hi = s.target_ci
         ax.barh(i, 100 * s.target_rate, color=colour, alpha=0.8)
@@ -76,7 +76,7 @@ def eval_plot(report, path: str) -> None:
 
 def sweep_plot(points: list[dict[str, Any]], path: str, title: str, max_kl: float | None = None) -> None:
     """tune's sweep: effect (with significance) and KL against profile size, per schedule arm."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     arms = sorted({p["arm"] for p in points})
     for arm in arms:
@@ -104,7 +104,7 @@ def sweep_plot(points: list[dict[str, Any]], path: str, title: str, max_kl: floa
 
 def audit_plot(curve: list[dict[str, Any]], path: str, title: str) -> None:
     """The attack curve: refusal rate as the top-N experts are deactivated, with controls."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ns = [p["n"] for p in curve]
     rate = [100 * p["rate"] for p in curve]
@@ -129,7 +129,7 @@ def audit_plot(curve: list[dict[str, Any]], path: str, title: str) -> None:
 def detection_heatmap(table, path: str, picked: list[tuple[int, int]] | None = None, title: str = "") -> None:
     """The table's ranking statistic (risk difference, or a causal table's effect) per layer x
     expert, diverging colours; `picked` experts outlined."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = table.layers
     grid = np.zeros((len(layers), table.n_expert))
     row = {l: i for i, l in enumerate(layers)}
@@ -150,7 +150,7 @@ def detection_heatmap(table, path: str, picked: list[tuple[int, int]] | None = N
 
 def profile_plot(profile, n_layer: int, n_expert: int, path: str) -> None:
     """Which experts a profile forces on (+1) or off (-1), and its biases, per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.zeros((n_layer, n_expert))
     for r in profile.experts:
         grid[r.layer, r.expert] = 1.0 if r.action == "activate" else -1.0

@@ -39,14 +39,9 @@ def routing_stats(llm, conversations: list[list[dict]], batch_tokens: int = 2048
 
 
 def save_heatmap(stats: dict, path: str) -> None:
-    import matplotlib
+    from .plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .fileio import atomic_write
-    import io
-
+    plt = pyplot()
     share = np.array([l["share"] for l in stats["layers"]])
     fig, ax = plt.subplots(figsize=(min(16, 2 + share.shape[1] * 0.15), 1.5 + share.shape[0] * 0.25))
     im = ax.imshow(share, aspect="auto", cmap="viridis")
@@ -55,7 +50,4 @@ def save_heatmap(stats: dict, path: str) -> None:
     ax.set_yticks(range(len(stats["layers"])), [str(l["layer"]) for l in stats["layers"]])
     ax.set_title(f"expert usage share: {stats['model']}")
     fig.colorbar(im, ax=ax)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save(fig, path)

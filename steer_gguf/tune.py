@@ -15,7 +15,7 @@ reaching it, and the smallest of those wins (then the lower KL, then the arm ord
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import SteerError
@@ -43,7 +43,6 @@ class TuneResult:
     report: EvalReport
     chosen: Profile | None = None
     target: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def sweep_profiles(table, info, reverse: bool, sizes: list[int], arms: tuple[str, ...] = ARMS,
