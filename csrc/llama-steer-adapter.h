@@ -1,5 +1,10 @@
 // Per-context steering tensors, kept on each layer's own device like llama.cpp's
 // control-vector adapter, so the graph never copies the table between backends.
+//
+// An adapter is an immutable snapshot of every table of a context (llama-steer.cpp builds a
+// new one whenever a table changes). Uniform: one table for every token, no graph input.
+// Per-sequence: table 0 is the identity, and each token takes the table its sequence is bound
+// to through a graph input, so rebinding a sequence never rebuilds the graph.
 #pragma once
 
 #include "ggml.h"
@@ -7,41 +12,81 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 struct llama_model;
+class llm_graph_result;
+
+// which table each sequence's tokens take (index into the adapter's tables); the context
+// writes it, the graph input of every per-sequence graph reads it at each micro-batch
+struct llama_steer_binds {
+    std::vector<int32_t> seq_table; // by sequence id
+};
+
+// one graph build's token -> table inputs, made on first use (llama-steer.cpp)
+struct llama_steer_graph {
+    llm_graph_result * res = nullptr;
+    int64_t n_tokens  = 0;
+    int64_t n_outputs = 0;
+    ggml_tensor * tok = nullptr; // I32 [n_tokens]
+    ggml_tensor * out = nullptr; // I32 [n_outputs]: the last layer computes output rows only
+};
 
 struct llama_adapter_steer {
     struct layer {
-        ggml_tensor * coef = nullptr; // [n_expert, STEER_N_ROWS] (steer-rule.h); null: layer unsteered
-        bool any_act   = false;
+        // [n_expert, STEER_N_ROWS * n_tables] (steer-rule.h): table t's rows are t*STEER_N_ROWS + row;
+        // null: no table steers this layer
+        ggml_tensor * coef = nullptr;
+        bool any_act   = false;       // over all tables
         bool any_deact = false;
         bool on_cpu    = false;       // the layer lives on the CPU backend: steer with one fused op
-        // the model's selection bias with the table applied (activated: max + 2, deactivated:
-        // min - 2), and the model tensor it was made from; null where the layer has none
+        // uniform adapters only: the model's selection bias with the table applied (activated:
+        // max + 2, deactivated: min - 2), and the model tensor it was made from; null where none
         ggml_tensor * sel_bias = nullptr;
         const ggml_tensor * sel_bias_src = nullptr;
     };
 
     std::vector<layer> layers; // by real layer index
-    std::shared_ptr<llama_adapter_steer> prev; // the table this one replaced (llama-steer.cpp)
+    int32_t n_tables = 1;
+    bool per_seq = false;
+    std::shared_ptr<llama_steer_binds> binds; // per-sequence adapters
+    std::shared_ptr<llama_adapter_steer> prev; // the adapter this one replaced (llama-steer.cpp)
 
     bool has_layer(int il) const {
         return il >= 0 && (size_t) il < layers.size() && layers[il].coef != nullptr;
     }
 
-    ggml_tensor * apply_logits(ggml_context * ctx, ggml_tensor * logits, int il) const;
-    ggml_tensor * apply_selection(ggml_context * ctx, ggml_tensor * scores, int il, bool grouped) const;
+    ggml_tensor * apply_logits(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * logits, int il) const;
+    ggml_tensor * apply_selection(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * scores, int il,
+                                  bool grouped) const;
     // the steered selection bias to add in place of exp_probs_b, or null (steer the scores instead)
     ggml_tensor * selection_bias(int il, const ggml_tensor * exp_probs_b) const;
 
-    // builds the tensors from a validated table; false if a buffer cannot be allocated
-    bool init(const llama_model & model, const int8_t * actions, const float * bias,
-              int32_t n_expert, float eps);
+    // one table as given to the C API, already validated
+    struct table {
+        std::vector<int8_t> actions; // [n_layer * n_expert]
+        std::vector<float>  bias;    // empty: none
+        float eps = 0.0f;
+    };
+    // builds the tensors; a null table is the identity. false if a buffer cannot be allocated
+    bool init(const llama_model & model, const std::vector<const table *> & tables, bool per_seq, int32_t n_expert);
 
 private:
-    ggml_tensor * steer(ggml_context * ctx, ggml_tensor * x, const layer & l, int add_row, bool clamp) const;
+    ggml_tensor * steer(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * x, const layer & l, int add_row,
+                        bool clamp) const;
+    ggml_tensor * token_tables(ggml_context * ctx, llama_steer_graph & g, int64_t n_rows) const;
 
     std::vector<ggml_context_ptr>        ctxs;
     std::vector<ggml_backend_buffer_ptr> bufs;
+};
+
+// what a context keeps of its tables between rebuilds (llama-steer.cpp)
+struct llama_steer_state {
+    std::optional<llama_adapter_steer::table> all;                // llama_steer_set: unbound sequences
+    std::vector<std::optional<llama_adapter_steer::table>> slots; // llama_steer_slot_set
+    std::vector<int32_t> seq_slot;                                // by sequence id, -1: unbound
+    std::vector<int32_t> slot_table;                              // by slot: table index in the adapter
+    int32_t all_table = 0;
+    std::shared_ptr<llama_steer_binds> binds = std::make_shared<llama_steer_binds>();
 };

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -33,7 +34,7 @@ static ggml_tensor * row_extreme(ggml_context * ctx, ggml_tensor * x, bool want_
     return ggml_reshape_2d(ctx, v, 1, n_tokens);
 }
 
-// the CPU op: userdata packs the add row (bits 0-1), any_act (2), any_deact (3), clamp (4)
+// the CPU ops: userdata packs the add row (bits 0-1), any_act (2), any_deact (3), clamp (4)
 static void steer_cpu_op(ggml_tensor * dst, const ggml_tensor * x, const ggml_tensor * coef,
                          int ith, int nth, void * userdata) {
     const intptr_t f = (intptr_t) userdata;
@@ -48,8 +49,80 @@ static void steer_cpu_op(ggml_tensor * dst, const ggml_tensor * x, const ggml_te
     }
 }
 
-ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, ggml_tensor * x, const layer & l, int add_row,
-                                         bool clamp) const {
+// per-sequence: x [n_expert, n_tokens], tabs I32 [n_tokens] names each token's table;
+// table 0 (the identity) copies the row, so unsteered tokens keep their exact values
+static void steer_cpu_op_tables(ggml_tensor * dst, const ggml_tensor * x, const ggml_tensor * coef,
+                                const ggml_tensor * tabs, int ith, int nth, void * userdata) {
+    const intptr_t f = (intptr_t) userdata;
+    const int n = (int) x->ne[0];
+    const int64_t n_tables = coef->ne[1] / STEER_N_ROWS;
+    const float * c = (const float *) coef->data;
+    const int32_t * tab = (const int32_t *) tabs->data;
+    for (int64_t r = ith; r < x->ne[1]; r += nth) {
+        const float * xr = (const float *) ((const char *) x->data + r * x->nb[1]);
+        float * yr = (float *) ((char *) dst->data + r * dst->nb[1]);
+        const int32_t t = tab[r];
+        if (t <= 0 || t >= n_tables) {
+            std::memcpy(yr, xr, n * sizeof(float));
+            continue;
+        }
+        steer_row(xr, yr, n, c + (size_t) t * STEER_N_ROWS * n, (int) (f & 3), (f >> 2) & 1, (f >> 3) & 1,
+                  (f >> 4) & 1);
+    }
+}
+
+// the token -> table input of a per-sequence graph: filled from each micro-batch's sequence
+// ids and the context's bindings, so a new binding needs a new input, not a new graph
+class llm_graph_input_steer : public llm_graph_input_i {
+public:
+    llm_graph_input_steer(std::shared_ptr<llama_steer_binds> binds, bool outputs_only)
+        : binds(std::move(binds)), outputs_only(outputs_only) {}
+
+    void set_input(const llama_ubatch * ub) override {
+        const int64_t n = tables->ne[0];
+        const std::vector<int32_t> & seq_table = binds->seq_table;
+        std::vector<int32_t> v;
+        v.reserve(n);
+        for (uint32_t i = 0; i < ub->n_tokens && (int64_t) v.size() < n; ++i) {
+            if (outputs_only && ub->output && !ub->output[i]) {
+                continue;
+            }
+            // a token shared by several sequences takes its first sequence's table
+            const llama_seq_id s = ub->n_seq_id && ub->n_seq_id[i] > 0 ? ub->seq_id[i][0] : -1;
+            v.push_back(s >= 0 && (size_t) s < seq_table.size() ? seq_table[s] : 0);
+        }
+        v.resize(n, 0);
+        ggml_backend_tensor_set(tables, v.data(), 0, n * sizeof(int32_t));
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return tables->ne[0] == (outputs_only ? (int64_t) params.n_outputs : (int64_t) params.ubatch.n_tokens);
+    }
+
+    ggml_tensor * tables = nullptr; // I32 [n]
+    std::shared_ptr<llama_steer_binds> binds;
+    bool outputs_only;
+};
+
+ggml_tensor * llama_adapter_steer::token_tables(ggml_context * ctx, llama_steer_graph & g, int64_t n_rows) const {
+    const bool outputs_only = n_rows != g.n_tokens;
+    ggml_tensor *& t = outputs_only ? g.out : g.tok;
+    if (!t) {
+        auto inp = std::make_unique<llm_graph_input_steer>(binds, outputs_only);
+        inp->tables = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
+        ggml_set_input(inp->tables);
+        ggml_set_name(inp->tables, outputs_only ? "steer_tables_out" : "steer_tables");
+        t = inp->tables;
+        g.res->add_input(std::move(inp));
+    }
+    return t;
+}
+
+ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * x, const layer & l,
+                                         int add_row, bool clamp) const {
+    if (per_seq && (x->ne[2] != 1 || x->ne[3] != 1)) {
+        x = ggml_reshape_2d(ctx, ggml_cont(ctx, x), x->ne[0], ggml_nrows(x));
+    }
     if (l.on_cpu) {
         // one node instead of a dozen: on the CPU every node costs a barrier between threads,
         // which is most of what a one-token decode spends on these tiny rows
@@ -57,12 +130,25 @@ ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, ggml_tensor * x, co
             x = ggml_cont(ctx, x);
         }
         const intptr_t f = add_row | (l.any_act << 2) | (l.any_deact << 3) | ((intptr_t) clamp << 4);
+        if (per_seq) {
+            return ggml_map_custom3(ctx, x, l.coef, token_tables(ctx, g, x->ne[1]), steer_cpu_op_tables,
+                                    GGML_N_TASKS_MAX, (void *) f);
+        }
         return ggml_map_custom2(ctx, x, l.coef, steer_cpu_op, GGML_N_TASKS_MAX, (void *) f);
     }
     // GPU backends: the rule of steer-rule.h as ggml ops, same arithmetic in the same order;
-    // x - mask*(x - extreme) puts masked experts exactly on the row extreme
+    // x - mask*(x - extreme) puts masked experts exactly on the row extreme. Uniform: one
+    // coefficient row broadcast over the tokens; per-sequence: each token's row, gathered
+    // from its table (the identity's zeros leave finite values exactly as they were)
     const int64_t n = l.coef->ne[0];
-    auto row = [&](int r) { return ggml_view_1d(ctx, l.coef, n, r * l.coef->nb[1]); };
+    ggml_tensor * tabs = per_seq ? token_tables(ctx, g, x->ne[1]) : nullptr;
+    auto row = [&](int r) {
+        if (!per_seq) {
+            return ggml_view_1d(ctx, l.coef, n, r * l.coef->nb[1]);
+        }
+        ggml_tensor * by_table = ggml_view_2d(ctx, l.coef, n, n_tables, STEER_N_ROWS * l.coef->nb[1], r * l.coef->nb[1]);
+        return ggml_get_rows(ctx, by_table, tabs);
+    };
     if (!ggml_is_contiguous(x)) {
         x = ggml_cont(ctx, x);
     }
@@ -81,18 +167,20 @@ ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, ggml_tensor * x, co
     return ggml_add(ctx, out, row(add_row));
 }
 
-ggml_tensor * llama_adapter_steer::apply_logits(ggml_context * ctx, ggml_tensor * logits, int il) const {
+ggml_tensor * llama_adapter_steer::apply_logits(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * logits,
+                                                int il) const {
     if (!has_layer(il)) {
         return logits;
     }
-    return steer(ctx, logits, layers[il], STEER_ADD_LOGIT, false);
+    return steer(ctx, g, logits, layers[il], STEER_ADD_LOGIT, false);
 }
 
-ggml_tensor * llama_adapter_steer::apply_selection(ggml_context * ctx, ggml_tensor * scores, int il, bool grouped) const {
+ggml_tensor * llama_adapter_steer::apply_selection(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * scores,
+                                                   int il, bool grouped) const {
     if (!has_layer(il) || (!layers[il].any_act && !layers[il].any_deact)) {
         return scores;  // a bias alone steers the logits only
     }
-    return steer(ctx, scores, layers[il], STEER_ADD_SEL, grouped);
+    return steer(ctx, g, scores, layers[il], STEER_ADD_SEL, grouped);
 }
 
 ggml_tensor * llama_adapter_steer::selection_bias(int il, const ggml_tensor * exp_probs_b) const {
@@ -102,10 +190,12 @@ ggml_tensor * llama_adapter_steer::selection_bias(int il, const ggml_tensor * ex
     return layers[il].sel_bias;
 }
 
-bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions, const float * bias,
-                               int32_t n_expert, float eps) {
+bool llama_adapter_steer::init(const llama_model & model, const std::vector<const table *> & tables, bool per_seq_,
+                               int32_t n_expert) {
     const int32_t n_layer = (int32_t) model.hparams.n_layer();
     layers.assign(n_layer, layer{});
+    n_tables = (int32_t) tables.size();
+    per_seq = per_seq_;
 
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
     auto ctx_for = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
@@ -124,14 +214,25 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
 
     const char * env = std::getenv("STEER_GGUF_PORTABLE_OPS");
     const bool portable = env && env[0] == '1';
+    const size_t per_table = (size_t) STEER_N_ROWS * n_expert;
     std::vector<std::vector<float>> host(n_layer);
     std::vector<std::vector<float>> host_bias(n_layer);
     for (int32_t il = 0; il < n_layer; ++il) {
-        const int8_t * a = actions + (size_t) il * n_expert;
-        const float  * b = bias ? bias + (size_t) il * n_expert : nullptr;
         layer & l = layers[il];
-        host[il].resize((size_t) STEER_N_ROWS * n_expert);
-        const steer_flags f = steer_coefficients(a, b, n_expert, eps, host[il].data());
+        host[il].assign(per_table * n_tables, 0.0f);  // a null table stays all zeros: the identity
+        steer_flags f;
+        for (int32_t t = 0; t < n_tables; ++t) {
+            if (!tables[t]) {
+                continue;
+            }
+            const table & tb = *tables[t];
+            const steer_flags ft = steer_coefficients(tb.actions.data() + (size_t) il * n_expert,
+                tb.bias.empty() ? nullptr : tb.bias.data() + (size_t) il * n_expert, n_expert, tb.eps,
+                host[il].data() + t * per_table);
+            f.act   |= ft.act;
+            f.deact |= ft.deact;
+            f.bias  |= ft.bias;
+        }
         if (!f.any()) {
             continue;  // no nodes at all for this layer
         }
@@ -149,14 +250,17 @@ bool llama_adapter_steer::init(const llama_model & model, const int8_t * actions
         if (!c) {
             return false;
         }
-        l.coef = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_expert, STEER_N_ROWS);
+        l.coef = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_expert, (int64_t) STEER_N_ROWS * n_tables);
 
         // a selection bias (DeepSeek-V3 style): the graph adds it to gating scores in [0, 1]
         // before the top-k, so forcing an expert on or off is a bias of max + 2 or min - 2,
-        // and the gating -> add -> top-k pattern that backends fuse stays intact
+        // and the gating -> add -> top-k pattern that backends fuse stays intact. Uniform
+        // adapters only: the fused kernels read one bias vector for every token, so a
+        // per-token bias there would be wrong, not merely slow
         const ggml_tensor * b_src = model.layers[il].ffn_exp_probs_b;
-        if ((f.act || f.deact) && b_src && b_src->type == GGML_TYPE_F32 && ggml_nelements(b_src) == n_expert &&
-            ggml_is_contiguous(b_src)) {
+        if (!per_seq && (f.act || f.deact) && b_src && b_src->type == GGML_TYPE_F32 &&
+            ggml_nelements(b_src) == n_expert && ggml_is_contiguous(b_src)) {
+            const int8_t * a = tables[0]->actions.data() + (size_t) il * n_expert;
             std::vector<float> & hb = host_bias[il];
             hb.resize(n_expert);
             ggml_backend_tensor_get(b_src, hb.data(), 0, n_expert * sizeof(float));
@@ -221,14 +325,80 @@ void llama_context::steer_set_eval_callback(ggml_backend_sched_eval_callback cb,
     ggml_backend_sched_set_eval_callback(sched.get(), cb, user_data);
 }
 
+// the table a sequence's tokens take under the state's current layout
+static int32_t table_of(const llama_steer_state & st, int32_t seq) {
+    const int32_t slot = st.seq_slot[seq];
+    return slot >= 0 ? st.slot_table[slot] : st.all_table;
+}
+
+static void size_state(llama_context * ctx, llama_steer_state & st) {
+    if (st.seq_slot.empty()) {
+        const uint32_t n_seq = std::max<uint32_t>(1, llama_n_seq_max(ctx));
+        st.seq_slot.assign(n_seq, -1);
+        st.slots.resize(LLAMA_STEER_MAX_SLOTS);
+        st.slot_table.assign(LLAMA_STEER_MAX_SLOTS, 0);
+        st.binds->seq_table.assign(n_seq, 0);
+    }
+}
+
+// Build the adapter of a candidate state and install it; on failure the context keeps its
+// state and adapter. Uniform while no slot holds a table: upstream's graph plus the steering
+// nodes, and the selection-bias route that keeps fused kernels, exactly as API version 1.
+static int32_t steer_commit(llama_context * ctx, llama_steer_state st) {
+    const llama_model & model = ctx->get_model();
+    const bool per_seq = std::any_of(st.slots.begin(), st.slots.end(), [](const auto & t) { return t.has_value(); });
+    std::vector<const llama_adapter_steer::table *> tables;
+    st.slot_table.assign(LLAMA_STEER_MAX_SLOTS, 0);
+    st.all_table = 0;
+    if (per_seq) {
+        tables.push_back(nullptr);  // table 0: the identity, for tokens with no table
+        if (st.all) {
+            st.all_table = (int32_t) tables.size();
+            tables.push_back(&*st.all);
+        }
+        for (int32_t s = 0; s < LLAMA_STEER_MAX_SLOTS; ++s) {
+            if (st.slots[s]) {
+                st.slot_table[s] = (int32_t) tables.size();
+                tables.push_back(&*st.slots[s]);
+            }
+        }
+    } else if (st.all) {
+        tables.push_back(&*st.all);
+    }
+
+    std::shared_ptr<llama_adapter_steer> a;
+    if (!tables.empty()) {
+        a = std::make_shared<llama_adapter_steer>();
+        if (!a->init(model, tables, per_seq, (int32_t) model.hparams.n_expert)) {
+            return fail(LLAMA_STEER_ERR_ALLOC, "could not allocate the steering tensors");
+        }
+        bool any = false;
+        for (int32_t il = 0; il < (int32_t) model.hparams.n_layer(); ++il) {
+            any |= a->has_layer(il);
+        }
+        if (!any) {
+            a.reset();  // tables that steer nothing are no tables
+        }
+    }
+    // graphs of the adapter being replaced are never run again; the new one gets its own bindings
+    st.binds = std::make_shared<llama_steer_binds>();
+    st.binds->seq_table.resize(st.seq_slot.size());
+    for (int32_t s = 0; s < (int32_t) st.seq_slot.size(); ++s) {
+        st.binds->seq_table[s] = table_of(st, s);
+    }
+    if (a) {
+        a->binds = st.binds;
+    }
+    ctx->steer_state = std::move(st);
+    ctx->steer_replace(std::move(a));
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
 // ---- C API --------------------------------------------------------------------------------
 
-int32_t llama_steer_set(llama_context * ctx, const int8_t * actions, const float * bias,
+static int32_t validate(const llama_model & model, const int8_t * actions, const float * bias,
                         int32_t n_layer, int32_t n_expert, float eps) {
-    if (!ctx || !actions) {
-        return fail(LLAMA_STEER_ERR_NULL, "null context or action table");
-    }
-    const llama_model & model = ctx->get_model();
     const auto & hp = model.hparams;
     if (n_layer != (int32_t) hp.n_layer() || n_expert != (int32_t) hp.n_expert || hp.n_expert == 0) {
         return fail(LLAMA_STEER_ERR_SHAPE,
@@ -269,24 +439,106 @@ int32_t llama_steer_set(llama_context * ctx, const int8_t * actions, const float
                 " experts deactivated leaves fewer than the " + std::to_string(k) + " used per token");
         }
     }
-
-    auto s = std::make_shared<llama_adapter_steer>();
-    if (!s->init(model, actions, bias, n_expert, eps)) {
-        return fail(LLAMA_STEER_ERR_ALLOC, "could not allocate the steering tensors");
-    }
-    bool any = false;
-    for (int32_t il = 0; il < n_layer; ++il) {
-        any |= s->has_layer(il);
-    }
-    ctx->steer_replace(any ? std::move(s) : nullptr);  // an empty table is no table
-    g_last_error.clear();
     return LLAMA_STEER_OK;
+}
+
+static llama_adapter_steer::table make_table(const int8_t * actions, const float * bias, size_t n, float eps) {
+    llama_adapter_steer::table t;
+    t.actions.assign(actions, actions + n);
+    if (bias) {
+        t.bias.assign(bias, bias + n);
+    }
+    t.eps = eps;
+    return t;
+}
+
+static bool bad_slot(int32_t slot, int32_t & rc) {
+    if (slot < 0 || slot >= LLAMA_STEER_MAX_SLOTS) {
+        rc = fail(LLAMA_STEER_ERR_SLOT, "slot " + std::to_string(slot) + " is outside [0, " +
+                                        std::to_string(LLAMA_STEER_MAX_SLOTS) + ")");
+        return true;
+    }
+    return false;
+}
+
+int32_t llama_steer_set(llama_context * ctx, const int8_t * actions, const float * bias,
+                        int32_t n_layer, int32_t n_expert, float eps) {
+    if (!ctx || !actions) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context or action table");
+    }
+    const int32_t rc = validate(ctx->get_model(), actions, bias, n_layer, n_expert, eps);
+    if (rc != LLAMA_STEER_OK) {
+        return rc;
+    }
+    llama_steer_state st = ctx->steer_state;
+    size_state(ctx, st);
+    st.all = make_table(actions, bias, (size_t) n_layer * n_expert, eps);
+    return steer_commit(ctx, std::move(st));
 }
 
 void llama_steer_clear(llama_context * ctx) {
     if (ctx) {
-        ctx->steer_replace(nullptr);
+        llama_steer_state st = ctx->steer_state;
+        size_state(ctx, st);
+        st.all.reset();
+        steer_commit(ctx, std::move(st));
     }
+}
+
+int32_t llama_steer_slot_set(llama_context * ctx, int32_t slot, const int8_t * actions, const float * bias,
+                             int32_t n_layer, int32_t n_expert, float eps) {
+    if (!ctx || !actions) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context or action table");
+    }
+    int32_t rc = LLAMA_STEER_OK;
+    if (bad_slot(slot, rc)) {
+        return rc;
+    }
+    rc = validate(ctx->get_model(), actions, bias, n_layer, n_expert, eps);
+    if (rc != LLAMA_STEER_OK) {
+        return rc;
+    }
+    llama_steer_state st = ctx->steer_state;
+    size_state(ctx, st);
+    st.slots[slot] = make_table(actions, bias, (size_t) n_layer * n_expert, eps);
+    return steer_commit(ctx, std::move(st));
+}
+
+int32_t llama_steer_slot_clear(llama_context * ctx, int32_t slot) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    int32_t rc = LLAMA_STEER_OK;
+    if (bad_slot(slot, rc)) {
+        return rc;
+    }
+    llama_steer_state st = ctx->steer_state;
+    size_state(ctx, st);
+    if (!st.slots[slot]) {
+        return LLAMA_STEER_OK;  // already empty: keep the graph
+    }
+    st.slots[slot].reset();
+    return steer_commit(ctx, std::move(st));
+}
+
+int32_t llama_steer_seq_bind(llama_context * ctx, llama_seq_id seq_id, int32_t slot) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    llama_steer_state & st = ctx->steer_state;
+    size_state(ctx, st);
+    if (seq_id < 0 || (size_t) seq_id >= st.seq_slot.size()) {
+        return fail(LLAMA_STEER_ERR_SEQ, "sequence id " + std::to_string(seq_id) + " is outside [0, " +
+                                         std::to_string(st.seq_slot.size()) + ")");
+    }
+    int32_t rc = LLAMA_STEER_OK;
+    if (slot != -1 && bad_slot(slot, rc)) {
+        return rc;
+    }
+    st.seq_slot[seq_id] = slot;
+    st.binds->seq_table[seq_id] = table_of(st, seq_id);
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
 }
 
 const char * llama_steer_last_error(void) {

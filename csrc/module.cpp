@@ -14,12 +14,17 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
 namespace py = pybind11;
 
 static llama_context * as_ctx(uintptr_t p) { return reinterpret_cast<llama_context *>(p); }
+
+static py::tuple status(int32_t rc) {
+    return py::make_tuple((int) rc, std::string(rc == LLAMA_STEER_OK ? "" : llama_steer_last_error()));
+}
 
 // "ffn_moe_topk-12" -> ("ffn_moe_topk", 12); names without a layer give -1
 static std::pair<std::string, int> split_name(const char * name) {
@@ -201,25 +206,31 @@ PYBIND11_MODULE(_native, m) {
     m.attr("API_VERSION") = llama_steer_api_version();
     m.attr("LLAMA_CPP_PYTHON_VERSION") = STEER_LLAMA_CPP_PYTHON_VERSION;
     // steer.h's codes, so that Python names them instead of copying the numbers
-    py::dict status;
-    status["OK"] = (int) LLAMA_STEER_OK;
-    status["ERR_NULL"] = (int) LLAMA_STEER_ERR_NULL;
-    status["ERR_SHAPE"] = (int) LLAMA_STEER_ERR_SHAPE;
-    status["ERR_ACTION"] = (int) LLAMA_STEER_ERR_ACTION;
-    status["ERR_NOT_MOE"] = (int) LLAMA_STEER_ERR_NOT_MOE;
-    status["ERR_TOO_MANY"] = (int) LLAMA_STEER_ERR_TOO_MANY;
-    status["ERR_TOO_FEW"] = (int) LLAMA_STEER_ERR_TOO_FEW;
-    status["ERR_NONFINITE"] = (int) LLAMA_STEER_ERR_NONFINITE;
-    status["ERR_ALLOC"] = (int) LLAMA_STEER_ERR_ALLOC;
-    m.attr("STATUS") = status;
+    py::dict codes;
+    codes["OK"] = (int) LLAMA_STEER_OK;
+    codes["ERR_NULL"] = (int) LLAMA_STEER_ERR_NULL;
+    codes["ERR_SHAPE"] = (int) LLAMA_STEER_ERR_SHAPE;
+    codes["ERR_ACTION"] = (int) LLAMA_STEER_ERR_ACTION;
+    codes["ERR_NOT_MOE"] = (int) LLAMA_STEER_ERR_NOT_MOE;
+    codes["ERR_TOO_MANY"] = (int) LLAMA_STEER_ERR_TOO_MANY;
+    codes["ERR_TOO_FEW"] = (int) LLAMA_STEER_ERR_TOO_FEW;
+    codes["ERR_NONFINITE"] = (int) LLAMA_STEER_ERR_NONFINITE;
+    codes["ERR_ALLOC"] = (int) LLAMA_STEER_ERR_ALLOC;
+    codes["ERR_SLOT"] = (int) LLAMA_STEER_ERR_SLOT;
+    codes["ERR_SEQ"] = (int) LLAMA_STEER_ERR_SEQ;
+    m.attr("STATUS") = codes;
+    m.attr("MAX_SLOTS") = (int) LLAMA_STEER_MAX_SLOTS;
     py::dict actions;
     actions["none"] = (int) LLAMA_STEER_NONE;
     actions["activate"] = (int) LLAMA_STEER_ACTIVATE;
     actions["deactivate"] = (int) LLAMA_STEER_DEACTIVATE;
     m.attr("ACTIONS") = actions;
 
-    m.def("set_table", [](uintptr_t ctx, py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
-                          py::object bias, float eps) -> py::tuple {
+    // actions int8 [n_layer, n_expert], bias float of the same shape or None; calls
+    // set(actions, bias, n_layer, n_expert) without the GIL: (status, message)
+    using setter = std::function<int32_t(const int8_t *, const float *, int32_t, int32_t)>;
+    auto with_table = [](py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions, py::object bias,
+                         const setter & set) -> py::tuple {
         if (actions.ndim() != 2) {
             return py::make_tuple((int) LLAMA_STEER_ERR_SHAPE, std::string("actions must be 2-D [n_layer, n_expert]"));
         }
@@ -235,12 +246,34 @@ PYBIND11_MODULE(_native, m) {
         int32_t rc;
         {
             py::gil_scoped_release release;
-            rc = llama_steer_set(as_ctx(ctx), actions.data(), bp, (int32_t) actions.shape(0), (int32_t) actions.shape(1), eps);
+            rc = set(actions.data(), bp, (int32_t) actions.shape(0), (int32_t) actions.shape(1));
         }
-        return py::make_tuple((int) rc, std::string(rc == 0 ? "" : llama_steer_last_error()));
+        return status(rc);
+    };
+
+    m.def("set_table", [with_table](uintptr_t ctx, py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
+                                    py::object bias, float eps) {
+        return with_table(actions, bias, [&](const int8_t * a, const float * b, int32_t nl, int32_t ne) {
+            return llama_steer_set(as_ctx(ctx), a, b, nl, ne, eps);
+        });
     }, py::arg("ctx"), py::arg("actions"), py::arg("bias"), py::arg("eps"));
 
     m.def("clear_table", [](uintptr_t ctx) { llama_steer_clear(as_ctx(ctx)); });
+
+    m.def("slot_set", [with_table](uintptr_t ctx, int32_t slot,
+                                   py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
+                                   py::object bias, float eps) {
+        return with_table(actions, bias, [&](const int8_t * a, const float * b, int32_t nl, int32_t ne) {
+            return llama_steer_slot_set(as_ctx(ctx), slot, a, b, nl, ne, eps);
+        });
+    }, py::arg("ctx"), py::arg("slot"), py::arg("actions"), py::arg("bias"), py::arg("eps"));
+
+    m.def("slot_clear", [](uintptr_t ctx, int32_t slot) { return status(llama_steer_slot_clear(as_ctx(ctx), slot)); },
+          py::arg("ctx"), py::arg("slot"));
+
+    m.def("seq_bind", [](uintptr_t ctx, int32_t seq, int32_t slot) {
+        return status(llama_steer_seq_bind(as_ctx(ctx), seq, slot));
+    }, py::arg("ctx"), py::arg("seq"), py::arg("slot"));
 
     py::class_<Observer>(m, "Observer")
         .def(py::init<int>())

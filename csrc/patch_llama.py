@@ -32,7 +32,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     # forbids graph reuse (the topology depends on which layers are steered)
     ("src/llama-graph.h",
      "struct llm_graph_params {\n",
-     "struct llama_adapter_steer; // steer-gguf\n\n",
+     "#include \"llama-steer-adapter.h\" // steer-gguf\n\n",
      "before"),
     ("src/llama-graph.h",
      "    llm_graph_result * res;\n\n    // return true if the \"other\" params",
@@ -47,11 +47,13 @@ EDITS: list[tuple[str, str, str, str]] = [
      "before"),
     ("src/llama-graph.h",
      "    const llm_graph_cb & cb_func;\n\n    llm_graph_result * res;\n",
-     "    const llama_adapter_steer * steer; // steer-gguf\n",
+     "    const llama_adapter_steer * steer; // steer-gguf\n"
+     "    mutable llama_steer_graph steer_graph; // steer-gguf: this graph's token -> table inputs\n",
      "after"),
     ("src/llama-graph.cpp",
      "    res              (params.res),\n",
-     "    steer            (params.steer), // steer-gguf\n",
+     "    steer            (params.steer), // steer-gguf\n"
+     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs}, // steer-gguf\n",
      "after"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits
@@ -62,7 +64,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "        cb(logits, \"ffn_moe_logits_biased\", il);\n    }\n",
      "\n    if (steer && steer->has_layer(il)) { // steer-gguf\n"
-     "        logits = steer->apply_logits(ctx0, logits, il);\n"
+     "        logits = steer->apply_logits(ctx0, steer_graph, logits, il);\n"
      "        cb(logits, \"ffn_moe_logits_steered\", il);\n"
      "    }\n",
      "after"),
@@ -86,7 +88,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "    // select experts\n    ggml_tensor * selected_experts = selected_experts_in;\n",
      "    if (steer && !steer_sel_done && steer->has_layer(il) && (exp_probs_b != nullptr || hparams.n_expert_groups > 1 || arch == LLM_ARCH_GROVEMOE)) { // steer-gguf\n"
-     "        selection_probs = steer->apply_selection(ctx0, selection_probs, il, hparams.n_expert_groups > 1);\n"
+     "        selection_probs = steer->apply_selection(ctx0, steer_graph, selection_probs, il, hparams.n_expert_groups > 1);\n"
      "        cb(selection_probs, \"ffn_moe_probs_steered\", il);\n"
      "    }\n\n",
      "before"),
@@ -100,7 +102,8 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    bool set_adapter_cvec(\n",
      "    // steer-gguf: defined in llama-steer.cpp\n"
      "    void steer_replace(std::shared_ptr<llama_adapter_steer> s);\n"
-     "    void steer_set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data);\n\n",
+     "    void steer_set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data);\n"
+     "    llama_steer_state steer_state; // tables, slots and sequence bindings\n\n",
      "before"),
     ("src/llama-context.h",
      "struct llama_context {\n",

@@ -9,6 +9,16 @@
 //   then:       logit += bias   (router logits only)
 // Nothing here aborts: every invalid input returns a negative code and leaves the
 // previous table in place.
+//
+// Per-sequence steering (API version 2): a context also holds LLAMA_STEER_MAX_SLOTS slots,
+// each with a table or empty, and binds each sequence id to a slot or to none. A token takes
+// the table of the slot its sequence (its first sequence id) is bound to; an unbound
+// sequence takes the context-wide table of llama_steer_set, or none. Tokens that end up with
+// no table are routed exactly as upstream, bit for bit. Binding reads the sequence ids of each
+// micro-batch through a graph input: rebinding between two decodes (say, from a prompt to its
+// first generated token) never rebuilds the graph; setting or clearing a table does.
+// While any slot holds a table, layers with a selection bias steer the selection scores
+// rather than the bias, so those layers leave the backends' fused top-k kernel.
 #pragma once
 
 #include "llama.h"
@@ -20,7 +30,8 @@
 extern "C" {
 #endif
 
-#define LLAMA_STEER_API_VERSION 1
+#define LLAMA_STEER_API_VERSION 2
+#define LLAMA_STEER_MAX_SLOTS   64
 
 enum llama_steer_action {
     LLAMA_STEER_NONE       = 0,
@@ -38,6 +49,8 @@ enum llama_steer_status {
     LLAMA_STEER_ERR_TOO_FEW    = -6, // fewer than experts-per-token left after deactivation
     LLAMA_STEER_ERR_NONFINITE  = -7, // NaN/inf in eps or bias, or eps < 0
     LLAMA_STEER_ERR_ALLOC      = -8, // backend buffer allocation failed
+    LLAMA_STEER_ERR_SLOT       = -9, // slot index outside [0, LLAMA_STEER_MAX_SLOTS)
+    LLAMA_STEER_ERR_SEQ        = -10, // sequence id outside [0, the context's n_seq_max)
 };
 
 // actions: int8 [n_layer * n_expert], row-major by layer; bias: float [n_layer * n_expert] or NULL.
@@ -49,8 +62,26 @@ LLAMA_API int32_t llama_steer_set(
         int32_t        n_expert,
         float          eps);
 
-// Back to upstream routing: the next graph has no steering nodes at all.
+// The context-wide table goes (slots and bindings stay); with no slot table either, the
+// next graph has no steering nodes at all: upstream routing.
 LLAMA_API void llama_steer_clear(struct llama_context * ctx);
+
+// Put a table in a slot (validated like llama_steer_set); sequences bound to it take it from
+// the next decode on.
+LLAMA_API int32_t llama_steer_slot_set(
+        struct llama_context * ctx,
+        int32_t        slot,
+        const int8_t * actions,
+        const float  * bias,
+        int32_t        n_layer,
+        int32_t        n_expert,
+        float          eps);
+
+// Empty a slot: sequences bound to it are not steered.
+LLAMA_API int32_t llama_steer_slot_clear(struct llama_context * ctx, int32_t slot);
+
+// Bind a sequence to a slot, or unbind it with slot = -1. Cheap: no graph rebuild.
+LLAMA_API int32_t llama_steer_seq_bind(struct llama_context * ctx, llama_seq_id seq_id, int32_t slot);
 
 // Message for the last error of this thread (names the layer / expert at fault).
 LLAMA_API const char * llama_steer_last_error(void);

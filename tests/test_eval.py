@@ -347,7 +347,7 @@ def test_committed_eval_sets_are_what_the_script_generates():
 
 
 def test_batched_generation_gives_the_same_answers_as_one_at_a_time(demo):
-    """Conversations decoded together (own KV sequence, own seeded sampler chain) sample like
+    """Conversations decoded together (own KV sequence, seeded sampler chain and profile) sample like
     llama-cpp-python's one-at-a-time path: on the demo model, whose distributions are far from
     ties, the answers are the same, greedy and sampled, steered and not. (Batches of other
     shapes run other kernels; on near-flat distributions a token can flip.)"""
@@ -362,6 +362,9 @@ def test_batched_generation_gives_the_same_answers_as_one_at_a_time(demo):
             one = generate_batch(llm, jobs)
             many = generate_batch(llm, jobs, done.append, parallel=5)
             assert many == one and sum(done) == len(jobs)
+    # profiles mixed in one batch (per-sequence slots) answer as each does alone
+    mixed = [GenJob(i.messages, words if k % 2 else None, 7 + k, 0.7, 40) for k, i in enumerate(items)]
+    assert generate_batch(llm, mixed, parallel=4) == generate_batch(llm, mixed)
     assert llm.profile is None  # the caller's profile is back in force
 
 
