@@ -7,8 +7,6 @@ Every evaluation, tuning and audit run generates through generate_batch; the ser
 parallel scheduler drives a BatchEngine directly."""
 from __future__ import annotations
 
-import ctypes
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -82,7 +80,7 @@ class BatchEngine:
     def __init__(self, llm, n_seq: int, n_ctx_seq: int):
         import llama_cpp
 
-        from . import steered
+        from . import contexts
 
         if llm.engine != "graph":
             raise SteerError("per-sequence steering needs the graph engine (engine='graph')")
@@ -90,10 +88,10 @@ class BatchEngine:
         self.n_seq = max(1, min(n_seq, llama_cpp.llama_max_parallel_sequences()))
         self.n_ctx_seq = n_ctx_seq
         self.n_ctx = n_ctx_seq * self.n_seq
-        self.ctx, self.ptr = steered.secondary_context(llm, self.n_ctx, self.n_seq, "generation")
+        self.ctx, self.ptr = contexts.secondary_context(llm, self.n_ctx, self.n_seq, "generation")
         self.batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         self.slots = ContextSlots(self.ptr, llm.info, force=llm.force)
-        self.obs = steered._native.Observer(llm.info.n_layer)
+        self.obs = contexts._native.Observer(llm.info.n_layer)
         self.obs.record_weights = False
         self.recording = False
         self.vocab = llm._model.vocab

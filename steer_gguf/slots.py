@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import runtime
 from .errors import SteerError
 from .model import ModelInfo
 from .profile import Profile
@@ -18,7 +17,15 @@ PHASES = ("all", "generation", "prompt")
 
 def _native():
     # loaded on first use: importing the package must not load libllama (runtime.py)
-    return runtime.load()[1]
+    from .contexts import _native
+
+    return _native
+
+
+def _check(rc: int, msg: str, what: str) -> None:
+    from .contexts import check_status
+
+    check_status(rc, msg, what)
 
 
 def check_phase(phase: str) -> str:
@@ -33,13 +40,6 @@ def steered_in(phase: str, prompt: bool) -> bool:
     first generated token's, so under "generation" the first token is sampled from an
     unsteered reading of the prompt."""
     return phase == "all" or (phase == "prompt") == prompt
-
-
-def _check(rc: int, msg: str, what: str) -> None:
-    status = _native().STATUS
-    if rc != status["OK"]:
-        name = next((n for n, c in status.items() if c == rc), rc)
-        raise SteerError(f"{what}: rejected by llama.cpp ({name}): {msg}")
 
 
 @dataclass
