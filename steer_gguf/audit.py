@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import SteerError
 from .evaluate import Condition, EvalReport, Sampling, evaluate, random_control
+from .evaluate import work_units as eval_units
 from .evalsets import EvalSet
 from .judges import Behavior
 
@@ -31,6 +32,12 @@ def default_sizes(table, info) -> list[int]:
         sizes.append(n)
         n *= 2
     return sizes
+
+
+def work_units(eval_set: EvalSet, sampling: Sampling, sizes: list[int], controls: int) -> int:
+    """How many on_progress units audit() reports: the unsteered run, and per size N > 0 the
+    attack, its controls and the safe direction."""
+    return eval_units(eval_set, 1 + sum(1 + controls + 1 for n in sizes if n > 0), sampling)
 
 
 @dataclass

@@ -110,6 +110,26 @@ class CausalResult:
     greedy: list[GreedyStep] = field(default_factory=list)
 
 
+def summary(res: CausalResult, output: str, seconds: float, n_top: int) -> str:
+    """What `steer-gguf detect --method causal` shows: the run, the top rows, the greedy moves."""
+    table = res.table
+    lines = [f"{table.meta.get('pairs')} pairs, {res.n_candidates} candidates forced on and off -> {output} "
+             f"({seconds:.1f} s; {res.seconds_per_candidate:.3f} s per candidate)",
+             f"unsteered margin log P(target 1) - log P(target 2): {res.baseline:+.4f} nats per pair; "
+             f"{table.concentration()} experts hold half of the total |effect|"]
+    if n_top:
+        lines.append("  rank layer expert  risk_diff  effect_on  effect_off   effect")
+        for i, r in enumerate(table.top(n_top)):
+            if r.effect is None:
+                break
+            lines.append(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.risk_diff:+.4f}   {r.effect_on:+.4f}    "
+                         f"{r.effect_off:+.4f}  {r.effect:+.4f}")
+    for g in res.greedy:
+        lines.append(f"  greedy toward behavior {1 if g.toward > 0 else 2}, step {g.step}: {g.action} layer {g.layer} "
+                     f"expert {g.expert}: margin {g.margin:+.4f} (gain {g.gain:+.4f})")
+    return "\n".join(lines)
+
+
 def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: int = 0, greedy_pool: int = 32,
                   batch_tokens: int = 1024, skip_bad: bool = False, margin_tokens: int | None = None,
                   on_progress: Progress | None = None) -> CausalResult:

@@ -2,7 +2,8 @@
 
 A long conversation is trimmed (oldest turns first, the user told once) instead of
 overflowing the context; a line that cannot fit, is not UTF-8, or names a bad profile is
-refused with one line and the conversation goes on.
+refused with one line and the conversation goes on. Started with a profiles directory, the
+chat names profiles as the server does (registry.py): `/profile NAME` as well as a path.
 """
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import sys
 from typing import Callable
 
 from .errors import SteerError, printable
-from .profile import Profile
+from .registry import Profiles, load_profiles, warn_excluded
 
 HELP = "/profile PATH|off, /compare, /quit"
+HELP_NAMED = "/profile NAME|PATH|off, /compare, /quit"
 
 
 class ChatSession:
     def __init__(self, llm, system: str | None, max_tokens: int, temperature: float, seed: int,
-                 out: Callable[..., None], err: Callable[[str], None]):
+                 out: Callable[..., None], err: Callable[[str], None], profiles: Profiles | None = None):
         self.llm = llm
+        # without a directory the registry holds only "none": every other argument is a path
+        self.profiles = profiles or Profiles()
+        self.help = HELP if self.profiles.directory is None else HELP_NAMED
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict] = []  # user and assistant messages, oldest first
         self.gen = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
@@ -63,17 +68,17 @@ class ChatSession:
         elif line == "/compare":
             self._compare()
         elif line.startswith("/"):
-            self.out(f"unknown command: {HELP}")
+            self.out(f"unknown command: {self.help}")
         else:
             self._say(line)
         return True
 
     def _profile(self, arg: str) -> None:
         if not arg:
-            self.out("usage: /profile PATH|off")
+            self.out("usage: " + self.help.split(",")[0])
             return
         try:
-            self.llm.set_profile(None if arg in ("off", "none") else Profile.load(arg))
+            self.llm.set_profile(None if arg == "off" else self.profiles.pick(arg))
         except SteerError as e:
             self.err(f"error: {e}")
             return
@@ -124,6 +129,15 @@ class ChatSession:
         self.out(f"--- unsteered\n{answers[0]}\n--- steered ({profile_name(self.llm)})\n{answers[1]}")
 
 
+def chat_profiles(llm, profiles_dir: str, default: str | None, force: bool = False) -> Profiles:
+    """The directory's profiles, checked against the model, with `default` (a name there, a
+    file, or none: as `serve --profile`) in force."""
+    ps = load_profiles(llm.info, profiles_dir, default, force=force)
+    warn_excluded(ps)
+    llm.set_profile(ps.usable[ps.default])
+    return ps
+
+
 def profile_name(llm) -> str:
     return printable(llm.profile.name) if llm.profile else "none"
 
@@ -141,7 +155,7 @@ def read_line(prompt: str = "> ") -> str | None:
 
 
 def run_chat(session: ChatSession, model_name: str) -> None:
-    session.out(f"steer-gguf chat: {model_name}, profile: {profile_name(session.llm)}. {HELP}")
+    session.out(f"steer-gguf chat: {model_name}, profile: {profile_name(session.llm)}. {session.help}")
     while True:
         line = read_line()
         if line is None:

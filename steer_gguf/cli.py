@@ -1,4 +1,4 @@
-"""The `steer-gguf` command line."""
+"""The `steer-gguf` command line: options, and a call into the module that does each job."""
 from __future__ import annotations
 
 import json
@@ -75,35 +75,15 @@ def info(model, as_json):
     if as_json:
         click.echo(json.dumps(i.to_dict(), indent=2))
         return
-    # the path and the architecture come from the user and the file: shown escaped
-    click.echo(f"model         {printable(i.path)}")
-    click.echo(f"architecture  {printable(i.architecture)}")
-    click.echo(f"layers        {i.n_layer} ({len(i.moe_layers)} MoE: {_layer_list(i.moe_layers)})")
-    click.echo(f"experts       {i.n_expert}, {i.n_expert_used} per token"
-               + (f", {i.n_shared_expert} shared" if i.n_shared_expert else ""))
-    if i.n_expert_groups > 1:
-        click.echo(f"groups        {i.n_expert_groups}, {i.n_group_used} used per token")
-    click.echo(f"gating        {i.gating}" + (" + selection bias" if i.has_selection_bias else "")
-               + (" + router bias" if i.has_router_bias else ""))
-    click.echo(f"fingerprint   {i.fingerprint}")
-
-
-def _layer_list(xs: list[int]) -> str:
-    if xs and xs == list(range(xs[0], xs[-1] + 1)):
-        return f"{xs[0]}..{xs[-1]}"
-    return ",".join(map(str, xs))
+    click.echo(i.report())
 
 
 @main.command()
 def models():
     """The MoE architectures steer-gguf supports, and how far each is verified."""
-    from .runtime import PACKAGE_DIR
+    from .model import supported_models
 
-    for p in (PACKAGE_DIR / "models.txt", PACKAGE_DIR.parent / "models.txt"):
-        if p.is_file():
-            click.echo(p.read_text(), nl=False)
-            return
-    raise SteerError("models.txt is missing from the installation")
+    click.echo(supported_models(), nl=False)
 
 
 # ---- generate / chat ----------------------------------------------------------------------------
@@ -120,8 +100,10 @@ def models():
 @llama_options
 def generate(model, prompt, profile, chat, system, max_tokens, temperature, seed, as_json, **kw):
     """Generate one answer, steered by --profile if given."""
+    from .prompts import complete
+
     llm = open_model(model, profile, seed=seed, **kw)
-    text = _complete(llm, prompt, chat, system, max_tokens, temperature, seed)
+    text = complete(llm, prompt, chat, system, max_tokens, temperature, seed)
     if as_json:
         click.echo(json.dumps({"model": model, "profile": llm.profile.name if llm.profile else None,
                                "prompt": prompt, "text": text}))
@@ -129,49 +111,29 @@ def generate(model, prompt, profile, chat, system, max_tokens, temperature, seed
         click.echo(text)
 
 
-def _messages(prompt: str, system: str | None) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-def _complete(llm, prompt, chat, system, max_tokens, temperature, seed) -> str:
-    for what, text in (("--prompt", prompt), ("--system", system)):
-        _check_arg_text(text, what)
-    n = len(llm.chat_tokens(_messages(prompt, system), add_generation_prompt=True) if chat
-            else llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
-    if n >= llm.n_ctx():
-        raise SteerError(f"the prompt has {n} tokens and the context only {llm.n_ctx()}: raise --ctx or shorten it")
-    if chat:
-        r = llm.create_chat_completion(messages=_messages(prompt, system), max_tokens=max_tokens,
-                                       temperature=temperature, seed=seed)
-        return r["choices"][0]["message"]["content"] or ""
-    r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    return r["choices"][0]["text"]
-
-
-def _check_arg_text(text: str | None, what: str) -> None:
-    # bytes that are not UTF-8 reach Python's argv as lone surrogates, which no tokenizer takes
-    try:
-        (text or "").encode("utf-8")
-    except UnicodeEncodeError:
-        raise SteerError(f"{what}: not valid UTF-8 text") from None
-
-
 @main.command()
 @_model_arg()
-@click.option("--profile", type=click.Path(), help="steering profile (JSON)")
+@click.option("--profile", type=click.Path(),
+              help="steering profile (JSON); with --profiles-dir also a name there, or none")
+@click.option("--profiles-dir", type=click.Path(), help="directory of profiles (*.json) /profile names by file stem")
 @click.option("--system", help="system message")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @llama_options
-def chat(model, profile, system, max_tokens, temperature, seed, **kw):
-    """Interactive chat. Commands: /profile PATH|off, /compare, /quit."""
-    from .chat import ChatSession, run_chat
+def chat(model, profile, profiles_dir, system, max_tokens, temperature, seed, **kw):
+    """Interactive chat. Commands: /profile NAME|PATH|off, /compare, /quit."""
+    from .chat import ChatSession, chat_profiles, run_chat
+    from .prompts import check_text
+    from .registry import check_dir
 
-    _check_arg_text(system, "--system")
-    llm = open_model(model, profile, seed=seed, **kw)
+    check_text(system, "--system")
+    check_dir(profiles_dir)
+    named = profiles_dir is not None
+    llm = open_model(model, None if named else profile, seed=seed, **kw)
+    registry = chat_profiles(llm, profiles_dir, profile, force=kw["force"]) if named else None
     session = ChatSession(llm, system, max_tokens, temperature, seed, out=click.echo,
-                          err=lambda msg: click.echo(msg, err=True))
+                          err=lambda msg: click.echo(msg, err=True), profiles=registry)
     run_chat(session, os.path.basename(model))
 
 
@@ -186,35 +148,24 @@ def chat(model, profile, system, max_tokens, temperature, seed, **kw):
 @llama_options
 def trace(model, prompt, messages, chat, profile, output, **kw):
     """Record the experts every token is routed to, in every MoE layer."""
+    from .datasets import read_messages
+    from .prompts import as_messages, check_text
+
     if (prompt is None) == (messages is None):
         raise SteerError("give exactly one of -p TEXT or --messages FILE")
     if not (output.endswith(".json") or output.endswith(".npz")):
         raise SteerError(f"{output}: output must end in .json or .npz")
     check_output(output, "trace")
-    _check_arg_text(prompt, "--prompt")
+    check_text(prompt, "--prompt")
     msgs = None
     if messages is not None:
-        msgs = _read_messages(messages)
+        msgs = read_messages(messages)
     elif chat:
-        msgs = [{"role": "user", "content": prompt}]
+        msgs = as_messages(prompt, None)
     llm = open_model(model, profile, **kw)
     tr = llm.trace(messages=msgs, add_generation_prompt=chat) if msgs is not None else llm.trace(text=prompt)
     tr.save(output)
     click.echo(f"traced {len(tr)} tokens x {len(tr.layers)} MoE layers x k={tr.experts.shape[2]} -> {output}")
-
-
-def _read_messages(path: str) -> list[dict]:
-    from .fileio import read_json
-
-    data = read_json(path)
-    if isinstance(data, dict) and "messages" in data:
-        data = data["messages"]
-    if not isinstance(data, list) or not data:
-        raise SteerError(f"{path}: expected a non-empty list of messages")
-    for i, m in enumerate(data):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise SteerError(f"{path}: messages[{i}] must be an object with string 'role' and 'content'")
-    return data
 
 
 # ---- profiles -----------------------------------------------------------------------------------
@@ -231,31 +182,16 @@ def profile_show(path, plot):
     from .profile import Profile
 
     if plot:
-        from .fileio import check_output
         from .plots import require
 
         check_output(plot, "plot")
         require()
-    from .profile import printable
-
     p = Profile.load(path)
-    m = p.model
-    click.echo(p.summary())
-    click.echo(f"model: {printable(m.architecture or '?')} n_layer={m.n_layer or '?'} n_expert={m.n_expert or '?'} "
-               f"k={m.n_expert_used} fingerprint={printable(m.fingerprint or '(none: checked by shape)')}")
-    for r in p.experts:
-        rd = f"  risk_diff={r.risk_diff:+.4f}" if r.risk_diff is not None else ""
-        click.echo(f"  layer {r.layer:3d} expert {r.expert:4d} {r.action}{rd}")
-    for b in p.bias:
-        click.echo(f"  layer {b.layer:3d} expert {b.expert:4d} bias {b.value:+g}")
-    if p.provenance:
-        click.echo(f"provenance: {json.dumps(p.provenance)}")
+    click.echo(p.report())
     if plot:
         from .plots import profile_plot
 
-        n_layer = m.n_layer or 1 + max([r.layer for r in p.experts] + [b.layer for b in p.bias], default=0)
-        n_expert = m.n_expert or 1 + max([r.expert for r in p.experts] + [b.expert for b in p.bias], default=0)
-        profile_plot(p, n_layer, n_expert, plot)
+        profile_plot(p, *p.extent(), plot)
         click.echo(f"plot -> {plot}")
 
 
@@ -338,8 +274,12 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
     measured effect of forcing each expert (--method causal)."""
     import time
 
+    from .causal import causal_detect
+    from .causal import summary as causal_summary
     from .datasets import load_pairs
     from .detect import detect as run_detect
+    from .detect import save_heatmap, summary
+    from .progress import phase_bar, prefill_bar
 
     if not output.endswith(".csv"):
         raise SteerError(f"{output}: the detection table is a .csv file")
@@ -355,94 +295,32 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
         raise SteerError("--greedy-steps and --greedy-pool need --method causal-greedy")
     ps = load_pairs(pairs, skip_bad=skip_bad, max_pairs=max_pairs)
     llm = open_model(model, None, **kw)
-    if method != "risk_diff":
-        _detect_causal(llm, ps, output, method, candidates, greedy_steps or 8, greedy_pool or 32, batch_tokens,
-                       skip_bad, n_top, margin_tokens)
-        _detect_plot(output, plot, plot_pick, llm.info)
-        return
     t0 = time.perf_counter()
-    tokens = [0]
-    with click.progressbar(length=2 * len(ps), label="prefilling", file=sys.stderr,
-                           item_show_func=lambda _: f"{tokens[0] / max(1e-9, time.perf_counter() - t0):,.0f} target tok/s"
-                           ) as bar:
-        def progress(done, total, n_target):
-            tokens[0] += n_target
-            bar.update(done - bar.pos, current_item=done)
+    if method == "risk_diff":
+        with prefill_bar(2 * len(ps)) as progress:
+            table = run_detect(llm, ps, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress)
+        _warn_skipped(ps.skipped)
+        if ps.skipped:
+            click.echo(f"warning: {len(ps.skipped)} bad lines or pairs skipped", err=True)
+        table.to_csv(output)
+        click.echo(summary(table, output, time.perf_counter() - t0, n_top))
+    else:
+        with phase_bar("forcing experts") as progress:
+            res = causal_detect(llm, ps, candidates=candidates,
+                                greedy_steps=(greedy_steps or 8) if method == "causal-greedy" else 0,
+                                greedy_pool=greedy_pool or 32, batch_tokens=batch_tokens, skip_bad=skip_bad,
+                                margin_tokens=margin_tokens, on_progress=progress)
+        _warn_skipped(ps.skipped)
+        res.table.to_csv(output)
+        click.echo(causal_summary(res, output, time.perf_counter() - t0, n_top))
+    if plot:
+        save_heatmap(output, plot, plot_pick, llm.info)
+        click.echo(f"heatmap -> {plot}")
 
-        table = run_detect(llm, ps, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress)
-    for w in ps.skipped:
+
+def _warn_skipped(skipped: list[str]) -> None:
+    for w in skipped:
         click.echo(f"warning: skipped {w}", err=True)
-    if ps.skipped:
-        click.echo(f"warning: {len(ps.skipped)} bad lines or pairs skipped", err=True)
-    table.to_csv(output)
-    dt = time.perf_counter() - t0
-    click.echo(f"{table.meta.get('pairs')} pairs, {len(table)} (layer, expert) rows -> {output} ({dt:.1f} s)")
-    click.echo(f"signal concentration: {table.concentration()} experts hold half of the total |risk_diff|")
-    if n_top:
-        click.echo("  rank layer expert   p1      p2      risk_diff")
-        for i, r in enumerate(table.top(n_top)):
-            click.echo(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
-    _detect_plot(output, plot, plot_pick, llm.info)
-
-
-def _detect_plot(table_path: str, plot: str | None, pick: int, info) -> None:
-    """The written table as a heatmap, with the experts `profile make --activate pick` takes."""
-    if not plot:
-        return
-    from .detect import DetectionTable
-    from .plots import detection_heatmap
-
-    t = DetectionTable.from_csv(table_path)
-    picked = []
-    if pick:
-        n_pos = min(pick, int((t.score > 0).sum()), info.n_expert_used * len(info.moe_layers))
-        if n_pos:
-            try:
-                picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
-            except SteerError:  # fewer pickable experts under the k-per-layer cap: outline none
-                picked = []
-    what = "risk difference" if t.effect is None else "causal effect"
-    detection_heatmap(t, plot, picked, f"{os.path.basename(table_path)}: {what} (red: behavior 1, "
-                      f"blue: behavior 2); outlined: the top {len(picked)} to activate")
-    click.echo(f"heatmap -> {plot}")
-
-
-def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_pool, batch_tokens, skip_bad, n_top,
-                   margin_tokens=None):
-    import time
-
-    from .causal import causal_detect
-
-    t0 = time.perf_counter()
-    with click.progressbar(length=1, label="forcing experts", file=sys.stderr,
-                           item_show_func=lambda s: s or "") as bar:
-        def progress(done, total, what):
-            if bar.length != total:  # a new phase (candidates, then each greedy step)
-                bar.length, bar.pos = total, 0
-            bar.update(done - bar.pos, current_item=what)
-
-        res = causal_detect(llm, ps, candidates=candidates, greedy_steps=greedy_steps if method == "causal-greedy" else 0,
-                            greedy_pool=greedy_pool, batch_tokens=batch_tokens, skip_bad=skip_bad,
-                            margin_tokens=margin_tokens, on_progress=progress)
-    for w in ps.skipped:
-        click.echo(f"warning: skipped {w}", err=True)
-    table = res.table
-    table.to_csv(output)
-    dt = time.perf_counter() - t0
-    click.echo(f"{table.meta.get('pairs')} pairs, {res.n_candidates} candidates forced on and off -> {output} "
-               f"({dt:.1f} s; {res.seconds_per_candidate:.3f} s per candidate)")
-    click.echo(f"unsteered margin log P(target 1) - log P(target 2): {res.baseline:+.4f} nats per pair; "
-               f"{table.concentration()} experts hold half of the total |effect|")
-    if n_top:
-        click.echo("  rank layer expert  risk_diff  effect_on  effect_off   effect")
-        for i, r in enumerate(table.top(n_top)):
-            if r.effect is None:
-                break
-            click.echo(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.risk_diff:+.4f}   {r.effect_on:+.4f}    "
-                       f"{r.effect_off:+.4f}  {r.effect:+.4f}")
-    for g in res.greedy:
-        click.echo(f"  greedy toward behavior {1 if g.toward > 0 else 2}, step {g.step}: {g.action} layer {g.layer} "
-                   f"expert {g.expert}: margin {g.margin:+.4f} (gain {g.gain:+.4f})")
 
 
 @main.command()
@@ -458,7 +336,8 @@ def _detect_causal(llm, ps, output, method, candidates, greedy_steps, greedy_poo
 def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw):
     """Expert usage per MoE layer: counts, shares, entropy, load balance."""
     from .datasets import load_prompts
-    from .stats import routing_stats, save_heatmap
+    from .fileio import atomic_write
+    from .stats import layer_lines, routing_stats, save_heatmap
 
     check_output(output, "statistics")
     if plot:
@@ -472,12 +351,9 @@ def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw
         require()
     llm = open_model(model, profile, **kw)
     s = routing_stats(llm, convs, batch_tokens=batch_tokens)
-    from .fileio import atomic_write
-
     atomic_write(output, json.dumps(s, indent=2) + "\n")
-    for layer in s["layers"]:
-        click.echo(f"layer {layer['layer']:3d}: entropy {layer['entropy_bits']:.2f}/{layer['max_entropy_bits']:.2f} bits, "
-                   f"max/mean load {layer['max_over_mean']:.2f}, most used {layer['most_used'][:3]}")
+    for line in layer_lines(s):
+        click.echo(line)
     if plot:
         save_heatmap(s, plot)
     click.echo(f"{s['tokens']} tokens from {s['prompts']} prompts -> {output}" + (f", {plot}" if plot else ""))
@@ -506,24 +382,24 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, 
     except ImportError as e:
         raise SteerError(f"serve needs the server extra ({e.name} is missing): pip install 'steer-gguf[server]'") from None
 
-    if profiles_dir is not None and not os.path.isdir(profiles_dir):
-        raise SteerError(f"{profiles_dir}: --profiles-dir is not a directory")
+    from .registry import check_dir, load_profiles, warn_excluded
+    from .scheduler import SerialExecutor, Worker
+
+    check_dir(profiles_dir)
     if api_key is not None and not api_key.strip():
         raise SteerError("--api-key is empty")
     sock = server.bind(host, port)
     with sock:
         llm = open_model(model, None, **kw)
-        profiles = server.load_profiles(llm, profiles_dir, default_profile, force=kw["force"])
-        server.warn_excluded(profiles)
-        worker = server.Worker(llm, max_queue)
-        state = server.ServerState(llm, profiles, worker, model_id=os.path.basename(model), api_key=api_key,
-                                   max_body=max_body * 1024 * 1024)
+        profiles = load_profiles(llm.info, profiles_dir, default_profile, force=kw["force"])
+        warn_excluded(profiles)
+        executor = SerialExecutor(llm)
+        state = server.ServerState(llm, profiles, Worker(executor, max_queue), model_id=os.path.basename(model),
+                                   api_key=api_key, max_body=max_body * 1024 * 1024)
         try:
             server.run(state, sock, access_log=access_log)
         finally:
-            worker.stopping = True
-            with llm.lock:  # let a running generation finish before the model goes
-                llm.close()
+            executor.shut_down()  # a running generation finishes before the model goes
 
 
 @main.command()
@@ -573,28 +449,22 @@ def _nonneg(name: str, v: int, minimum: int = 0) -> int:
     return v
 
 
-def _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw):
-    """(EvalSet, Behavior, judge) from the options; the judge model is loaded here."""
-    from .evalsets import load_eval_set
-    from .judges import ANSWERS, GGUFJudge, behavior, judge_answers
+def _outputs(*paths: str | None, plot: str | None = None) -> None:
+    """Every output checked, and matplotlib when a plot is asked for, before any work."""
+    for out in (*paths, plot):
+        if out is not None:
+            check_output(out)
+    if plot:
+        from .plots import require
 
-    b = behavior(behavior_name) if behavior_name else None
-    if eval_set is None:
-        if b is None:
-            raise SteerError("give --behavior NAME (and optionally --eval-set FILE)")
-        eval_set = b.eval_set
-    es = load_eval_set(eval_set, max_items=max_items)
-    if b is None:
-        if not es.has_answers:
-            raise SteerError(f"{eval_set}: give --behavior NAME to pick a judge (or put answer_0 and answer_1 "
-                             f"on every item)")
-        b = ANSWERS
-    elif b.rule is judge_answers and not es.has_answers:
-        raise SteerError(f"{eval_set}: the {b.name} judge needs answer_0 and answer_1 on every item")
-    judge = None
-    if judge_model:
-        judge = GGUFJudge(judge_model, b, n_threads=kw.get("n_threads"), n_gpu_layers=kw.get("n_gpu_layers", 0))
-    return es, b, judge
+        require()
+
+
+def _judging(behavior_name, eval_set, max_items, judge_model, kw):
+    from .judges import judging
+
+    return judging(behavior_name, eval_set, max_items, judge_model, n_threads=kw.get("n_threads"),
+                   n_gpu_layers=kw.get("n_gpu_layers", 0))
 
 
 def _sampling(samples, temperature, max_tokens, seed, parallel):
@@ -606,23 +476,6 @@ def _sampling(samples, temperature, max_tokens, seed, parallel):
     if not (temperature >= 0):
         raise SteerError(f"--temperature must be >= 0, got {temperature}")
     return Sampling(samples, temperature, max_tokens, seed)
-
-
-class _Progress:
-    """A progress bar on stderr, fed with finished work units."""
-
-    def __init__(self, total: int, label: str):
-        self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __call__(self, n: int) -> None:
-        self.bar.update(n)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
 
 
 @main.command("eval")
@@ -638,26 +491,21 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
              seed, judge_model, parallel, toward, text_file, json_out, plot, **kw):
     """Does a profile change the behavior, against random-expert controls, and at what cost?"""
     from .evaluate import conditions_for, evaluate, work_units
-    from .fileio import check_output, decode_text, read_bytes
+    from .fileio import decode_text, read_bytes
     from .profile import Profile
+    from .progress import Progress
 
     _nonneg("controls", n_controls)
     sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
-    for out in (json_out, plot):
-        if out is not None:
-            check_output(out)
-    if plot:
-        from .plots import require
-
-        require()
+    _outputs(json_out, plot=plot)
     text = decode_text(read_bytes(text_file, "text file"), text_file) if text_file else None
     profs = [Profile.load(p) for p in profiles]
     llm = open_model(model, None, **kw)
     for path, p in zip(profiles, profs):
         p.check(llm.info, force=kw["force"], source=path)
-    es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
+    es, b, judge = _judging(behavior_name, eval_set, max_items, judge_model, kw)
     conds = conditions_for(profs, llm.info, b.labels, n_controls, seed, toward)
-    with _Progress(work_units(es, len(conds), sampling), "generating") as bar:
+    with Progress(work_units(es, len(conds), sampling), "generating") as bar:
         report = evaluate(llm, es, b, profs, sampling=sampling, judge=judge, text=text, conditions=conds,
                           on_progress=bar, parallel=parallel)
     click.echo(report.table())
@@ -696,28 +544,21 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
              parallel, reverse, max_kl, alpha, tolerance, n_controls, sizes, arms, output, json_out, plot, **kw):
     """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
     from .detect import DetectionTable
-    from .fileio import atomic_write, check_output
-    from .tune import sweep_table, tune
+    from .fileio import atomic_write
+    from .progress import Progress
+    from .tune import chosen_summary, sweep_table, to_json, tune, work_units
 
     _nonneg("controls", n_controls)
     sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
     size_list = _int_list("sizes", sizes) if sizes else None
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
-    for out in (output, json_out, plot):
-        if out is not None:
-            check_output(out)
-    if plot:
-        from .plots import require
-
-        require()
+    _outputs(output, json_out, plot=plot)
     t = DetectionTable.from_csv(table)
     llm = open_model(model, None, **kw)
-    es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
+    es, b, judge = _judging(behavior_name, eval_set, max_items, judge_model, kw)
     name = os.path.splitext(os.path.basename(output))[0]
-    from .tune import default_sizes, sweep_profiles
-
-    n_points = len(sweep_profiles(t, llm.info, reverse, size_list or default_sizes(llm.info), arm_list)[0])
-    with _Progress(len(es) * sampling.samples * (1 + n_points + n_controls), "sweeping") as bar:
+    units = work_units(t, llm.info, es, sampling, reverse, size_list, arm_list, n_controls)
+    with Progress(units, "sweeping") as bar:
         res = tune(llm, t, es, b, reverse=reverse, max_kl=max_kl, alpha=alpha, tolerance=tolerance, sizes=size_list,
                    arms=arm_list, sampling=sampling, judge=judge, name=name, controls=n_controls, control_seed=seed,
                    on_progress=bar, parallel=parallel)
@@ -725,9 +566,7 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
     for s in res.skipped:
         click.echo(f"skipped {s}")
     if json_out:
-        atomic_write(json_out, json.dumps({"format": "steer-gguf.tune/1", "target": res.target, "alpha": alpha,
-                                           "max_kl": max_kl, "points": res.points, "skipped": res.skipped,
-                                           "report": res.report.to_dict()}, indent=1) + "\n")
+        atomic_write(json_out, to_json(res, alpha, max_kl))
     if plot:
         from .plots import sweep_plot
 
@@ -736,9 +575,7 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
         raise SteerError(f"no point of the sweep shifted {b.name} toward {res.target} significantly "
                          f"(p < {alpha}){' within the KL budget' if max_kl is not None else ''}; no profile written")
     res.chosen.save(output)
-    tp = res.chosen.provenance["tune"]
-    click.echo(f"{output}: {res.chosen.summary()}; {res.target} {100 * tp['rate']:.0f}% "
-               f"({tp['effect_points']:+.0f} points, p={tp['p']:.1e}, KL {tp['kl']:.4f})")
+    click.echo(chosen_summary(res, output))
 
 
 def _int_list(name: str, text: str) -> list[int]:
@@ -765,28 +602,23 @@ def _int_list(name: str, text: str) -> list[int]:
 def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed,
               judge_model, parallel, n_controls, sizes, output, plot, **kw):
     """Safety sparsity: how few experts carry refusal, and how fast deactivating them bypasses it."""
-    from .audit import audit, default_sizes
+    from .audit import audit, default_sizes, work_units
     from .datasets import load_pairs
     from .detect import DetectionTable
     from .detect import detect as run_detect
-    from .fileio import atomic_write, check_output
+    from .fileio import atomic_write
+    from .progress import Progress
 
     behavior_name = behavior_name or "safety"
     _nonneg("controls", n_controls)
     sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
     size_list = [int(x) for x in _int_list("sizes", sizes)] if sizes else None
-    for out in (output, plot):
-        if out is not None:
-            check_output(out)
-    if plot:
-        from .plots import require
-
-        require()
+    _outputs(output, plot=plot)
     if table and pairs:
         raise SteerError("give --pairs or --table, not both")
     t = DetectionTable.from_csv(table) if table else None
     llm = open_model(model, None, **kw)
-    es, b, judge = _eval_setup(llm, behavior_name, eval_set, max_items, judge_model, kw)
+    es, b, judge = _judging(behavior_name, eval_set, max_items, judge_model, kw)
     if t is None:
         spec = pairs or b.pairs
         if spec is None:
@@ -794,8 +626,7 @@ def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, 
         click.echo(f"detecting on {spec} ...", err=True)
         t = run_detect(llm, load_pairs(spec))
     size_list = size_list if size_list is not None else default_sizes(t, llm.info)
-    n_cond = 1 + sum(1 + n_controls + 1 for n in size_list if n > 0)
-    with _Progress(len(es) * sampling.samples * n_cond, "auditing") as bar:
+    with Progress(work_units(es, sampling, size_list, n_controls), "auditing") as bar:
         res = audit(llm, t, es, b, sizes=size_list, controls=n_controls, sampling=sampling, judge=judge, seed=seed,
                     on_progress=bar, parallel=parallel)
     click.echo(res.summary())

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SteerError
-from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
+from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes, read_json
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "pairs"
@@ -239,6 +239,20 @@ def load_prompts(spec: str | os.PathLike) -> list[list[Message]]:
     if not convs:
         raise SteerError(f"{path}: no prompts in the file")
     return convs
+
+
+def read_messages(path: str) -> list[Message]:
+    """One conversation to trace (`trace --messages`): a JSON list of messages, or an object
+    with a "messages" list."""
+    data = read_json(path)
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    if not isinstance(data, list) or not data:
+        raise SteerError(f"{path}: expected a non-empty list of messages")
+    for i, m in enumerate(data):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise SteerError(f"{path}: messages[{i}] must be an object with string 'role' and 'content'")
+    return data
 
 
 # ---- target spans --------------------------------------------------------------------------

@@ -435,6 +435,37 @@ class DetectionTable:
         return k, ModelRef(n_expert_used=k, n_layer=None, n_expert=self.n_expert)
 
 
+# ---- what `steer-gguf detect` shows ----------------------------------------------------------
+def summary(table: DetectionTable, output: str, seconds: float, n_top: int) -> str:
+    """A risk-difference table's summary: its size, its concentration, its top rows."""
+    lines = [f"{table.meta.get('pairs')} pairs, {len(table)} (layer, expert) rows -> {output} ({seconds:.1f} s)",
+             f"signal concentration: {table.concentration()} experts hold half of the total |risk_diff|"]
+    if n_top:
+        lines.append("  rank layer expert   p1      p2      risk_diff")
+        for i, r in enumerate(table.top(n_top)):
+            lines.append(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
+    return "\n".join(lines)
+
+
+def save_heatmap(table_path: str, path: str, pick: int, info: ModelInfo) -> None:
+    """The written table as a heatmap, with the experts `profile make --activate pick` takes
+    outlined."""
+    from .plots import detection_heatmap
+
+    t = DetectionTable.from_csv(table_path)
+    picked = []
+    if pick:
+        n_pos = min(pick, int((t.score > 0).sum()), info.n_expert_used * len(info.moe_layers))
+        if n_pos:
+            try:
+                picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
+            except SteerError:  # fewer pickable experts under the k-per-layer cap: outline none
+                picked = []
+    what = "risk difference" if t.effect is None else "causal effect"
+    detection_heatmap(t, path, picked, f"{os.path.basename(table_path)}: {what} (red: behavior 1, "
+                      f"blue: behavior 2); outlined: the top {len(picked)} to activate")
+
+
 def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
     """An effect (empty: not measured, NaN) or a greedy step (an integer)."""
     if column in EFFECT_COLUMNS:

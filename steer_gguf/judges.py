@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import SteerError
-from .evalsets import EvalItem
+from .evalsets import EvalItem, EvalSet, load_eval_set
 
 UNCLASSIFIED = "unclassified"
 
@@ -176,3 +176,26 @@ class GGUFJudge:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def judging(behavior_name: str | None, eval_set: str | None, max_items: int | None, judge_model: str | None,
+            n_threads: int | None = None, n_gpu_layers: int = 0) -> tuple[EvalSet, Behavior, GGUFJudge | None]:
+    """What eval, tune and audit measure with: the behavior (or the answers' own labels), its
+    held-out prompts unless others are given, and the judge model if one is named (loaded here)."""
+    b = behavior(behavior_name) if behavior_name else None
+    if eval_set is None:
+        if b is None:
+            raise SteerError("give --behavior NAME (and optionally --eval-set FILE)")
+        eval_set = b.eval_set
+    es = load_eval_set(eval_set, max_items=max_items)
+    if b is None:
+        if not es.has_answers:
+            raise SteerError(f"{eval_set}: give --behavior NAME to pick a judge (or put answer_0 and answer_1 "
+                             f"on every item)")
+        b = ANSWERS
+    elif b.rule is judge_answers and not es.has_answers:
+        raise SteerError(f"{eval_set}: the {b.name} judge needs answer_0 and answer_1 on every item")
+    judge = None
+    if judge_model:
+        judge = GGUFJudge(judge_model, b, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    return es, b, judge

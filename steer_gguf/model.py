@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import SteerError
+from .errors import SteerError, printable
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NAMES = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax-after-topk", 4: "sqrt-softplus"}
@@ -55,6 +55,39 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def report(self) -> str:
+        """What `steer-gguf info` prints. The path and the architecture come from the user and
+        the file: shown escaped."""
+        lines = [f"model         {printable(self.path)}",
+                 f"architecture  {printable(self.architecture)}",
+                 f"layers        {self.n_layer} ({len(self.moe_layers)} MoE: {layer_ranges(self.moe_layers)})",
+                 f"experts       {self.n_expert}, {self.n_expert_used} per token"
+                 + (f", {self.n_shared_expert} shared" if self.n_shared_expert else "")]
+        if self.n_expert_groups > 1:
+            lines.append(f"groups        {self.n_expert_groups}, {self.n_group_used} used per token")
+        lines += [f"gating        {self.gating}" + (" + selection bias" if self.has_selection_bias else "")
+                  + (" + router bias" if self.has_router_bias else ""),
+                  f"fingerprint   {self.fingerprint}"]
+        return "\n".join(lines)
+
+
+def layer_ranges(xs: list[int]) -> str:
+    """"3..7" for a run of consecutive layers, else "1,4,9"."""
+    if xs and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}..{xs[-1]}"
+    return ",".join(map(str, xs))
+
+
+def supported_models() -> str:
+    """models.txt: the architectures we support and how far each is verified. Installed next
+    to the package; in a source tree it is at the top."""
+    from .runtime import PACKAGE_DIR
+
+    for p in (PACKAGE_DIR / "models.txt", PACKAGE_DIR.parent / "models.txt"):
+        if p.is_file():
+            return p.read_text()
+    raise SteerError("models.txt is missing from the installation")
 
 
 def _field(reader, key: str, default=None):

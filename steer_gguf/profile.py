@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import SteerError, printable
 from .fileio import atomic_write, read_json
-from .model import ModelInfo
+from .model import ModelInfo, layer_ranges
 
 FORMAT = "steer-gguf.profile/1"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -204,7 +204,7 @@ class Profile:
                     raise SteerError(f"{src}: {kind}[{i}].layer: {r.layer} out of range (model has {info.n_layer} layers)")
                 if r.layer not in moe:
                     raise SteerError(f"{src}: {kind}[{i}].layer: layer {r.layer} is not a MoE layer "
-                                     f"(MoE layers: {_ranges(info.moe_layers)})")
+                                     f"(MoE layers: {layer_ranges(info.moe_layers) or 'none'})")
                 if r.expert >= info.n_expert:
                     raise SteerError(f"{src}: {kind}[{i}].expert: {r.expert} out of range (model has {info.n_expert} experts)")
         full = Profile(ModelRef(info.n_expert_used, n_layer=info.n_layer, n_expert=info.n_expert),
@@ -229,6 +229,28 @@ class Profile:
         return (f"{printable(self.name)}: {self.count('activate')} activated, {self.count('deactivate')} deactivated, "
                 f"{len(self.bias)} biased experts in {len(layers)} layers (eps={self.eps})")
 
+    def report(self) -> str:
+        """What `steer-gguf profile show` prints: the summary, the model, every rule."""
+        m = self.model
+        lines = [self.summary(),
+                 f"model: {printable(m.architecture or '?')} n_layer={m.n_layer or '?'} n_expert={m.n_expert or '?'} "
+                 f"k={m.n_expert_used} fingerprint={printable(m.fingerprint or '(none: checked by shape)')}"]
+        for r in self.experts:
+            rd = f"  risk_diff={r.risk_diff:+.4f}" if r.risk_diff is not None else ""
+            lines.append(f"  layer {r.layer:3d} expert {r.expert:4d} {r.action}{rd}")
+        for b in self.bias:
+            lines.append(f"  layer {b.layer:3d} expert {b.expert:4d} bias {b.value:+g}")
+        if self.provenance:
+            lines.append(f"provenance: {json.dumps(self.provenance)}")
+        return "\n".join(lines)
+
+    def extent(self) -> tuple[int, int]:
+        """(n_layer, n_expert) of its model, or as far as its rules reach when the file does not say."""
+        m = self.model
+        n_layer = m.n_layer or 1 + max([r.layer for r in self.experts] + [b.layer for b in self.bias], default=0)
+        n_expert = m.n_expert or 1 + max([r.expert for r in self.experts] + [b.expert for b in self.bias], default=0)
+        return n_layer, n_expert
+
 
 def as_profile(p: "Profile | str | os.PathLike | None") -> "Profile | None":
     if p is None or isinstance(p, Profile):
@@ -236,12 +258,6 @@ def as_profile(p: "Profile | str | os.PathLike | None") -> "Profile | None":
     if not isinstance(p, (str, os.PathLike)):
         raise SteerError(f"profile: must be a Profile, a path or None, got {type(p).__name__}")
     return Profile.load(p)
-
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "none"
-    return f"{xs[0]}..{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else ",".join(map(str, xs))
 
 
 def _short(v: Any) -> str:

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server for one SteeredLlama, with a steering profile per request.
 
-One worker thread runs every generation, holding `llm.lock` from the profile switch to the
-last streamed chunk, so a request can never run under another request's profile. The HTTP
-side only validates, queues (bounded) and relays what the worker produces.
+The HTTP side only validates, queues (bounded) and relays what the worker produces: the
+profiles come from the registry (registry.py), the queue, worker and generation from
+scheduler.py.
 """
 from __future__ import annotations
 
@@ -10,19 +10,15 @@ import asyncio
 import contextlib
 import hmac
 import json
-import os
-import pathlib
-import queue
 import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from .errors import SteerError
 from .fileio import check_json_value
-from .profile import Profile
+from .registry import NONE, ProfileUnavailable, Profiles, describe
+from .scheduler import Job, QueueFull, ShuttingDown, Worker
 from .steered import SteeredLlama
 
 # llama_cpp only after .steered, which points it at our patched library
@@ -33,92 +29,9 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import BaseModel, StrictBool, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-NONE = "none"
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes (serve --max-body): far above any chat request, far below what ties the server up
 # request bodies nest a few levels; JSON schemas of tools a few more
 MAX_BODY_DEPTH = 128
-
-
-# ---- profiles --------------------------------------------------------------------------------
-@dataclass
-class Profiles:
-    """The profiles requests may name (file stem -> Profile; None is "none"), and the files
-    that were excluded at startup with the reason, so a request for one gets that reason."""
-    usable: dict[str, Optional[Profile]] = field(default_factory=lambda: {NONE: None})
-    excluded: dict[str, str] = field(default_factory=dict)
-    default: str = NONE
-
-    def get(self, name: Optional[str]) -> tuple[str, Optional[Profile]]:
-        name = self.default if name is None else name
-        if name in self.usable:
-            return name, self.usable[name]
-        if name in self.excluded:
-            raise APIError(400, f"steer_profile {name!r} is not usable on this model: {self.excluded[name]}",
-                           "invalid_request_error", "invalid_profile", "steer_profile")
-        raise APIError(400, f"steer_profile {name!r} does not exist (available: {', '.join(self.usable)})",
-                       "invalid_request_error", "unknown_profile", "steer_profile")
-
-
-def load_profiles(llm: SteeredLlama, profiles_dir: Optional[str], default: Optional[str],
-                  force: bool = False) -> Profiles:
-    """Load and check every DIR/*.json against the model; a bad one is excluded, not fatal.
-    `default` is a name from the directory, a profile file, or "none"; a bad default is fatal."""
-    ps = Profiles()
-    if profiles_dir is not None:
-        d = pathlib.Path(profiles_dir)
-        if not d.is_dir():
-            raise SteerError(f"{profiles_dir}: --profiles-dir is not a directory")
-        for path in sorted(d.glob("*.json")):
-            if path.stem == NONE:
-                ps.excluded[path.stem] = f"{path.name}: the name 'none' is reserved for unsteered routing"
-                continue
-            try:
-                p = Profile.load(path)
-                p.check(llm.info, force=force, source=path.name)
-            except Exception as e:  # one bad file must never keep the server from starting
-                why = str(e) if isinstance(e, SteerError) else f"{path}: unreadable ({type(e).__name__})"
-                # clients see these reasons: name the file, not where the server keeps it
-                ps.excluded[path.stem] = why.replace(str(path), path.name)
-                continue
-            ps.usable[path.stem] = None if p.is_empty else p
-    if default is None or default == NONE:
-        return ps
-    if profiles_dir is not None and os.path.isfile(default):
-        same = pathlib.Path(profiles_dir) / (pathlib.Path(default).stem + ".json")
-        if same.is_file() and os.path.samefile(same, default):
-            default = same.stem  # the directory's own file, given by path
-    if default in ps.usable:
-        ps.default = default
-    elif default in ps.excluded:
-        raise SteerError(f"default profile {default!r}: {ps.excluded[default]}")
-    elif os.path.isfile(default):
-        p = Profile.load(default)
-        p.check(llm.info, force=force, source=default)
-        stem = pathlib.Path(default).stem
-        if stem in ps.usable or stem in ps.excluded:
-            raise SteerError(f"{default}: its name {stem!r} clashes with a profile in {profiles_dir}; "
-                             f"name the one in the directory instead")
-        ps.usable[stem] = None if p.is_empty else p
-        ps.default = stem
-    else:
-        where = f" in {profiles_dir}" if profiles_dir else ""
-        raise SteerError(f"--profile {default!r}: no such profile{where} and no such file "
-                         f"(available: {', '.join(ps.usable)})")
-    return ps
-
-
-def describe(name: str, p: Optional[Profile]) -> dict:
-    prov = p.provenance if p is not None else {}
-    return {
-        "name": name,
-        "profile_name": p.name if p is not None else NONE,
-        "description": prov.get("description") or prov.get("behavior"),
-        "dataset": prov.get("dataset"),
-        "activated": p.count("activate") if p is not None else 0,
-        "deactivated": p.count("deactivate") if p is not None else 0,
-        "biased": sum(1 for b in p.bias if b.value != 0.0) if p is not None else 0,
-        "layers": sorted({r.layer for r in p.experts} | {b.layer for b in p.bias}) if p is not None else [],
-    }
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -135,7 +48,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def _generation_error(e: Exception) -> APIError:
+def _worker_error(e: Exception) -> APIError:
+    """What the worker reported (scheduler.py knows no HTTP), as the client sees it."""
+    if isinstance(e, ShuttingDown):
+        return APIError(503, "server is shutting down", "server_error", "shutting_down")
     # llama-cpp-python reports bad arguments (prompt longer than the context, logprobs
     # without logits_all...) as ValueError: the client's fault, not the server's
     if isinstance(e, (ValueError, SteerError)):
@@ -226,145 +142,6 @@ def _token_bias(bias: dict, n_vocab: int) -> dict:
                            code="invalid_value", param="logit_bias")
         out[str(t)] = value
     return out
-
-
-# ---- the worker ------------------------------------------------------------------------------
-@dataclass
-class Job:
-    chat: bool
-    stream: bool
-    kwargs: dict
-    profile_name: str
-    profile: Optional[Profile]
-    trace: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: bool = False  # the client went away: stop generating
-
-    def emit(self, kind: str, payload: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Worker:
-    """Runs jobs one at a time. `max_queue` bounds the jobs waiting behind the running one."""
-
-    def __init__(self, llm: SteeredLlama, max_queue: int):
-        self.llm = llm
-        self.jobs: queue.Queue[Optional[Job]] = queue.Queue(maxsize=max_queue)
-        self.busy = False
-        self.stopping = False
-        self.served = 0
-        self._thread = threading.Thread(target=self._run, name="steer-gguf-worker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.stopping = True  # jobs still queued are answered 503, not run
-        with contextlib.suppress(queue.Full):
-            self.jobs.put_nowait(None)
-        self._thread.join(timeout)
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull() from None
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled:
-                continue
-            self.busy = True
-            try:
-                self._execute(job)
-            except APIError as e:
-                job.emit("error", e)
-            except Exception as e:  # never let one request stop the worker
-                job.emit("error", _generation_error(e))
-            finally:
-                self.busy = False
-                self.served += 1
-                job.emit("end", None)
-
-    def _execute(self, job: Job) -> None:
-        llm = self.llm
-        with llm.lock:  # held from the profile switch to the last chunk
-            if self.stopping:  # checked under the lock: whoever closes the model holds it
-                raise APIError(503, "server is shutting down", "server_error", "shutting_down")
-            if llm.profile is not job.profile:
-                # only on a change: set_profile drops the prompt cache, which is only
-                # valid for the profile it was computed under
-                llm.set_profile(job.profile)
-            call = llm.create_chat_completion if job.chat else llm.create_completion
-            with contextlib.ExitStack() as stack:
-                sampled = stack.enter_context(_sampling_hook(llm, job))
-                if job.trace:
-                    # a fully cached prompt is sampled without a decode, which would leave
-                    # the first token's routing unrecorded: start from a clean state
-                    llm.reset()
-                    log = stack.enter_context(llm.recording())
-                last = None
-                try:
-                    out = call(**job.kwargs)
-                    if not job.stream:
-                        last = out
-                    else:
-                        for chunk in out:
-                            if last is not None:
-                                job.emit("chunk", last)
-                            last = chunk  # held back: the trace goes into the final chunk
-                except Cancelled:
-                    return
-            if last is None:
-                return
-            last["steer_profile"] = job.profile_name
-            if job.trace:
-                last["steer_trace"] = routing_trace(log, sampled)
-            job.emit("chunk" if job.stream else "result", last)
-
-
-class Cancelled(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _sampling_hook(llm: SteeredLlama, job: Job) -> Iterator[list[int]]:
-    """Sees every token llama-cpp-python samples (the end-of-generation token included):
-    their count says how many recorded forward passes belong to the completion, and a
-    request whose client left stops at the next token, even while llama-cpp-python holds
-    text back (stop-sequence and UTF-8 lookahead). Installed on the instance, and only
-    while the lock is held."""
-    tokens: list[int] = []
-    sample = type(llm).sample.__get__(llm)
-
-    def hooked_sample(*args, **kwargs):
-        if job.cancelled:
-            raise Cancelled()
-        t = sample(*args, **kwargs)
-        tokens.append(int(t))
-        return t
-
-    llm.sample = hooked_sample  # type: ignore[method-assign]
-    try:
-        yield tokens
-    finally:
-        del llm.sample
-
-
-def routing_trace(log, sampled: list[int]) -> dict:
-    """Row i: the experts chosen in each MoE layer by the forward pass that produced sampled
-    token i (its input is the token before it: the prompt's last token for row 0). The last
-    sampled token is never fed back through the model, so this is the only way every
-    generated token gets a row."""
-    n = len(sampled)
-    experts = log.tail(n).tolist() if n else []
-    return {"layers": list(log.layers), "tokens": list(sampled), "experts": experts}
 
 
 # ---- the app ---------------------------------------------------------------------------------
@@ -527,7 +304,11 @@ class ClientGone(Exception):
 
 
 async def _generate(state: ServerState, request: Request, body: ChatRequest | CompletionRequest, chat: bool):
-    name, profile = state.profiles.get(body.steer_profile)
+    try:
+        name, profile = state.profiles.get(body.steer_profile)
+    except ProfileUnavailable as e:
+        raise APIError(400, f"steer_profile {e.name!r} {e.why}", "invalid_request_error", e.code,
+                       "steer_profile") from None
     job = Job(chat=chat, stream=body.stream, kwargs=llama_kwargs(state.llm, body, state.model_id),
               profile_name=name, profile=profile, trace=body.steer_trace,
               loop=asyncio.get_running_loop(), events=asyncio.Queue())
@@ -539,7 +320,7 @@ async def _generate(state: ServerState, request: Request, body: ChatRequest | Co
     kind, payload = await _next_event(job, request)
     if kind == "error":
         job.cancelled = True
-        return payload.response()
+        return _worker_error(payload).response()
     if kind == "end":  # nothing generated
         return APIError(500, "generation produced no output", "server_error", None).response()
     if not job.stream:
@@ -556,7 +337,7 @@ async def _sse(job: Job, request: Request, first: dict) -> AsyncIterator[str]:
             if kind == "end":
                 break
             if kind == "error":  # after a 200 status: OpenAI clients raise on an error event
-                yield f"data: {json.dumps(payload.body())}\n\n"
+                yield f"data: {json.dumps(_worker_error(payload).body())}\n\n"
                 break
             yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
@@ -597,7 +378,3 @@ def run(state: ServerState, sock: socket.socket, access_log: bool = False) -> No
           flush=True)
     uvicorn.Server(config).run(sockets=[sock])
 
-
-def warn_excluded(profiles: Profiles) -> None:
-    for name, err in profiles.excluded.items():
-        print(f"steer-gguf: warning: profile {name!r} excluded: {err}", file=sys.stderr, flush=True)

@@ -38,6 +38,13 @@ def routing_stats(llm, conversations: list[list[dict]], batch_tokens: int = 2048
             "tokens": n_tok, "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "layers": layers}
 
 
+def layer_lines(stats: dict) -> list[str]:
+    """What `steer-gguf stats` shows of each MoE layer."""
+    return [f"layer {layer['layer']:3d}: entropy {layer['entropy_bits']:.2f}/{layer['max_entropy_bits']:.2f} bits, "
+            f"max/mean load {layer['max_over_mean']:.2f}, most used {layer['most_used'][:3]}"
+            for layer in stats["layers"]]
+
+
 def save_heatmap(stats: dict, path: str) -> None:
     from .plots import pyplot, save
 

@@ -15,11 +15,13 @@ reaching it, and the smallest of those wins (then the lower KL, then the arm ord
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import SteerError
 from .evaluate import Condition, EvalReport, Sampling, evaluate, kl_cost, random_control, run_outcomes, summarize
+from .evaluate import work_units as eval_units
 from .evalsets import EvalSet
 from .judges import Behavior
 from .profile import Profile
@@ -163,3 +165,23 @@ def sweep_table(res: TuneResult) -> str:
                      + f" points (mean {ctl['mean_effect_points']:+.0f}); the profile beats them by "
                        f"{ctl['beyond_controls_points']:+.0f}")
     return "\n".join(lines)
+
+
+def work_units(table, info, eval_set: EvalSet, sampling: Sampling, reverse: bool, sizes: list[int] | None,
+               arms: tuple[str, ...], controls: int) -> int:
+    """How many on_progress units tune() reports: the unsteered run, every feasible point, the controls."""
+    n_points = len(sweep_profiles(table, info, reverse, sizes or default_sizes(info), arms)[0])
+    return eval_units(eval_set, 1 + n_points + controls, sampling)
+
+
+def to_json(res: TuneResult, alpha: float, max_kl: float | None) -> str:
+    """The sweep, every point, as `tune --json` writes it."""
+    return json.dumps({"format": "steer-gguf.tune/1", "target": res.target, "alpha": alpha, "max_kl": max_kl,
+                       "points": res.points, "skipped": res.skipped, "report": res.report.to_dict()}, indent=1) + "\n"
+
+
+def chosen_summary(res: TuneResult, output: str) -> str:
+    """The line that says which profile was written, and what it did."""
+    tp = res.chosen.provenance["tune"]
+    return (f"{output}: {res.chosen.summary()}; {res.target} {100 * tp['rate']:.0f}% "
+            f"({tp['effect_points']:+.0f} points, p={tp['p']:.1e}, KL {tp['kl']:.4f})")

@@ -18,7 +18,8 @@ from hypothesis import strategies as st  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from steer_gguf import ExpertRule, Profile, SteerError, model_info  # noqa: E402
-from steer_gguf.cli import _read_messages, main  # noqa: E402
+from steer_gguf.cli import main  # noqa: E402
+from steer_gguf.datasets import read_messages  # noqa: E402
 from steer_gguf.datasets import load_pairs, load_prompts, parse_pair  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -148,7 +149,7 @@ def test_dataset_readers_on_any_lines(tmp_path, text_lines, skip_bad, junk):
 @FUZZ
 @given(st.one_of(json_values.map(json.dumps), st.binary(max_size=200)))
 def test_messages_reader_on_anything(tmp_path, data):
-    msgs = result_or_steer_error(_read_messages, str(write(tmp_path, "m.json", data)))
+    msgs = result_or_steer_error(read_messages, str(write(tmp_path, "m.json", data)))
     if msgs is not None:
         assert all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in msgs)
 
