@@ -7,6 +7,7 @@ Every evaluation, tuning and audit run generates through generate_batch; the ser
 parallel scheduler drives a BatchEngine directly."""
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -160,13 +161,12 @@ class BatchEngine:
             experts = np.zeros((0, len(self.llm.info.moe_layers), k), dtype=np.int32)
         return Result(text, s.tokens, reason, len(s.req.prompt), experts)
 
-    def _text(self, s: _Seq) -> tuple[str, bool, int]:
+    def _text(self, s: _Seq, final: bool = False) -> tuple[str, bool, int]:
         """(text so far, whether a stop string ended it, characters safe to stream)."""
         raw = self.llm.detokenize([t for t in s.tokens if not self._eog(t)])
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:  # a character cut between tokens: wait for its rest
-            text = raw[:e.start].decode("utf-8", errors="replace")
+        # bytes that are not UTF-8 are dropped (as llama-cpp-python does); a character cut
+        # between tokens waits for its rest, unless the answer ends there
+        text = codecs.getincrementaldecoder("utf-8")(errors="ignore").decode(raw, final=final)
         cut = [text.find(st) for st in s.req.stop if st and st in text]
         if cut:
             return text[:min(cut)], True, min(cut)
@@ -235,7 +235,7 @@ class BatchEngine:
 
         for sid in [sid for sid, s in active.items() if s.req.cancelled is not None and s.req.cancelled()]:
             s = active.pop(sid)
-            text = self._text(s)[0]
+            text = self._text(s, final=True)[0]
             on_done(s.key, self._finish(sid, s, "cancelled", text))
             free.append(sid)
         if not active:
@@ -275,6 +275,8 @@ class BatchEngine:
                     s.req.on_text(text[s.sent:safe])
                     s.sent = safe
                 continue
+            if not stopped:
+                text = self._text(s, final=True)[0]
             del active[sid]
             free.append(sid)
             on_done(s.key, self._finish(sid, s, reason, text))

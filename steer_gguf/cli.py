@@ -369,13 +369,16 @@ def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
 @click.option("--api-key", envvar="STEER_GGUF_API_KEY",
               help="require Authorization: Bearer KEY on /v1 (or set STEER_GGUF_API_KEY)")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="requests decoded together, each under its own profile, each with --ctx tokens (graph engine)")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
-              help="requests allowed to wait behind the running one; more get 503")
+              help="requests allowed to wait behind the running ones; more get 503")
 @click.option("--access-log", is_flag=True, help="log every request")
 @click.option("--max-body", type=click.IntRange(min=1), default=8, show_default=True,
               help="largest request body in MiB; larger ones get 413")
 @llama_options
-def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, access_log, max_body, **kw):
+def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, max_queue, access_log, max_body,
+          **kw):
     """OpenAI-compatible HTTP server; requests pick a profile with "steer_profile"."""
     try:
         from . import server
@@ -383,7 +386,7 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, 
         raise SteerError(f"serve needs the server extra ({e.name} is missing): pip install 'steer-gguf[server]'") from None
 
     from .registry import check_dir, load_profiles, warn_excluded
-    from .scheduler import SerialExecutor, Worker
+    from .scheduler import BatchExecutor, SerialExecutor, Worker
 
     check_dir(profiles_dir)
     if api_key is not None and not api_key.strip():
@@ -393,7 +396,8 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, max_queue, 
         llm = open_model(model, None, **kw)
         profiles = load_profiles(llm.info, profiles_dir, default_profile, force=kw["force"])
         warn_excluded(profiles)
-        executor = SerialExecutor(llm)
+        # the hook engine steers a whole context, not a sequence: one request at a time
+        executor = BatchExecutor(llm, parallel, llm.n_ctx()) if llm.engine == "graph" else SerialExecutor(llm)
         state = server.ServerState(llm, profiles, Worker(executor, max_queue), model_id=os.path.basename(model),
                                    api_key=api_key, max_body=max_body * 1024 * 1024)
         try:

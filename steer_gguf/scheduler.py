@@ -2,9 +2,9 @@
 
 The worker only takes jobs off the queue, skips those whose client already left, and hands
 each to the executor, which streams what the job produces through `job.emit` and ends it
-with `job.finish`. `SerialExecutor` sees each job through before it returns; an executor that
-decodes several jobs together returns as soon as it can take another one and finishes each
-job when its decoding ends, without the worker or the HTTP side changing.
+with `job.finish`. `SerialExecutor` sees each job through before it returns; `BatchExecutor` decodes several
+jobs together and returns as soon as it can take another one, finishing each job when its
+decoding ends.
 
 Nothing here knows HTTP: errors travel as exceptions and the server maps them to statuses.
 """
@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 
+from .errors import SteerError
 from .profile import Profile
 
 if TYPE_CHECKING:  # the worker's logic needs no model: importing it loads no native library
@@ -36,6 +37,7 @@ class Job:
     cancelled: bool = False         # the client went away: stop generating
     on_finish: Optional[Callable[[], None]] = None  # the worker's count of running jobs
     finished: bool = False          # "end" was emitted
+    phase: str = "all"              # steer the prompt and the answer, or only one (slots.PHASES)
 
     def emit(self, kind: str, payload: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
@@ -143,6 +145,8 @@ class SerialExecutor:
         with llm.lock:
             if self.stopping:  # checked under the lock: whoever closes the model holds it
                 raise ShuttingDown()
+            if job.phase != "all":
+                raise SteerError(f"steer_phase {job.phase!r} needs per-sequence steering (serve --engine graph)")
             if llm.profile is not job.profile:
                 # only on a change: set_profile drops the prompt cache, which is only
                 # valid for the profile it was computed under
@@ -179,6 +183,109 @@ class SerialExecutor:
         self.stopping = True
         with self.llm.lock:
             self.llm.close()
+
+
+class BatchExecutor:
+    """Up to n_parallel jobs decoded together (batch.BatchEngine, on a context of its own),
+    each under its own profile and steering phase. execute() returns as soon as a sequence is
+    free for the next job. A job that needs what only llama-cpp-python's own completion path
+    serves (logprobs, tools, response_format, ...) runs through a SerialExecutor on the
+    model's main context instead, beside the batch."""
+
+    def __init__(self, llm: SteeredLlama, n_parallel: int, n_ctx_seq: int):
+        from .batch import BatchEngine
+
+        self.llm = llm
+        self.n_ctx_seq = n_ctx_seq
+        self.stopping = False
+        self.serial = SerialExecutor(llm)
+        self.engine = BatchEngine(llm, n_parallel, n_ctx_seq)
+        self._free = threading.Semaphore(self.engine.n_seq)
+        self._inbox: queue.Queue = queue.Queue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="steer-gguf-batch", daemon=True)
+        self._thread.start()
+
+    def execute(self, job: Job) -> None:
+        from .completions import serial_only
+
+        if self.stopping:
+            raise ShuttingDown()
+        needs = serial_only(job.kwargs)
+        if needs:
+            if job.phase != "all":
+                raise SteerError(f"steer_phase {job.phase!r} cannot be combined with {', '.join(needs)}")
+            self.serial.execute(job)
+            return
+        self._free.acquire()  # wait for a free sequence: the queue behind stays bounded
+        try:
+            if self.stopping:
+                raise ShuttingDown()
+            self._inbox.put(self._prepare(job))
+        except BaseException:
+            self._free.release()
+            raise
+
+    def _prepare(self, job: Job):
+        from .completions import Responder, to_request
+
+        resp = Responder(job.chat, str(job.kwargs.get("model") or ""))
+        on_text = None
+        if job.stream:
+            if job.chat:
+                job.emit("chunk", resp.chunk(role=True))
+            on_text = lambda piece: job.emit("chunk", resp.chunk(piece))  # noqa: E731
+        req = to_request(self.llm, job.kwargs, self.n_ctx_seq, job.profile, job.phase, job.trace, on_text,
+                         lambda: job.cancelled)
+        return job, resp, req
+
+    def _loop(self) -> None:
+        def next_request(idle: bool):
+            while True:
+                if idle and self._closing:
+                    return None
+                try:
+                    item = self._inbox.get() if idle else self._inbox.get_nowait()
+                except queue.Empty:
+                    return None
+                if item is None:
+                    self._closing = True
+                    continue
+                job, resp, req = item
+                if self.stopping:
+                    self._free.release()
+                    job.finish(ShuttingDown())
+                    continue
+                return (job, resp), req
+
+        self.engine.run(next_request, self._done)
+
+    def _done(self, key, r) -> None:
+        job, resp = key
+        self._free.release()
+        if isinstance(r, Exception):
+            job.finish(r)
+            return
+        if r.finish_reason == "cancelled":
+            job.finish()
+            return
+        last = resp.chunk(finish="length" if r.finish_reason == "length" else "stop") if job.stream else resp.result(r)
+        last["steer_profile"] = job.profile_name
+        if job.trace:
+            last["steer_trace"] = {"layers": list(self.llm.info.moe_layers), "tokens": list(r.tokens),
+                                   "experts": r.experts.tolist()}
+        job.emit("chunk" if job.stream else "result", last)
+        job.finish()
+
+    def shut_down(self, timeout: float = 60.0) -> None:
+        """Refuse new jobs, let the running ones finish, then close the model."""
+        self.stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return  # still decoding on the weights: closing them now would pull them from under it
+        self.engine.close()
+        self.serial.shut_down()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Literal, Optional
 
 from .errors import SteerError
 from .fileio import check_json_value
@@ -65,6 +65,7 @@ class _SteerFields(BaseModel):
     # strict: "yes" or 1 must not quietly mean true, nor 3 a profile name
     steer_profile: Optional[StrictStr] = None
     steer_trace: StrictBool = False
+    steer_phase: Literal["all", "generation", "prompt"] = "all"
 
 
 class ChatRequest(CreateChatCompletionRequest, _SteerFields):
@@ -75,7 +76,8 @@ class CompletionRequest(CreateCompletionRequest, _SteerFields):
     pass
 
 
-_NOT_LLAMA_ARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "steer_profile", "steer_trace"}
+_NOT_LLAMA_ARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "steer_profile", "steer_trace",
+                   "steer_phase"}
 
 
 def llama_kwargs(llm: SteeredLlama, body: ChatRequest | CompletionRequest, model_id: str) -> dict:
@@ -311,7 +313,7 @@ async def _generate(state: ServerState, request: Request, body: ChatRequest | Co
                        "steer_profile") from None
     job = Job(chat=chat, stream=body.stream, kwargs=llama_kwargs(state.llm, body, state.model_id),
               profile_name=name, profile=profile, trace=body.steer_trace,
-              loop=asyncio.get_running_loop(), events=asyncio.Queue())
+              loop=asyncio.get_running_loop(), events=asyncio.Queue(), phase=body.steer_phase)
     try:
         state.worker.submit(job)
     except QueueFull:

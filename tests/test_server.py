@@ -188,14 +188,20 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_dropped_by_its_client_stops_generating(server, stream):
-    # 900 tokens take seconds (llama-cpp-python's stream slows down on the random model's
-    # invalid UTF-8); the client leaves after 0.5 s and the worker must be free soon after
+    # 900 tokens take seconds; the client leaves after 0.5 s (a streaming one closes the
+    # connection mid-stream, the other times out) and the worker must be free soon after
     msgs = [{"role": "user", "content": "Hello there"}]
-    with pytest.raises(openai.APITimeoutError):
-        with server.client(timeout=0.5).with_streaming_response.chat.completions.create(
-                model="m", messages=msgs, max_tokens=900, temperature=0, stream=stream) as resp:
+    if stream:
+        t0 = time.monotonic()
+        with server.client(timeout=5).with_streaming_response.chat.completions.create(
+                model="m", messages=msgs, max_tokens=900, temperature=0, stream=True) as resp:
             for _ in resp.iter_lines():
-                time.sleep(0.1)
+                if time.monotonic() - t0 > 0.5:
+                    break
+    else:
+        with pytest.raises(openai.APITimeoutError):
+            server.client(timeout=0.5).chat.completions.create(model="m", messages=msgs, max_tokens=900,
+                                                               temperature=0)
     deadline = time.monotonic() + 5
     while server.get("/health").json()["busy"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -265,6 +271,32 @@ def test_trace_is_the_routing_that_produced_each_token(server, model, profiles_d
                 assert oracle.tolist() == t["experts"], (name, prompt)
     finally:
         llm.close()
+
+
+def test_steer_phase_steers_the_prompt_or_the_answer(server):
+    """steer_trace row 0 is the pass over the prompt, rows 1.. over the generated tokens."""
+    c = server.client()
+    got = {phase: chat(c, "Hello there", max_tokens=6,
+                       extra_body={"steer_profile": "force", "steer_trace": True, "steer_phase": phase}).steer_trace
+           for phase in ("all", "prompt", "generation")}
+    forced = {phase: [all(X in e for e in row) for row in t["experts"]] for phase, t in got.items()}
+    assert all(forced["all"])
+    assert forced["prompt"][0] and not all(forced["prompt"][1:])
+    assert not forced["generation"][0] and all(forced["generation"][1:])
+    r = server.post("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "steer_phase": "later"})
+    assert "steer_phase" in _error(r, 400)["message"]
+
+
+def test_requests_only_llama_cpp_python_serves_run_beside_the_batch(server):
+    """response_format (a JSON grammar made by llama-cpp-python) is served by its own path on
+    the main context, steered as asked."""
+    r = chat(server.client(), "Hello there", max_tokens=6, response_format={"type": "json_object"},
+             extra_body={"steer_profile": "force", "steer_trace": True})
+    assert r.choices[0].message.content.lstrip().startswith(("{", "["))
+    assert all(X in e for row in r.steer_trace["experts"] for e in row)
+    r = server.post("/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                          "response_format": {"type": "json_object"}, "steer_phase": "prompt"})
+    assert "steer_phase" in _error(r, 400)["message"]
 
 
 # ---- load ------------------------------------------------------------------------------------
