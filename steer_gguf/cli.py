@@ -436,6 +436,8 @@ def _judge_options(f):
     f = click.option("--judge", "judge_model", type=click.Path(), help="an instruct GGUF that judges the answers")(f)
     f = click.option("--parallel", type=int, default=4, show_default=True,
                      help="conversations decoded together (1: one at a time)")(f)
+    f = click.option("--phase", type=click.Choice(["all", "generation", "prompt"]), default="all", show_default=True,
+                     help="what the profiles steer: prompt and answer, the generated tokens only, the prompt only")(f)
     return f
 
 
@@ -471,7 +473,7 @@ def _judging(behavior_name, eval_set, max_items, judge_model, kw):
                    n_gpu_layers=kw.get("n_gpu_layers", 0))
 
 
-def _sampling(samples, temperature, max_tokens, seed, parallel):
+def _sampling(samples, temperature, max_tokens, seed, parallel, phase):
     from .evaluate import Sampling
 
     _nonneg("parallel", parallel, 1)
@@ -479,7 +481,7 @@ def _sampling(samples, temperature, max_tokens, seed, parallel):
     _nonneg("max-tokens", max_tokens, 1)
     if not (temperature >= 0):
         raise SteerError(f"--temperature must be >= 0, got {temperature}")
-    return Sampling(samples, temperature, max_tokens, seed)
+    return Sampling(samples, temperature, max_tokens, seed, phase)
 
 
 @main.command("eval")
@@ -492,7 +494,7 @@ def _sampling(samples, temperature, max_tokens, seed, parallel):
 @click.option("--plot", type=click.Path(), help="rates with intervals and KL (PNG)")
 @llama_options
 def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, samples, temperature, max_tokens,
-             seed, judge_model, parallel, toward, text_file, json_out, plot, **kw):
+             seed, judge_model, parallel, phase, toward, text_file, json_out, plot, **kw):
     """Does a profile change the behavior, against random-expert controls, and at what cost?"""
     from .evaluate import conditions_for, evaluate, work_units
     from .fileio import decode_text, read_bytes
@@ -500,7 +502,7 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
     from .progress import Progress
 
     _nonneg("controls", n_controls)
-    sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
+    sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
     _outputs(json_out, plot=plot)
     text = decode_text(read_bytes(text_file, "text file"), text_file) if text_file else None
     profs = [Profile.load(p) for p in profiles]
@@ -545,7 +547,8 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
 @click.option("--plot", type=click.Path(), help="effect and KL against profile size (PNG)")
 @llama_options
 def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed, judge_model,
-             parallel, reverse, max_kl, alpha, tolerance, n_controls, sizes, arms, output, json_out, plot, **kw):
+             parallel, phase, reverse, max_kl, alpha, tolerance, n_controls, sizes, arms, output, json_out, plot,
+             **kw):
     """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
     from .detect import DetectionTable
     from .fileio import atomic_write
@@ -553,7 +556,7 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
     from .tune import chosen_summary, sweep_table, to_json, tune, work_units
 
     _nonneg("controls", n_controls)
-    sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
+    sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
     size_list = _int_list("sizes", sizes) if sizes else None
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
     _outputs(output, json_out, plot=plot)
@@ -604,7 +607,7 @@ def _int_list(name: str, text: str) -> list[int]:
 @click.option("--plot", type=click.Path(), help="the attack curve (PNG)")
 @llama_options
 def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed,
-              judge_model, parallel, n_controls, sizes, output, plot, **kw):
+              judge_model, parallel, phase, n_controls, sizes, output, plot, **kw):
     """Safety sparsity: how few experts carry refusal, and how fast deactivating them bypasses it."""
     from .audit import audit, default_sizes, work_units
     from .datasets import load_pairs
@@ -615,7 +618,7 @@ def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, 
 
     behavior_name = behavior_name or "safety"
     _nonneg("controls", n_controls)
-    sampling = _sampling(samples, temperature, max_tokens, seed, parallel)
+    sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
     size_list = [int(x) for x in _int_list("sizes", sizes)] if sizes else None
     _outputs(output, plot=plot)
     if table and pairs:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .batch import GenJob, generate_batch
+from .slots import check_phase
 from .errors import SteerError
 from .evalsets import EvalItem, EvalSet
 from .judges import UNCLASSIFIED, Behavior
@@ -37,6 +38,7 @@ class Sampling:
     temperature: float = 0.7
     max_tokens: int = 64
     seed: int = 0
+    phase: str = "all"  # which tokens a profile steers: slots.PHASES
 
     def seed_of(self, item_index: int, sample: int) -> int:
         # the same (prompt, sample) gets the same seed in every condition: outcomes pair up
@@ -127,7 +129,8 @@ class EvalReport:
         """The summary, one line per condition and group, for a terminal."""
         l1, l2 = self.labels
         lines = [f"{self.behavior}: {self.n_items} held-out prompts x {self.sampling.samples} samples "
-                 f"(T={self.sampling.temperature}, seed {self.sampling.seed}), eval set {self.eval_set}"]
+                 f"(T={self.sampling.temperature}, seed {self.sampling.seed}), eval set {self.eval_set}"
+                 + ("" if self.sampling.phase == "all" else f", profiles steer the {self.sampling.phase} only")]
         head = (f"{'condition':<24} {'group':<8} {'on/off':>6} {l1[:10]:>10} {l2[:10]:>10} {'unclass.':>8}  "
                 f"{'toward':<10} {'rate [95% CI]':<20} {'effect':>7} {'p':>9} {'KL':>8}")
         lines.append(head)
@@ -227,7 +230,8 @@ def run_outcomes(llm, items: list[EvalItem], conds: list[Condition], judge, samp
         for i, item in enumerate(items):
             for s in range(sampling.samples):
                 seed = sampling.seed_of(i, s)
-                jobs.append(GenJob(item.messages, c.profile, seed, sampling.temperature, sampling.max_tokens))
+                jobs.append(GenJob(item.messages, c.profile, seed, sampling.temperature, sampling.max_tokens,
+                                   sampling.phase))
                 keys.append((c.name, item, s, seed))
     texts = generate_batch(llm, jobs, on_progress, parallel)
     return [Outcome(item.id, item.group, cname, s, seed, judge(text, item), text)
@@ -328,6 +332,7 @@ def evaluate(llm, eval_set: EvalSet, behavior: Behavior, profiles: list[Profile]
     `profiles` (tune passes its sweep). on_progress(n) is called as work finishes. parallel:
     conversations decoded together (batch.generate_batch)."""
     sampling = sampling or Sampling()
+    check_phase(sampling.phase)
     if sampling.samples < 1 or sampling.max_tokens < 1 or sampling.temperature < 0:
         raise SteerError("samples and max_tokens must be >= 1 and temperature >= 0")
     conds = conditions or conditions_for(profiles, llm.info, behavior.labels, controls, control_seed, toward)

@@ -214,6 +214,23 @@ def test_eval_shows_the_demo_shift_beyond_its_controls(demo, tmp_path):
     assert png.stat().st_size > 1000 and "words" in r.stdout and "unsteered" in r.stdout
 
 
+def test_eval_phase_on_the_demo_the_style_is_set_by_the_prompt_pass(demo, tmp_path):
+    """--phase: the demo model picks its style with the first generated token and keeps it, so
+    steering the prompt alone (whose last pass samples that token) moves the style as much as
+    steering everything, and steering only the generated tokens moves it hardly at all."""
+    _, _, d = demo
+    effect = {}
+    for phase in ("prompt", "generation"):
+        out = tmp_path / f"{phase}.json"
+        r = cli("eval", DEMO, "--behavior", "demo-numbers", "--profile", d / "words.json", "--controls", "0",
+                "--samples", "1", "--max-items", "16", "--phase", phase, "--json", out, "-t", "1")
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        assert rep["sampling"]["phase"] == phase and f"{phase} only" in r.stdout
+        effect[phase] = {c["name"]: c for c in rep["conditions"]}["words"]["groups"]["main"]["effect"]
+    assert effect["prompt"] >= 25 and effect["generation"] <= 10, effect  # measured: +31 and +0 points
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--behavior", "nope"], "unknown behavior 'nope'"),
     (["--behavior", "demo-numbers", "--controls", "-1"], "--controls must be >= 0"),
