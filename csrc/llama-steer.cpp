@@ -121,7 +121,9 @@ ggml_tensor * llama_adapter_steer::token_tables(ggml_context * ctx, llama_steer_
 ggml_tensor * llama_adapter_steer::steer(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * x, const layer & l,
                                          int add_row, bool clamp) const {
     if (per_seq && (x->ne[2] != 1 || x->ne[3] != 1)) {
-        x = ggml_reshape_2d(ctx, ggml_cont(ctx, x), x->ne[0], ggml_nrows(x));
+        // one row per token for the table lookup; the caller gets its own shape back
+        ggml_tensor * rows = ggml_reshape_2d(ctx, ggml_cont(ctx, x), x->ne[0], ggml_nrows(x));
+        return ggml_reshape_4d(ctx, steer(ctx, g, rows, l, add_row, clamp), x->ne[0], x->ne[1], x->ne[2], x->ne[3]);
     }
     if (l.on_cpu) {
         // one node instead of a dozen: on the CPU every node costs a barrier between threads,
