@@ -264,7 +264,8 @@ class BatchEngine:
             tok = int(llama_cpp.llama_sampler_sample(s.sampler, self.ctx.ctx, last[sid]))
             s.tokens.append(tok)
             s.feed = [tok]
-            text, stopped, safe = self._text(s)
+            # the text so far is only needed to find stop strings or to stream
+            text, stopped, safe = self._text(s) if s.req.stop or s.req.on_text else ("", False, 0)
             reason = None
             if self._eog(tok) or stopped:
                 reason = "stop"
