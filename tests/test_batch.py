@@ -9,6 +9,8 @@ from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama
 from steer_gguf.batch import BatchEngine, Request, Result, SamplerSpec
 from steer_gguf.errors import SteerError
 
+from fixtures.backend import TEST_NGL
+
 from steer_gguf.demo import DEMO_MODEL as DEMO  # noqa: E402
 QUESTIONS = ["How many apples are in the basket?", "How many cats live here?", "How many days in a week?",
              "How many wheels does a car have?", "How many legs does a spider have?"]
@@ -16,7 +18,7 @@ QUESTIONS = ["How many apples are in the basket?", "How many cats live here?", "
 
 @pytest.fixture(scope="module")
 def llm():
-    m = SteeredLlama(DEMO, n_ctx=512, n_threads=1, n_threads_batch=1)
+    m = SteeredLlama(DEMO, n_ctx=512, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
     yield m
     m.close()
 
@@ -83,7 +85,7 @@ def test_steering_phase_switches_between_the_prompt_and_the_first_generated_toke
     """Trace row 0 is the prompt's last token, rows 1.. the generated tokens fed back. On a
     random synthetic model (the demo would answer in the forced experts' style, and so route
     to them, after a steered prompt alone)."""
-    m = SteeredLlama(make("qwen3moe", n_layer=4), n_ctx=256, n_threads=1)
+    m = SteeredLlama(make("qwen3moe", n_layer=4), n_ctx=256, n_threads=1, n_gpu_layers=TEST_NGL)
     try:
         prompt = m.tokenize(b"The quick brown fox jumps over the lazy dog", add_bos=True, special=True)
         greedy = SamplerSpec(temperature=0)
