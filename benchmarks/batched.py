@@ -4,7 +4,7 @@
 
 For N = 1, 2, 4, 8 concurrent sequences (each with its own prompt in its own KV sequence),
 one llama.cpp context decodes one token per sequence per step. Configurations, interleaved
-over the repetitions so that drift hits all alike:
+over the repetitions (in a rotating order) so that drift hits all alike:
   plain       no steering at all: llama.cpp's batched decode (the reference)
   mixed       sequences bound in turn to: none, a profile steering ~10% of the experts of
               every MoE layer, a second such profile; every graph carries the per-token
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--seqs", default="1,2,4,8")
     ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=None, help="[default: 128, 32 with --quick]")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     args = ap.parse_args()
@@ -44,7 +44,8 @@ def main() -> None:
     from steer_gguf.contexts import llama_cpp, secondary_context
 
     path = synthetic_model(**QUICK_SHAPE) if args.quick else synthetic_model()
-    reps = args.reps or (2 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 9)
+    args.decode_tokens = args.decode_tokens or (32 if args.quick else 128)
     info = model_info(path)
     seq_counts = [int(x) for x in args.seqs.split(",")]
     n_max = max(seq_counts)
@@ -119,7 +120,8 @@ def main() -> None:
     for rep in range(reps):
         for n in seq_counts:
             seqs = list(range(n))
-            for kind in kinds:
+            # the order rotates with the repetition: no configuration always runs first
+            for kind in kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]:
                 configure(kind, n)
                 prefill(seqs)
                 run = decode_one_by_one if kind == "one-by-one" else decode_together

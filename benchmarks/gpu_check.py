@@ -10,13 +10,14 @@ point STEER_GGUF_LLAMA_SOURCE at the llama-cpp-python sdist or a llama.cpp tree.
 1. build: CMake + Ninja into --build-dir with -DGGML_CUDA=ON and one CUDA architecture (the
    GPU's own unless --cuda-arch says otherwise), timed; installed into a staging copy of the
    package (the source tree and any installed steer-gguf are left alone);
-2. tests: tests/test_steering.py and tests/test_gpu_fusion.py with STEER_GGUF_TEST_NGL=99,
+2. tests: the steering, profile-slot, batch and fusion tests with STEER_GGUF_TEST_NGL=99,
    every layer of every test model on the GPU;
 3. fusion: per gating type, which MoE layers the patched ggml-cuda dispatched to its fused
    top-k-MoE kernel (STEER_GGUF_LOG_FUSION=1 prints each dispatch), unsteered and with every MoE
    layer steered, and the same with GGML_CUDA_DISABLE_FUSION=1 as the control (no dispatch
    may be logged, logits must agree);
-4. benchmarks/overhead.py --n-gpu-layers 99.
+4. benchmarks/overhead.py and benchmarks/batched.py (per-sequence steering) with
+   --n-gpu-layers 99.
 
 --backend vulkan runs the same steps on a Vulkan build (-DGGML_VULKAN=ON).
 """
@@ -166,9 +167,9 @@ def fusion(args, backend: str, env: dict) -> dict:
     return out
 
 
-def overhead(args, env: dict) -> dict:
-    js = pathlib.Path(args.build_dir).resolve() / "overhead.json"
-    cmd = [sys.executable, ROOT / "benchmarks" / "overhead.py", "--n-gpu-layers", "99", "--json", js,
+def benchmark(args, env: dict, script: str) -> dict:
+    js = pathlib.Path(args.build_dir).resolve() / f"{script}.json"
+    cmd = [sys.executable, ROOT / "benchmarks" / f"{script}.py", "--n-gpu-layers", "99", "--json", js,
            "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens)]
     if args.quick:
         cmd.append("--quick")
@@ -187,11 +188,13 @@ def main() -> None:
     ap.add_argument("--build-dir", default=None, help="default: build/<backend>")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--skip-build", action="store_true", help="reuse the staged build in --build-dir")
-    ap.add_argument("--tests", nargs="*", default=["tests/test_steering.py", "tests/test_gpu_fusion.py"])
+    ap.add_argument("--tests", nargs="*", default=["tests/test_steering.py", "tests/test_gpu_fusion.py",
+                                                    "tests/test_slots.py", "tests/test_batch.py",
+                                                    "tests/test_gpu_fusion_slots.py"])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="a smaller benchmark model (smoke run)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "fusion", "overhead"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "fusion", "overhead", "batched"])
     ap.add_argument("--out", help="the JSON to write (default: <build-dir>/gpu_check.json)")
     args = ap.parse_args()
     args.build_dir = args.build_dir or str(ROOT / "build" / args.backend)
@@ -226,12 +229,15 @@ def main() -> None:
     if "fusion" not in args.skip and ngl:
         result["fusion"] = fusion(args, args.backend, env)
         save()
-    if "overhead" not in args.skip:
-        result["overhead"] = overhead(args, env)
-        save()
-    print(json.dumps({k: v for k, v in result.items() if k != "overhead"}, indent=2, default=str))
+    for script in ("overhead", "batched"):
+        if script not in args.skip:
+            result[script] = benchmark(args, env, script)
+            save()
+    print(json.dumps({k: v for k, v in result.items() if k not in ("overhead", "batched")}, indent=2, default=str))
     if "overhead" in result and "ratios" in result["overhead"]:
         print("overhead ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["overhead"]["ratios"].items()))
+    for n, row in result.get("batched", {}).get("by_seqs", {}).items():
+        print(f"batched, {n} sequences: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items()))
     print(f"wrote {out}")
     failed = result.get("tests", {}).get("returncode", 0) != 0 or any(
         f["steered_layers_stay_fused"] == "no" for f in result.get("fusion", {}).values())

@@ -3,9 +3,11 @@ tracing cost, free of the timing noise of a shared machine.
 
     python benchmarks/instructions.py [--json OUT]
 
-Runs one single-threaded process per (configuration, phase) under callgrind on the overhead
-benchmark's model, plus one that loads everything and decodes nothing; the difference is the
-work of the tokens.
+Configurations: no profile, a 10% profile, the no-op profile (steering op, routing
+unchanged) context-wide and in a profile slot bound to the sequence (the per-sequence graph),
+the hook engine, tracing. Runs one single-threaded process per (configuration, phase) under
+callgrind on the overhead benchmark's model, plus one that loads everything and decodes
+nothing; the difference is the work of the tokens.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def child(config: str, phase: str) -> None:
     llm = SteeredLlama(path, n_ctx=512, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=1, n_threads_batch=1,
                        engine="hook" if config == "hook" else "graph",
                        profile=profile if config in ("graph", "noop", "hook") else None)
+    if config == "slots":
+        # the no-op profile in a profile slot bound to sequence 0: the per-sequence graph
+        # (a table per slot, each token's looked up) with routing exactly upstream's
+        from steer_gguf.slots import ContextSlots
+
+        slots = ContextSlots(llm._ctx_ptr, info)
+        slots.bind(0, slots.acquire(noop))
     toks = [int(t) for t in np.random.default_rng(1).integers(0, 256, PREFILL + DECODE)]
     if phase == "none":
         return
@@ -77,7 +86,7 @@ def main() -> None:
     res: dict[str, dict[str, float]] = {}
     base = {c: count(c, "none") for c in ("plain", "hook")}  # the hook engine sets up a little more
     print(f"start-up and load: {base['plain'] / 1e6:.0f} M instructions", flush=True)
-    for config in ("plain", "graph", "noop", "hook", "trace"):
+    for config in ("plain", "graph", "noop", "slots", "hook", "trace"):
         for phase in ("prefill", "decode"):
             if config == "trace" and phase == "decode":
                 continue
@@ -86,7 +95,7 @@ def main() -> None:
             per_tok = n / (PREFILL if phase == "prefill" else DECODE)
             res.setdefault(config, {})[phase] = per_tok
             print(f"{config:6s} {phase:8s} {per_tok / 1e6:10.2f} M instructions/token", flush=True)
-    ratios = {f"{c}/plain {ph}": res[c][ph] / res["plain"][ph] for c in ("graph", "noop", "hook", "trace")
+    ratios = {f"{c}/plain {ph}": res[c][ph] / res["plain"][ph] for c in ("graph", "noop", "slots", "hook", "trace")
               for ph in ("prefill", "decode") if ph in res[c]}
     if args.json:
         with open(args.json, "w") as f:

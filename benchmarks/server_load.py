@@ -9,7 +9,7 @@ together and each sends R chat completions back to back (non-streaming, temperat
 max_tokens T, a short prompt), alternating "steer_profile": "steer" and "none" so that half
 the requests of every cell are steered. Per cell: requests/s and completion tokens/s over the
 cell's wall time, p50 and p95 of the per-request latency (queueing included). R defaults to
-enough for 16 requests per cell (4 with --quick). Every response must be 200 with
+enough for 48 requests per cell (4 with --quick). Every response must be 200 with
 usage.completion_tokens > 0, or the run stops.
 
 The last column is req/s at --parallel 4 over req/s at --parallel 1 for the same clients: what
@@ -143,10 +143,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller model and fewer requests (smoke run)")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--reps", type=int, default=None,
-                    help="requests per client  [default: enough for 16 requests per cell, 4 with --quick]")
+                    help="requests per client [default: enough for 48 requests per cell, 4 with --quick]")
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--parallel", default="1,4", help="server --parallel values to compare")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=256, help="server --ctx: tokens per request (prompt + answer)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
@@ -159,7 +159,7 @@ def main() -> None:
     info = model_info(path)
     clients = [int(x) for x in args.clients.split(",")]
     parallels = [int(x) for x in args.parallel.split(",")]
-    min_cell = 4 if args.quick else 16
+    min_cell = 4 if args.quick else 48
     per_client = {c: args.reps or max(1, math.ceil(min_cell / c)) for c in clients}
 
     cells: dict[int, dict[int, dict]] = {}
