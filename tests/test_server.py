@@ -186,22 +186,32 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert r.steer_profile == "force" and r.usage.completion_tokens >= 3
 
 
+@pytest.fixture(scope="module")
+def no_end(model) -> dict[str, float]:
+    """A logit bias that bans the end-of-generation tokens: the random model would otherwise
+    end some answers within the client's patience, and the test would time nothing."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    ends = {vocab.token_eos(), llama_cpp.llama_vocab_eot(llama_cpp.llama_model_get_vocab(vocab.model))}
+    return {str(t): -100.0 for t in ends if t >= 0}
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_dropped_by_its_client_stops_generating(server, stream):
-    # 900 tokens take seconds; the client leaves after 0.5 s (a streaming one closes the
+def test_a_request_dropped_by_its_client_stops_generating(server, stream, no_end):
+    # 900 tokens take seconds; the client leaves after 0.25 s (a streaming one closes the
     # connection mid-stream, the other times out) and the worker must be free soon after
     msgs = [{"role": "user", "content": "Hello there"}]
+    long = dict(model="m", messages=msgs, max_tokens=900, temperature=0, logit_bias=no_end)
     if stream:
         t0 = time.monotonic()
-        with server.client(timeout=5).with_streaming_response.chat.completions.create(
-                model="m", messages=msgs, max_tokens=900, temperature=0, stream=True) as resp:
+        with server.client(timeout=5).with_streaming_response.chat.completions.create(stream=True, **long) as resp:
             for _ in resp.iter_lines():
-                if time.monotonic() - t0 > 0.5:
+                if time.monotonic() - t0 > 0.25:
                     break
     else:
         with pytest.raises(openai.APITimeoutError):
-            server.client(timeout=0.5).chat.completions.create(model="m", messages=msgs, max_tokens=900,
-                                                               temperature=0)
+            server.client(timeout=0.25).chat.completions.create(**long)
     deadline = time.monotonic() + 5
     while server.get("/health").json()["busy"] and time.monotonic() < deadline:
         time.sleep(0.1)
