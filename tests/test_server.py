@@ -193,7 +193,10 @@ def no_end(model) -> dict[str, float]:
     import llama_cpp
 
     vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
-    ends = {vocab.token_eos(), llama_cpp.llama_vocab_eot(llama_cpp.llama_model_get_vocab(vocab.model))}
+    try:
+        ends = {vocab.token_eos(), llama_cpp.llama_vocab_eot(llama_cpp.llama_model_get_vocab(vocab.model))}
+    finally:
+        vocab.close()
     return {str(t): -100.0 for t in ends if t >= 0}
 
 
