@@ -66,6 +66,16 @@ def gpu_info() -> dict:
     return info
 
 
+def stage_python(stage: pathlib.Path) -> None:
+    """The source tree's Python files into the staged package, beside its native parts: after a
+    build, and again under --skip-build, so the tests always run the current Python code."""
+    pkg = stage / "steer_gguf"
+    for old in pkg.glob("*.py"):
+        old.unlink()
+    shutil.copytree(ROOT / "steer_gguf", pkg, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("lib", "include", "_native*", "__pycache__"))
+
+
 def build(args, backend: str) -> dict:
     bdir = pathlib.Path(args.build_dir).resolve()
     pybind11_dir = os.environ.get("pybind11_DIR")
@@ -89,9 +99,7 @@ def build(args, backend: str) -> dict:
     t2 = time.perf_counter()
     stage = bdir / "stage"
     shutil.rmtree(stage, ignore_errors=True)
-    # the package's Python files, then the freshly built native parts beside them
-    shutil.copytree(ROOT / "steer_gguf", stage / "steer_gguf",
-                    ignore=shutil.ignore_patterns("lib", "include", "_native*", "__pycache__"))
+    stage_python(stage)
     sh(["cmake", "--install", bdir, "--prefix", stage], check=True, stdout=subprocess.DEVNULL)
     return {"configure_s": round(t1 - t0, 1), "build_s": round(t2 - t1, 1), "jobs": args.jobs,
             "cmake_args": [str(c) for c in cfg[3:]], "stage": str(stage)}
@@ -221,6 +229,10 @@ def main() -> None:
     if not args.skip_build:
         result["build"] = build(args, args.backend)
         save()
+    elif not (stage / "steer_gguf" / "lib").is_dir():
+        sys.exit(f"gpu_check: --skip-build, but {stage} holds no build: run once without it")
+    else:
+        stage_python(stage)
     ngl = 0 if args.backend == "cpu" else 99
     env = child_env(stage, ngl)
     if "tests" not in args.skip:

@@ -240,10 +240,11 @@ class BatchEngine:
             free.append(sid)
         if not active:
             return
+        self.slots.route({sid: s.slot if steered_in(s.req.phase, s.in_prompt) else None
+                          for sid, s in active.items()})
         b = self.batch
         n, last = 0, {}
         for sid, s in active.items():
-            self.slots.bind(sid, s.slot if steered_in(s.req.phase, s.in_prompt) else None)
             for t in s.feed:
                 b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = t, s.pos, 1, False
                 b.seq_id[n][0] = sid

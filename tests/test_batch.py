@@ -106,6 +106,87 @@ def test_steering_phase_switches_between_the_prompt_and_the_first_generated_toke
         assert not has[0] and has[1:].all()
 
 
+def test_a_batch_sharing_one_profile_runs_it_context_wide_on_selection_bias_models(make):
+    """DeepSeek-V3-style gating (sigmoid + selection bias): while every sequence of a batch takes
+    the same profile, the engine puts it in force as the context-wide table, slots emptied
+    (the graph that keeps GPUs' fused gating); a neighbour on another profile, or unsteered,
+    or in its unsteered phase, brings the slots back. Tokens and routing must equal the
+    slots-only engine's, through every switch."""
+    m = SteeredLlama(make("deepseek-v3", n_layer=4), n_ctx=512, n_threads=1, n_gpu_layers=TEST_NGL)
+    try:
+        assert m.info.has_selection_bias
+        texts = [b"The quick brown fox", b"jumps over the lazy dog", b"0123456789 again", b"and again and"]
+        prompts = [m.tokenize(t, add_bos=True, special=True) for t in texts]
+        greedy = SamplerSpec(temperature=0)
+        plain = _run(m, [Request(prompts[0], max_tokens=8, sampling=greedy, trace=True)])[0].experts
+        rules = [ExpertRule(il, int(np.argmin(np.bincount(plain[:, j, :].ravel(), minlength=m.info.n_expert))),
+                            "activate") for j, il in enumerate(m.info.moe_layers)]
+        p = Profile(ModelRef.of(m.info), rules, [], name="forced")
+        fe = [x.expert for x in rules]
+
+        def run(shared_wide: bool):
+            seen: list[int | None] = []
+            eng = BatchEngine(m, 2, 256)
+            eng.slots.shared_wide = shared_wide
+            watch = lambda _text: seen.append(eng.slots.wide)  # noqa: E731
+            # two sequences at a time: A+B share p, then C (unsteered) joins, then D (p, steered
+            # only while generating) and A's successor; staggered lengths force every switch
+            reqs = [Request(prompts[0], profile=p, max_tokens=4, sampling=greedy, trace=True, on_text=watch),
+                    Request(prompts[1], profile=p, max_tokens=12, sampling=greedy, trace=True, on_text=watch),
+                    Request(prompts[2], max_tokens=4, sampling=greedy, trace=True, on_text=watch),
+                    Request(prompts[3], profile=p, phase="generation", max_tokens=6, sampling=greedy,
+                            trace=True, on_text=watch)]
+            out: list = [None] * len(reqs)
+            pending = list(enumerate(reqs))
+            try:
+                eng.run(lambda idle: pending.pop(0) if pending else None, out.__setitem__)
+                final = (eng.slots.wide, {s: h.loaded for s, h in eng.slots.held.items()})
+            finally:
+                eng.close()
+            return out, seen, final
+
+        wide, seen_wide, _ = run(True)
+        slots_only, seen_slots, _ = run(False)
+    finally:
+        m.close()
+    assert all(isinstance(r, Result) for r in wide + slots_only), wide + slots_only
+    for a, b in zip(wide, slots_only):
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(a.experts, b.experts)
+    assert _has(wide[0].experts, fe).all() and _has(wide[1].experts, fe).all()
+    assert _has(wide[2].experts, fe).mean() < 0.5
+    assert not _has(wide[3].experts[:1], fe).any() and _has(wide[3].experts[1:], fe).all()
+    # both modes were in force during the run, and only where allowed
+    assert any(w is not None for w in seen_wide) and any(w is None for w in seen_wide)
+    assert all(w is None for w in seen_slots)
+
+
+def test_a_context_wide_profile_leaves_with_its_evicted_slot(make):
+    """One slot, conversations one after another under two profiles on a selection-bias model:
+    the second profile takes the first's slot, and must replace it as the context-wide table."""
+    m = SteeredLlama(make("deepseek-v3", n_layer=4), n_ctx=256, n_threads=1, n_gpu_layers=TEST_NGL)
+    try:
+        prompt = m.tokenize(b"The quick brown fox", add_bos=True, special=True)
+        greedy = SamplerSpec(temperature=0)
+        layers = m.info.moe_layers
+        profiles = [Profile(ModelRef.of(m.info), [ExpertRule(il, e, "activate") for il in layers], [], name=f"e{e}")
+                    for e in (0, 1)]
+        eng = BatchEngine(m, 1, 128)
+        eng.slots.n_slots = 1
+        out: list = [None, None]
+        pending = [(i, Request(prompt, profile=p, max_tokens=4, sampling=greedy, trace=True))
+                   for i, p in enumerate(profiles)]
+        try:
+            eng.run(lambda idle: pending.pop(0) if pending else None, out.__setitem__)
+        finally:
+            eng.close()
+    finally:
+        m.close()
+    for e, r in enumerate(out):
+        assert isinstance(r, Result)
+        assert _has(r.experts, [e] * len(layers)).all(), f"profile e{e} not in force"
+
+
 def test_streaming_stop_strings_and_cancellation(llm):
     base = _run(llm, [Request(_prompt(llm, QUESTIONS[0]), max_tokens=16, sampling=SamplerSpec(temperature=0))])[0]
     assert len(base.text) > 4 and base.finish_reason in ("stop", "length")

@@ -15,7 +15,9 @@ Measured on Vulkan (llvmpipe, Mesa 25.0): qwen3moe, OLMoE, Mixtral and gpt-oss k
 layer fused with a slot bound or unbound, the slot's logits equal to the context-wide table's;
 DeepSeek-V3 without groups fuses every MoE layer unsteered and with a context-wide table, none
 while any slot holds a table (bound to the evaluated sequence or not). A backend that starts
-fusing the latter fails the test on purpose: update CASES and the README then.
+fusing the latter fails the test on purpose: update CASES and the README then. The batch
+engine therefore runs a batch whose conversations share one profile as the context-wide table
+on such models: fused; a batch mixing profiles (or with an unsteered one) is not.
 
 Run as a script it is the probe's child process: `python test_gpu_fusion_slots.py MODEL NGL OUT.npz`.
 """
@@ -86,6 +88,20 @@ def _child(model: str, ngl: int, out: str) -> None:
         scores[phase] = np.array(llm.scores[: len(toks) + 1])
         print(MARK + "end", file=sys.stderr, flush=True)
     check(native.slot_clear(ptr, 3))
+    # the batch engine (server --parallel, eval): two conversations sharing the profile, then
+    # the profile beside an unsteered one
+    from steer_gguf.batch import BatchEngine, Request, SamplerSpec
+
+    for phase, profiles in (("batch-shared", (profile, profile)), ("batch-mixed", (profile, None))):
+        eng = BatchEngine(llm, 2, 128)
+        pending = [(i, Request(toks, profile=p, max_tokens=4, sampling=SamplerSpec(temperature=0)))
+                   for i, p in enumerate(profiles)]
+        print(MARK + phase, file=sys.stderr, flush=True)
+        try:
+            eng.run(lambda idle: pending.pop(0) if pending else None, lambda i, r: None)
+        finally:
+            eng.close()
+        print(MARK + "end", file=sys.stderr, flush=True)
     llm.close()
     np.savez(out, **scores)
     print(json.dumps({"moe_layers": list(info.moe_layers), "gating": info.gating}))
@@ -131,6 +147,13 @@ def test_fusion_with_profile_slots(gpu, make, case):
         # between the gating and the top-k, so no steered layer matches the fused pattern
         assert not fused["slot"] & moe, f"expected the steered layers unfused with a slot: {fused}"
         assert not fused["slot-unbound"] & moe, f"expected the steered layers unfused with a slot: {fused}"
+    # a batch on one profile runs it context-wide (slots.py): fused wherever the model fuses
+    batch = {ph: set(r["fused"].get(ph, [])) for ph in ("batch-shared", "batch-mixed")}
+    assert batch["batch-shared"] >= fused["plain"], f"a batch sharing one profile broke fusion: {batch}"
+    if slot_keeps_fusion:
+        assert batch["batch-mixed"] >= fused["plain"], f"a mixed batch broke fusion: {batch}"
+    else:
+        assert not batch["batch-mixed"] & moe, f"expected a mixed batch unfused: {batch}"
     sc = r["scores"]
     assert not np.allclose(sc["uniform"], sc["plain"]), "the profile changed nothing"
     # a slot steers its sequence as the context-wide table steers the context: the same experts,
