@@ -203,20 +203,22 @@ def test_table_change_between_two_decodes_is_not_served_a_stale_graph(llms, moe_
     llm, _ = llms
     info = model_info(moe_path)
     toks = llm.tokenize(TEXT.encode(), add_bos=True, special=True)
-    plain = llm.trace(tokens=toks[:8]).experts[:, -1, :]
-    on = next(e for e in range(info.n_expert) if e not in plain[6])  # token 6 does not pick it unsteered
+    # the whole text, as the other tests trace it: on a GPU backend every batch size is its own
+    # set of kernels (llvmpipe compiles each on first use, minutes apiece on a cold cache)
+    plain = llm.trace(tokens=toks).experts[-4:, -1, :]
+    on = next(e for e in range(info.n_expert) if e not in plain[2])  # unsteered, that token does not pick it
     last = info.moe_layers[-1]
     with llm.lock, llm.recording() as log:
         llm.reset()
-        llm.eval(toks[:4])
-        llm.eval(toks[4:5])                      # builds the one-token graph
-        llm.eval(toks[5:6])                      # reuses it
+        llm.eval(toks[:-4])
+        llm.eval(toks[-4:-3])                    # builds the one-token graph
+        llm.eval(toks[-3:-2])                    # reuses it
         llm._apply(_profile(info, [(last, on, "activate")]))  # no reset: only the table changes
-        llm.eval(toks[6:7])
+        llm.eval(toks[-2:-1])
         llm._apply(None)
-        llm.eval(toks[7:8])
+        llm.eval(toks[-1:])
     rows = log.tail(4)[:, -1, :]
-    np.testing.assert_array_equal(np.sort(rows[[0, 1, 3]], -1), np.sort(plain[[4, 5, 7]], -1))
+    np.testing.assert_array_equal(np.sort(rows[[0, 1, 3]], -1), np.sort(plain[[0, 1, 3]], -1))
     assert (rows[2] == on).any(), "the decode after the table change still routed the old way"
     llm.reset()
 
