@@ -51,7 +51,6 @@ struct llama_adapter_steer {
     int32_t n_tables = 1;
     bool per_seq = false;
     std::shared_ptr<llama_steer_binds> binds; // per-sequence adapters
-    std::shared_ptr<llama_adapter_steer> prev; // the adapter this one replaced (llama-steer.cpp)
 
     bool has_layer(int il) const {
         return il >= 0 && (size_t) il < layers.size() && layers[il].coef != nullptr;

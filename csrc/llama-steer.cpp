@@ -305,16 +305,12 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
 // ---- context side -------------------------------------------------------------------------
 
 void llama_context::steer_replace(std::shared_ptr<llama_adapter_steer> s) {
-    // The table being replaced stays alive until the next replacement, so at least one graph
-    // runs without it before its buffers are freed: freeing it at once crashed llvmpipe (Mesa 25,
-    // ggml-vulkan) in the next prefill, inside a shader. Clearing installs an empty table (no
-    // layers: no graph nodes, upstream's graph) only to hold the old one.
-    auto next = s ? std::move(s) : std::make_shared<llama_adapter_steer>();
-    if (steer) {
-        steer->prev.reset();
-    }
-    next->prev = std::move(steer);
-    steer = std::move(next);
+    // The last decode may still be running on the device (llama_decode returns before a GPU
+    // backend finishes; only reading its outputs waits): wait for it before the old table's
+    // buffers go. Freeing them under a running graph crashed llvmpipe (Mesa 25) in its shader
+    // code, in the next prefill.
+    ggml_backend_sched_synchronize(sched.get());
+    steer = std::move(s);
     steer_gen++;  // the next decode rebuilds its graph instead of reusing a stale one
     sched_need_reserve = true;
 }

@@ -17,8 +17,10 @@ QUESTIONS = ["How many apples are in the basket?", "How many cats live here?", "
 
 
 @pytest.fixture(scope="module")
-def llm():
-    m = SteeredLlama(DEMO, n_ctx=512, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
+def llm(make):
+    # the model the other batch tests and test_steering use: on llvmpipe every new weight type
+    # and shape compiles its own kernels (the F32 demo model cost 7 minutes on a cold cache)
+    m = SteeredLlama(make("qwen3moe", n_layer=4), n_ctx=512, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
     yield m
     m.close()
 
