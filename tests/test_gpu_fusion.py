@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures.backend import TEST_NGL, gpu_offload_supported
-from fusion_probe import run_probe
+from fusion_probe import TEXT, run_probe
 
 needs_gpu = pytest.mark.skipif(TEST_NGL == 0, reason="runs with every layer on a GPU: set STEER_GGUF_TEST_NGL=99 "
                                                      "on a GPU build")
@@ -84,8 +84,7 @@ def test_selection_bias_steering_without_groups_matches_the_hook_engine(make):
     info = model_info(path)
     kw = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
     graph, hook = SteeredLlama(path, **kw), SteeredLlama(path, engine="hook", **kw)
-    text = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
-    base = graph.trace(text=text)
+    base = graph.trace(text=TEXT)
     rules, on, off = [], {}, {}
     for j, il in enumerate(info.moe_layers):
         counts = np.bincount(base.experts[:, j, :].ravel(), minlength=info.n_expert)
@@ -94,7 +93,7 @@ def test_selection_bias_steering_without_groups_matches_the_hook_engine(make):
     p = Profile(ModelRef.of(info), rules, name="t")
     graph.set_profile(p)
     hook.set_profile(p)
-    a, b = graph.trace(text=text), hook.trace(text=text)
+    a, b = graph.trace(text=TEXT), hook.trace(text=TEXT)
     graph.close()
     hook.close()
     for j in range(len(info.moe_layers)):
@@ -122,8 +121,7 @@ def test_replacing_tables_between_prefills(make):
     info = model_info(path)
     profile, noop = bench_profiles(info)
     llm = SteeredLlama(path, n_ctx=160, n_batch=128, n_ubatch=128, n_gpu_layers=TEST_NGL)
-    prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog 0123456789 again and again.",
-                          add_bos=True, special=True)
+    prompt = llm.tokenize(TEXT.encode(), add_bos=True, special=True)
     seen = []
     for p in (None, profile, profile, None, noop, profile, None):
         llm.set_profile(noop)  # two replacements between decodes: neither may free what still runs
