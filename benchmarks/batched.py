@@ -39,9 +39,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from steer_gguf import Profile, SteeredLlama, model_info
-    from steer_gguf.batch import BatchEngine, Request, SamplerSpec
-    from steer_gguf.slots import ContextSlots
-    from steer_gguf.contexts import llama_cpp, secondary_context
+    from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
+    from steer_gguf.engine.slots import ContextSlots
+    from steer_gguf.engine.contexts import llama_cpp, secondary_context
 
     path = synthetic_model(**QUICK_SHAPE) if args.quick else synthetic_model()
     reps = args.reps or (2 if args.quick else 9)

@@ -53,8 +53,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from steer_gguf import SteeredLlama
-    from steer_gguf.causal import causal_detect, pair_tokens
-    from steer_gguf.datasets import load_pairs
+    from steer_gguf.detect.causal import causal_detect, pair_tokens
+    from steer_gguf.detect.datasets import load_pairs
 
     if args.quick:
         path = synthetic_model(**QUICK_SHAPE)

@@ -27,8 +27,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from steer_gguf import SteeredLlama
-    from steer_gguf.datasets import load_pairs
-    from steer_gguf.detect import target_rows
+    from steer_gguf.detect.datasets import load_pairs
+    from steer_gguf.detect.risk import target_rows
 
     if args.quick:
         path = synthetic_model(**QUICK_SHAPE)

@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from steer_gguf import Sampling, SteeredLlama, behavior, load_eval_set
-    from steer_gguf.evaluate import NEUTRAL_TEXT, conditions_for, quality, quality_windows, run_outcomes
+    from steer_gguf.evaluation.measure import NEUTRAL_TEXT, conditions_for, quality, quality_windows, run_outcomes
 
     path = (synthetic_model(**QUICK_SHAPE) if args.quick
             else synthetic_model())

@@ -70,7 +70,7 @@ def stage_python(stage: pathlib.Path) -> None:
     """The source tree's Python files into the staged package, beside its native parts: after a
     build, and again under --skip-build, so the tests always run the current Python code."""
     pkg = stage / "steer_gguf"
-    for old in pkg.glob("*.py"):
+    for old in pkg.rglob("*.py"):
         old.unlink()
     shutil.copytree(ROOT / "steer_gguf", pkg, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("lib", "include", "_native*", "__pycache__"))

@@ -40,7 +40,7 @@ def child(config: str, phase: str) -> None:
     if config == "slots":
         # the no-op profile in a profile slot bound to sequence 0: the per-sequence graph
         # (a table per slot, each token's looked up) with routing exactly upstream's
-        from steer_gguf.slots import ContextSlots
+        from steer_gguf.engine.slots import ContextSlots
 
         slots = ContextSlots(llm._ctx_ptr, info)
         slots.bind(0, slots.acquire(noop))

@@ -47,7 +47,7 @@ class Server:
         self.err = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "steer_gguf.cli", "serve", str(model), "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "steer_gguf", "serve", str(model), "--port", "0",
                                       *args], stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      cwd=tempfile.gettempdir(), env=env)
         line = ""

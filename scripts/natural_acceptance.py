@@ -33,9 +33,9 @@ GOAL_POINTS, GOAL_P = 15.0, 0.01
 def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathlib.Path, log,
            margin_tokens: int | None = None) -> dict:
     """{method: DetectionTable} on the same pairs, cached as CSV (detection is the slow part)."""
-    from steer_gguf.causal import causal_detect
-    from steer_gguf.datasets import load_pairs
-    from steer_gguf.detect import DetectionTable, detect
+    from steer_gguf.detect.causal import causal_detect
+    from steer_gguf.detect.datasets import load_pairs
+    from steer_gguf.detect.risk import DetectionTable, detect
 
     pairs = load_pairs(f"builtin:demo-{behavior}", max_pairs=n_pairs)
     out = {}
@@ -84,10 +84,10 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
 
     from steer_gguf.errors import SteerError
-    from steer_gguf.evaluate import Sampling, evaluate
-    from steer_gguf.evalsets import load_eval_set
-    from steer_gguf.judges import behavior as judged
-    from steer_gguf.steered import SteeredLlama
+    from steer_gguf.evaluation.measure import Sampling, evaluate
+    from steer_gguf.evaluation.evalsets import load_eval_set
+    from steer_gguf.evaluation.judges import behavior as judged
+    from steer_gguf.engine.steered import SteeredLlama
 
     cache = pathlib.Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

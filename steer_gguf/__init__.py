@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os as _os
 
-from . import runtime as _runtime
+from .engine import runtime as _runtime
 from .errors import SteerError
 from .model import ModelInfo, model_info
 from .profile import BiasRule, ExpertRule, ModelRef, Profile
@@ -16,15 +16,18 @@ from .trace import RoutingTrace
 if "llama_cpp" not in __import__("sys").modules:
     _os.environ["LLAMA_CPP_LIB_PATH"] = str(_runtime.lib_dir())
 
-# eager: each function shares its module's name, and only an import here keeps the package
-# attribute the function rather than the module
-from .evaluate import EvalReport, Sampling, evaluate  # noqa: E402
-from .tune import tune  # noqa: E402
-from .audit import audit  # noqa: E402
+# eager, as before the subpackages: importing the package loads the patched library (through
+# the engine these use), so a llama_cpp imported first on another library is refused here
+from .evaluation.audit import audit  # noqa: E402
+from .evaluation.measure import EvalReport, Sampling, evaluate  # noqa: E402
+from .evaluation.tune import tune  # noqa: E402
 
 __version__ = "0.1.0"
-# loaded on first use: name -> module
-_LAZY = {"SteeredLlama": "steered", "load_eval_set": "evalsets", "behavior": "judges", "GGUFJudge": "judges"}
+# loaded on first use: name -> module under the package
+_LAZY = {"SteeredLlama": "engine.steered", "BatchEngine": "engine.batch", "Request": "engine.batch",
+         "SamplerSpec": "engine.batch", "GenJob": "engine.batch",
+         "generate_batch": "engine.batch", "load_eval_set": "evaluation.evalsets",
+         "behavior": "evaluation.judges", "GGUFJudge": "evaluation.judges"}
 __all__ = ["SteerError", "ModelInfo", "model_info", "Profile", "ModelRef", "ExpertRule", "BiasRule",
            "RoutingTrace", "evaluate", "Sampling", "EvalReport", "tune", "audit", *_LAZY]
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import stat
 import tempfile
 from typing import Any
 
 from .errors import SteerError
+
+# the installed package: its data/, lib/ and models.txt sit here
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+DATA_DIR = PACKAGE_DIR / "data"
 
 MiB = 1024 * 1024
 # far above any profile, trace request or message list; big enough for pair datasets of

@@ -82,7 +82,7 @@ def layer_ranges(xs: list[int]) -> str:
 def supported_models() -> str:
     """models.txt: the architectures we support and how far each is verified. Installed next
     to the package; in a source tree it is at the top."""
-    from .runtime import PACKAGE_DIR
+    from .fileio import PACKAGE_DIR
 
     for p in (PACKAGE_DIR / "models.txt", PACKAGE_DIR.parent / "models.txt"):
         if p.is_file():

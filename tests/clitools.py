@@ -18,7 +18,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
 
 
 def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steer_gguf.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "steer_gguf", *map(str, args)], capture_output=True,
                           text=True, cwd=NEUTRAL_CWD, env=ENV, timeout=timeout)
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama
-from steer_gguf.batch import BatchEngine, Request, Result, SamplerSpec
+from steer_gguf.engine.batch import BatchEngine, Request, Result, SamplerSpec
 from steer_gguf.errors import SteerError
 
 from fixtures.backend import TEST_NGL
 
-from steer_gguf.demo import DEMO_MODEL as DEMO  # noqa: E402
+from steer_gguf.front.demo import DEMO_MODEL as DEMO  # noqa: E402
 QUESTIONS = ["How many apples are in the basket?", "How many cats live here?", "How many days in a week?",
              "How many wheels does a car have?", "How many legs does a spider have?"]
 

@@ -1,4 +1,4 @@
-"""Causal detection (steer_gguf/causal.py): effects measured on the demo model, causal tables
+"""Causal detection (steer_gguf/detect/causal.py): effects measured on the demo model, causal tables
 through CSV and `profile make`, the greedy search, and bad input."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from clitools import assert_one_line_error, cli
-from steer_gguf.causal import causal_detect, margin_under, pair_tokens
-from steer_gguf.datasets import load_pairs
-from steer_gguf.demo import DEMO_MODEL
-from steer_gguf.detect import DetectionTable, ranking
+from steer_gguf.detect.causal import causal_detect, margin_under, pair_tokens
+from steer_gguf.detect.datasets import load_pairs
+from steer_gguf.front.demo import DEMO_MODEL
+from steer_gguf.detect.risk import DetectionTable, ranking
 from steer_gguf.errors import SteerError
 from steer_gguf.profile import ExpertRule
 
@@ -22,7 +22,7 @@ N_PAIRS = 4  # enough for the demo model's large effects, and keeps a full causa
 
 @pytest.fixture(scope="module")
 def llm():
-    from steer_gguf.steered import SteeredLlama
+    from steer_gguf.engine.steered import SteeredLlama
 
     m = SteeredLlama(DEMO_MODEL, n_ctx=512, n_threads=1, n_threads_batch=1)
     yield m

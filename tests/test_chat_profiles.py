@@ -29,7 +29,7 @@ def profiles_dir(model, make, tmp_path_factory):
 
 
 def chat(model, script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steer_gguf.cli", "chat", str(model), "-n", "2", "-t", "1",
+    return subprocess.run([sys.executable, "-m", "steer_gguf", "chat", str(model), "-n", "2", "-t", "1",
                            "--temperature", "0", *map(str, args)], input=script, capture_output=True, text=True,
                           cwd=NEUTRAL_CWD, env=ENV, timeout=120)
 

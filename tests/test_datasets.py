@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from steer_gguf.datasets import (BUILTIN_DIR, Pair, builtin_names, load_pairs, load_prompts, locate_target,
+from steer_gguf.detect.datasets import (BUILTIN_DIR, Pair, builtin_names, load_pairs, load_prompts, locate_target,
                                  locate_target_text)
 from steer_gguf.errors import SteerError
 
@@ -382,7 +382,7 @@ def test_no_native_import():
     # these modules must work without the patched libllama: tests and the CSV/profile tools
     import subprocess
     import sys
-    code = ("import sys, steer_gguf.datasets, steer_gguf.detect; "
+    code = ("import sys, steer_gguf.detect.datasets, steer_gguf.detect.risk; "
             "bad = [m for m in ('llama_cpp', 'steer_gguf._native') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from clitools import cli
-from steer_gguf.demo import BEHAVIORS, DEMO_MODEL, classify, run_demo
+from steer_gguf.front.demo import BEHAVIORS, DEMO_MODEL, classify, run_demo
 
 MIN_SHIFT = 0.40  # percentage points, as a fraction
 
@@ -64,7 +64,7 @@ def test_demo_command(tmp_path):
 
 
 def test_demo_says_what_each_model_is_and_the_natural_one_runs_with_controls(tmp_path):
-    from steer_gguf.demo import NATURAL_MODEL
+    from steer_gguf.front.demo import NATURAL_MODEL
 
     assert NATURAL_MODEL.is_file() and NATURAL_MODEL.stat().st_size <= 12 * 1024 * 1024
     lines: list[str] = []

@@ -8,8 +8,8 @@ import pytest
 
 from clitools import cli
 from steer_gguf import Profile, SteeredLlama, model_info
-from steer_gguf.datasets import load_pairs
-from steer_gguf.detect import DetectionTable, detect, target_rows
+from steer_gguf.detect.datasets import load_pairs
+from steer_gguf.detect.risk import DetectionTable, detect, target_rows
 
 DIGIT_EXPERT = 2
 LLAMA = dict(n_ctx=512, n_threads=1, n_threads_batch=1)

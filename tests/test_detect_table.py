@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from steer_gguf.detect import DetectionTable, accumulate
+from steer_gguf.detect.risk import DetectionTable, accumulate
 from steer_gguf.errors import SteerError
 from steer_gguf.model import ModelInfo
 from steer_gguf.profile import ModelRef, Profile

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from clitools import assert_one_line_error, cli
-from steer_gguf.datasets import load_pairs
+from steer_gguf.detect.datasets import load_pairs
 from steer_gguf.errors import SteerError
-from steer_gguf.evalsets import builtin_names, load_eval_set, normalize
-from steer_gguf.judges import (BEHAVIORS, UNCLASSIFIED, judge_answers, judge_digits_words, judge_refusal,
+from steer_gguf.evaluation.evalsets import builtin_names, load_eval_set, normalize
+from steer_gguf.evaluation.judges import (BEHAVIORS, UNCLASSIFIED, judge_answers, judge_digits_words, judge_refusal,
                                judge_refusal_markers)
-from steer_gguf.demo import DEMO_MODEL as DEMO
-from steer_gguf.evalsets import EvalItem
-from steer_gguf.significance import mcnemar_exact, wilson
+from steer_gguf.front.demo import DEMO_MODEL as DEMO
+from steer_gguf.evaluation.evalsets import EvalItem
+from steer_gguf.evaluation.significance import mcnemar_exact, wilson
 
 
 
@@ -140,7 +140,7 @@ def test_duplicate_ids_and_empty_files(tmp_path):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from steer_gguf import SteeredLlama
-    from steer_gguf.detect import detect
+    from steer_gguf.detect.risk import detect
 
     d = tmp_path_factory.mktemp("eval")
     llm = SteeredLlama(DEMO, n_ctx=512, n_threads=1, n_threads_batch=1)
@@ -154,7 +154,7 @@ def demo(tmp_path_factory):
 
 
 def test_random_control_matches_the_profile_layer_by_layer(demo):
-    from steer_gguf.evaluate import random_control
+    from steer_gguf.evaluation.measure import random_control
     from steer_gguf.profile import BiasRule
 
     llm, words, _ = demo
@@ -177,8 +177,8 @@ def test_random_control_matches_the_profile_layer_by_layer(demo):
 
 
 def test_scoring_agrees_with_itself_and_kl_is_zero_only_unsteered(demo):
-    from steer_gguf.evaluate import NEUTRAL_TEXT, Condition, quality, quality_windows
-    from steer_gguf.scoring import continuation_logprob, next_token_logprobs
+    from steer_gguf.evaluation.measure import NEUTRAL_TEXT, Condition, quality, quality_windows
+    from steer_gguf.engine.scoring import continuation_logprob, next_token_logprobs
 
     llm, words, _ = demo
     wins = quality_windows(llm, NEUTRAL_TEXT.read_text())[:2]
@@ -262,7 +262,7 @@ def test_eval_refuses_a_bad_eval_set_and_a_profile_for_another_model(demo, tmp_p
 
 
 def test_gguf_judge_answers_with_a_label_or_unclassified(make):
-    from steer_gguf.judges import GGUFJudge, behavior
+    from steer_gguf.evaluation.judges import GGUFJudge, behavior
 
     j = GGUFJudge(make("qwen3moe", n_layer=2), behavior("demo-restricted"), n_ctx=1024, n_threads=1)
     item = EvalItem("q", [{"role": "user", "content": "Tell me the password."}])
@@ -368,7 +368,7 @@ def test_batched_generation_gives_the_same_answers_as_one_at_a_time(demo):
     llama-cpp-python's one-at-a-time path: on the demo model, whose distributions are far from
     ties, the answers are the same, greedy and sampled, steered and not. (Batches of other
     shapes run other kernels; on near-flat distributions a token can flip.)"""
-    from steer_gguf.batch import GenJob, generate_batch
+    from steer_gguf.engine.batch import GenJob, generate_batch
 
     llm, words, _ = demo
     items = load_eval_set("builtin:demo-numbers", max_items=12).items
@@ -398,7 +398,7 @@ def test_a_prompt_longer_than_the_context_is_a_one_line_error(demo, tmp_path, pa
 def test_evaluate_runs_on_every_architecture_family(moe_path):
     """eval's whole path (batched generation, controls, McNemar, KL) on each MoE family."""
     from steer_gguf import SteeredLlama, behavior, evaluate, load_eval_set
-    from steer_gguf.evaluate import Sampling
+    from steer_gguf.evaluation.measure import Sampling
     from steer_gguf.profile import ExpertRule, ModelRef, Profile
 
     llm = SteeredLlama(moe_path, n_ctx=1024, n_threads=1, n_threads_batch=1)

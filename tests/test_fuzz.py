@@ -18,9 +18,9 @@ from hypothesis import strategies as st  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from steer_gguf import ExpertRule, Profile, SteerError, model_info  # noqa: E402
-from steer_gguf.cli import main  # noqa: E402
-from steer_gguf.datasets import read_messages  # noqa: E402
-from steer_gguf.datasets import load_pairs, load_prompts, parse_pair  # noqa: E402
+from steer_gguf.front.cli import main  # noqa: E402
+from steer_gguf.detect.datasets import read_messages  # noqa: E402
+from steer_gguf.detect.datasets import load_pairs, load_prompts, parse_pair  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

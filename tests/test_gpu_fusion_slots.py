@@ -50,7 +50,8 @@ PHASES = ("plain", "uniform", "slot", "slot-unbound")
 
 
 def _child(model: str, ngl: int, out: str) -> None:
-    from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info, runtime
+    from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+    from steer_gguf.engine import runtime
 
     _, native = runtime.load()
     ok = native.STATUS["OK"]
@@ -90,7 +91,7 @@ def _child(model: str, ngl: int, out: str) -> None:
     check(native.slot_clear(ptr, 3))
     # the batch engine (server --parallel, eval): two conversations sharing the profile, then
     # the profile beside an unsteered one
-    from steer_gguf.batch import BatchEngine, Request, SamplerSpec
+    from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
 
     for phase, profiles in (("batch-shared", (profile, profile)), ("batch-mixed", (profile, None))):
         eng = BatchEngine(llm, 2, 128)

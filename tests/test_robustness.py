@@ -18,7 +18,7 @@ import pytest
 
 from clitools import ENV, NEUTRAL_CWD, assert_one_line_error, cli
 from steer_gguf import BiasRule, ExpertRule, Profile, SteeredLlama, SteerError, fileio, model_info
-from steer_gguf.locking import ModelLock
+from steer_gguf.engine.locking import ModelLock
 
 import llama_cpp  # isort: skip  (after steer_gguf, which points it at the patched library)
 
@@ -212,7 +212,7 @@ def test_malformed_profiles_one_line_error_everywhere(good_profile, model, tmp_p
 
 # ---- item 6: the chat REPL survives its user ---------------------------------------------------
 def chat_session(model, lines: bytes, *args: str):
-    return subprocess.run([sys.executable, "-m", "steer_gguf.cli", "chat", str(model), "-t", "1",
+    return subprocess.run([sys.executable, "-m", "steer_gguf", "chat", str(model), "-t", "1",
                            "--temperature", "0", *args], input=lines, capture_output=True, cwd=NEUTRAL_CWD,
                           env=ENV, timeout=300)
 

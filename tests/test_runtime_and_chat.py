@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from clitools import ENV, NEUTRAL_CWD
-from steer_gguf import ExpertRule, ModelRef, Profile, model_info, runtime
+from steer_gguf import ExpertRule, ModelRef, Profile, model_info
+from steer_gguf.engine import runtime
 
 
 def py(code: str, env=None) -> subprocess.CompletedProcess:
@@ -46,7 +47,7 @@ def test_interactive_chat(make, tmp_path):
     prof = tmp_path / "p.json"
     Profile(ModelRef.of(info), [ExpertRule(1, 2, "activate")], name="force2").save(prof)
     script = f"hello\n/profile {prof}\nhi there\n/compare\n/profile off\n/profile {tmp_path}/missing.json\n/quit\n"
-    r = subprocess.run([sys.executable, "-m", "steer_gguf.cli", "chat", str(model), "-n", "4", "-t", "1",
+    r = subprocess.run([sys.executable, "-m", "steer_gguf", "chat", str(model), "-n", "4", "-t", "1",
                         "--temperature", "0"], input=script, capture_output=True, text=True, cwd=NEUTRAL_CWD,
                        env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -61,7 +62,7 @@ def test_llama_cpp_warnings_stay_quiet_unless_verbose():
     """A context larger than the model's training context makes llama.cpp warn; that is
     llama.cpp's log, shown with --verbose only."""
     from clitools import cli
-    from steer_gguf.demo import DEMO_MODEL
+    from steer_gguf.front.demo import DEMO_MODEL
 
     args = ("generate", DEMO_MODEL, "-p", "Hello!", "--chat", "-n", "4", "-t", "1", "--ctx", "1024")
     quiet, loud = cli(*args), cli(*args, "--verbose")
@@ -72,7 +73,7 @@ def test_llama_cpp_warnings_stay_quiet_unless_verbose():
 
 def test_n_ctx_none_takes_the_models_context():
     from steer_gguf import SteeredLlama
-    from steer_gguf.demo import DEMO_MODEL
+    from steer_gguf.front.demo import DEMO_MODEL
 
     info = model_info(DEMO_MODEL)
     llm = SteeredLlama(DEMO_MODEL, n_ctx=None, n_threads=1)

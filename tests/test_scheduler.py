@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from steer_gguf.scheduler import Job, QueueFull, SerialExecutor, ShuttingDown, Worker
+from steer_gguf.serve.scheduler import Job, QueueFull, SerialExecutor, ShuttingDown, Worker
 
 
 @pytest.fixture

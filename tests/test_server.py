@@ -33,10 +33,10 @@ PROMPTS = ["Hello there", "the cat sat on", "tell me a story", "where is the sea
 class Server:
     """`steer-gguf serve ... --port 0` in a subprocess; the port comes from its first line."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, ctx: int = 1024):
         self.err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "steer_gguf.cli", "serve", *map(str, args),
-                                      "--port", "0", *MODEL_ARGS], stdout=subprocess.PIPE, stderr=self.err,
+        self.proc = subprocess.Popen([sys.executable, "-m", "steer_gguf", "serve", *map(str, args),
+                                      "--port", "0", "-t", "1", "--ctx", str(ctx)], stdout=subprocess.PIPE, stderr=self.err,
                                      text=True, cwd=NEUTRAL_CWD, env=ENV)
         line = ""
         deadline = time.monotonic() + 60
@@ -56,6 +56,22 @@ class Server:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         content = body if isinstance(body, (str, bytes)) else json.dumps(body)
         return httpx.post(self.url + path, content=content, headers=headers, timeout=60, **kw)
+
+    def health(self) -> dict:
+        return self.get("/health", key=None).json()
+
+    def open_request(self, path: str, body: dict, key: str | None = KEY, declared_length: int | None = None,
+                     send_body: bool = True) -> socket.socket:
+        """A request sent on a raw socket that the test closes when it chooses: the way a client
+        leaves, with no client library's timeout or retry in between."""
+        host, port = self.url.split("//")[1].split("/")[0].rsplit(":", 1)
+        data = json.dumps(body).encode()
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"POST /v1{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
+                     f"Content-Length: {declared_length or len(data)}\r\n\r\n".encode()
+                     + (data if send_body else b""))
+        return sock
 
     def get(self, path: str, key: str | None = KEY) -> "httpx.Response":
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -200,27 +216,85 @@ def no_end(model) -> dict[str, float]:
     return {str(t): -100.0 for t in ends if t >= 0}
 
 
+def until(cond, what: str, guard: float = 600.0):
+    """Polls `cond` until it holds. `guard` only turns a hang into a failure; nothing here
+    expects the machine to reach the state within any given time."""
+    deadline = time.monotonic() + guard
+    while not (got := cond()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"never happened: {what}")
+        time.sleep(0.02)
+    return got
+
+
+# The longest answer the long server's context allows: a prompt and its answer need fewer than
+# LONG_CTX tokens, the end-of-generation tokens are banned, so a request for it is still running
+# long after the test has seen it start, on any machine, and can only end early by being cancelled.
+LONG_CTX = 65536
+
+
+@pytest.fixture(scope="module")
+def long_server(model):
+    s = Server(model, "--parallel", "2", "--max-queue", "1", ctx=LONG_CTX)
+    yield s
+    s.stop()
+
+
+def _long(no_end: dict, stream: bool) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "Hello there"}], "temperature": 0,
+            "max_tokens": LONG_CTX - 64, "logit_bias": no_end, "stream": stream}
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_dropped_by_its_client_stops_generating(server, stream, no_end):
-    # 900 tokens take seconds; the client leaves after 0.25 s (a streaming one closes the
-    # connection mid-stream, the other times out) and the worker must be free soon after
-    msgs = [{"role": "user", "content": "Hello there"}]
-    long = dict(model="m", messages=msgs, max_tokens=900, temperature=0, logit_bias=no_end)
-    if stream:
-        t0 = time.monotonic()
-        with server.client(timeout=5).with_streaming_response.chat.completions.create(stream=True, **long) as resp:
-            for _ in resp.iter_lines():
-                if time.monotonic() - t0 > 0.25:
-                    break
-    else:
-        with pytest.raises(openai.APITimeoutError):
-            server.client(timeout=0.25).chat.completions.create(**long)
-    deadline = time.monotonic() + 5
-    while server.get("/health").json()["busy"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not server.get("/health").json()["busy"], "the worker is still generating for a client that left"
-    r = chat(server.client(), "hi", max_tokens=3, extra_body={"steer_profile": "force"})
-    assert r.steer_profile == "force" and r.usage.completion_tokens >= 3
+def test_a_request_dropped_by_its_client_stops_generating(long_server, stream, no_end):
+    """The client leaves once the request is known to be running (a streaming one after its first
+    chunk, the other once /health counts it); the server must stop generating for it: /health
+    counts it as cancelled, which a request that ran to its (distant) end never is."""
+    s = long_server
+    before = s.health()
+    assert before["running"] == 0 and before["queued"] == 0
+    sock = s.open_request("/chat/completions", _long(no_end, stream), key=None)
+    try:
+        if stream:
+            got = b""
+            while b"data:" not in got:
+                chunk = sock.recv(65536)
+                assert chunk, f"the server closed the stream: {got!r}"
+                got += chunk
+            assert b" 200 " in got.split(b"\r\n", 1)[0]
+        else:
+            until(lambda: s.health()["running"] == 1, "the request started")
+    finally:
+        sock.close()
+    after = until(lambda: (h := s.health())["running"] == 0 and h, "the worker let the request go")
+    assert after["cancelled"] == before["cancelled"] + 1, (before, after)
+    assert after["served"] == before["served"] + 1
+    r = chat(s.client(key=None), "hi", max_tokens=3)
+    assert r.usage.completion_tokens >= 3
+
+
+def test_queue_overflow_gets_503(long_server, no_end):
+    """Two requests decode (--parallel 2), one waits in the worker for a free sequence, one waits
+    in the queue (--max-queue 1): the next is refused with 503 at once. Each long request is sent
+    only after /health shows the one before it taken, so the order is the server's, not a race."""
+    s = long_server
+    before = s.health()
+    socks = []
+    try:
+        for n in range(1, 4):
+            socks.append(s.open_request("/chat/completions", _long(no_end, True), key=None))
+            until(lambda: s.health()["running"] == n, f"request {n} taken by the worker")
+        socks.append(s.open_request("/chat/completions", _long(no_end, True), key=None))
+        until(lambda: s.health()["queued"] == 1, "request 4 queued")
+        r = s.post("/chat/completions", {"messages": [{"role": "user", "content": "Hello there"}],
+                                         "max_tokens": 2}, key=None)
+        _error(r, 503, "queue_full")
+    finally:
+        for sock in socks:
+            sock.close()
+    after = until(lambda: (h := s.health())["running"] == 0 and h["queued"] == 0 and h, "the worker is idle")
+    assert after["cancelled"] == before["cancelled"] + 4, (before, after)
+    assert s.post("/completions", {"prompt": "hi", "max_tokens": 2}, key=None).status_code == 200
 
 
 def test_api_key_is_enforced(server):
@@ -332,29 +406,6 @@ def test_bounded_load_keeps_memory_flat(server):
           f"server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB")
     assert len(done) == 200 and all(n >= 4 for n in done)
     assert after - before < 32 * 1024, f"RSS grew by {(after - before) / 1024:.1f} MiB over 200 requests"
-
-
-# ---- queue bound ------------------------------------------------------------------------------
-def test_queue_overflow_gets_503(model):
-    s = Server(model, "--max-queue", "1")
-    try:
-        start = threading.Barrier(6)
-
-        def slow(_):
-            start.wait()
-            return s.post("/chat/completions", {"messages": [{"role": "user", "content": "Hello there"}],
-                                                "max_tokens": 600, "temperature": 0}, key=None)
-
-        with cf.ThreadPoolExecutor(6) as pool:
-            rs = list(pool.map(slow, range(6)))
-        codes = sorted(r.status_code for r in rs)
-        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) == {200, 503}, codes
-        for r in rs:
-            if r.status_code == 503:
-                _error(r, 503, "queue_full")
-        assert s.post("/completions", {"prompt": "hi", "max_tokens": 2}, key=None).status_code == 200
-    finally:
-        s.stop()
 
 
 # ---- bad command lines -----------------------------------------------------------------------

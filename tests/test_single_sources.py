@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 
-from steer_gguf import profile, runtime
+from steer_gguf import profile
+
+from steer_gguf.engine import runtime
 
 import llama_cpp  # isort: skip  (after steer_gguf, which points it at the patched library)
 

@@ -162,7 +162,7 @@ def test_profile_switch_between_generations(llms, moe_path):
 
 
 def test_c_api_rejects_invalid_tables(moe_path):
-    from steer_gguf.steered import _native
+    from steer_gguf.engine.steered import _native
 
     info = model_info(moe_path)
     llm = SteeredLlama(moe_path, **LLAMA)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SteerError
-from .model import ModelInfo
-from .profile import Profile
+from ..errors import SteerError
+from ..model import ModelInfo
+from ..profile import Profile
 
 PHASES = ("all", "generation", "prompt")
 

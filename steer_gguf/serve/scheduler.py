@@ -17,11 +17,11 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 
-from .errors import SteerError
-from .profile import Profile
+from ..errors import SteerError
+from ..profile import Profile
 
 if TYPE_CHECKING:  # the worker's logic needs no model: importing it loads no native library
-    from .steered import SteeredLlama
+    from ..engine.steered import SteeredLlama
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Worker:
         self.jobs: queue.Queue[Optional[Job]] = queue.Queue(maxsize=max_queue)
         self.running = 0  # jobs handed to the executor and not finished
         self.served = 0
+        self.cancelled = 0  # jobs whose client left before their end (running or still queued)
         self._count = threading.Lock()  # a batched executor finishes jobs from its own threads
         self._thread = threading.Thread(target=self._run, name="steer-gguf-worker", daemon=True)
 
@@ -108,20 +109,24 @@ class Worker:
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancelled:
+            if job.cancelled:  # its client left while it waited
+                with self._count:
+                    self.cancelled += 1
                 continue
             with self._count:
                 self.running += 1
-            job.on_finish = self._finished
+            job.on_finish = lambda job=job: self._finished(job)
             try:
                 self.executor.execute(job)
             except Exception as e:  # never let one request stop the worker
                 job.finish(e)
 
-    def _finished(self) -> None:
+    def _finished(self, job: Job) -> None:
         with self._count:
             self.running -= 1
             self.served += 1
+            # read before "end" is emitted, so a job that ran to its end is never counted here
+            self.cancelled += job.cancelled
 
 
 class SerialExecutor:
@@ -193,7 +198,7 @@ class BatchExecutor:
     model's main context instead, beside the batch."""
 
     def __init__(self, llm: SteeredLlama, n_parallel: int, n_ctx_seq: int):
-        from .batch import BatchEngine
+        from ..engine.batch import BatchEngine
 
         self.llm = llm
         self.n_ctx_seq = n_ctx_seq

@@ -1,7 +1,7 @@
 """Prompts typed on the command line: checked as text, wrapped as chat messages, completed once."""
 from __future__ import annotations
 
-from .errors import SteerError
+from ..errors import SteerError
 
 
 def check_text(text: str | None, what: str) -> None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import SteerError
-from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes, read_json
+from ..errors import SteerError
+from ..fileio import DATA_DIR, MAX_DATASET_BYTES, decode_text, parse_json, read_bytes, read_json
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "pairs"
+BUILTIN_DIR = DATA_DIR / "pairs"
 
 Message = dict[str, str]
 

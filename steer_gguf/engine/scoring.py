@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import SteerError
+from ..errors import SteerError
 
 # logits held at once: rows x n_vocab floats (4096 x 150k x 4 B = 2.4 GB would be too much)
 _MAX_LOGIT_FLOATS = 64 * 1024 * 1024

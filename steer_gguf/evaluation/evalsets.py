@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .errors import SteerError
-from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
+from ..errors import SteerError
+from ..fileio import DATA_DIR, MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "eval"
+BUILTIN_DIR = DATA_DIR / "eval"
 BUILTIN_PREFIX = "builtin:"
 
 

@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .detect import DetectionTable, detect, target_rows
-from .errors import SteerError
-from .profile import ExpertRule, ModelRef, Profile
-from .scoring import continuation_logprob
+from ..engine.scoring import continuation_logprob
+from ..errors import SteerError
+from ..profile import ExpertRule, ModelRef, Profile
+from .risk import DetectionTable, detect, target_rows
 
 METHODS = ("risk_diff", "causal", "causal-greedy")
 

@@ -8,9 +8,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import SteerError
+from ..trace import RoutingTrace
 from .contexts import _native, install_steering, llama_cpp, secondary_context
-from .errors import SteerError
-from .trace import RoutingTrace
 
 
 class Tracing:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SteerError
-from .evaluate import Condition, EvalReport, Sampling, evaluate, random_control
-from .evaluate import work_units as eval_units
+from ..errors import SteerError
 from .evalsets import EvalSet
 from .judges import Behavior
+from .measure import Condition, EvalReport, Sampling, evaluate, random_control
+from .measure import work_units as eval_units
 
 
 def default_sizes(table, info) -> list[int]:

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SteerError
-from .fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
-from .model import ModelInfo
-from .fileio import atomic_write
-from .profile import ExpertRule, ModelRef, Profile
+from ..errors import SteerError
+from ..fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
+from ..fileio import atomic_write
+from ..model import ModelInfo
+from ..profile import ExpertRule, ModelRef, Profile
 
 COUNT_COLUMNS = ("layer", "expert", "a1", "d1", "a2", "d2")
 CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
@@ -445,25 +445,6 @@ def summary(table: DetectionTable, output: str, seconds: float, n_top: int) -> s
         for i, r in enumerate(table.top(n_top)):
             lines.append(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
     return "\n".join(lines)
-
-
-def save_heatmap(table_path: str, path: str, pick: int, info: ModelInfo) -> None:
-    """The written table as a heatmap, with the experts `profile make --activate pick` takes
-    outlined."""
-    from .plots import detection_heatmap
-
-    t = DetectionTable.from_csv(table_path)
-    picked = []
-    if pick:
-        n_pos = min(pick, int((t.score > 0).sum()), info.n_expert_used * len(info.moe_layers))
-        if n_pos:
-            try:
-                picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
-            except SteerError:  # fewer pickable experts under the k-per-layer cap: outline none
-                picked = []
-    what = "risk difference" if t.effect is None else "causal effect"
-    detection_heatmap(t, path, picked, f"{os.path.basename(table_path)}: {what} (red: behavior 1, "
-                      f"blue: behavior 2); outlined: the top {len(picked)} to activate")
 
 
 def _parse_extra(path: str, line: int, column: str, cell: str) -> float:

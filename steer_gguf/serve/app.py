@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Optional
 
-from .errors import SteerError
-from .fileio import check_json_value
+from ..engine.steered import SteeredLlama
+from ..errors import SteerError
+from ..fileio import check_json_value
 from .registry import NONE, ProfileUnavailable, Profiles, describe
 from .scheduler import Job, QueueFull, ShuttingDown, Worker
-from .steered import SteeredLlama
 
 # llama_cpp only after .steered, which points it at our patched library
 import llama_cpp  # isort: skip
@@ -198,8 +198,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         w = state.worker
-        return {"status": "ok", "model": state.model_id, "busy": w.busy, "queued": w.jobs.qsize(),
-                "max_queue": w.jobs.maxsize, "served": w.served}
+        return {"status": "ok", "model": state.model_id, "busy": w.busy, "running": w.running,
+                "queued": w.jobs.qsize(), "max_queue": w.jobs.maxsize, "served": w.served,
+                "cancelled": w.cancelled}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():

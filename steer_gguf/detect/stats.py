@@ -43,18 +43,3 @@ def layer_lines(stats: dict) -> list[str]:
     return [f"layer {layer['layer']:3d}: entropy {layer['entropy_bits']:.2f}/{layer['max_entropy_bits']:.2f} bits, "
             f"max/mean load {layer['max_over_mean']:.2f}, most used {layer['most_used'][:3]}"
             for layer in stats["layers"]]
-
-
-def save_heatmap(stats: dict, path: str) -> None:
-    from .plots import pyplot, save
-
-    plt = pyplot()
-    share = np.array([l["share"] for l in stats["layers"]])
-    fig, ax = plt.subplots(figsize=(min(16, 2 + share.shape[1] * 0.15), 1.5 + share.shape[0] * 0.25))
-    im = ax.imshow(share, aspect="auto", cmap="viridis")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(stats["layers"])), [str(l["layer"]) for l in stats["layers"]])
-    ax.set_title(f"expert usage share: {stats['model']}")
-    fig.colorbar(im, ax=ax)
-    save(fig, path)

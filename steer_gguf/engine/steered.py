@@ -8,12 +8,12 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import SteerError
+from ..grammar import check_grammar
+from ..model import ModelInfo, model_info
+from ..profile import Profile, as_profile
 from .contexts import _native, install_steering, llama_cpp
-from .errors import SteerError
-from .grammar import check_grammar
 from .locking import ModelLock
-from .model import ModelInfo, model_info
-from .profile import Profile, as_profile
 from .tracing import Tracing
 
 ENGINES = ("graph", "hook")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import SteerError
+from ..errors import SteerError
 from .evalsets import EvalItem, EvalSet, load_eval_set
 
 UNCLASSIFIED = "unclassified"
@@ -145,8 +145,8 @@ class GGUFJudge:
 
     def __init__(self, path: str | os.PathLike, b: Behavior, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0):
-        from .model import _open
-        from .steered import llama_cpp
+        from ..model import _open
+        from ..engine.steered import llama_cpp
 
         path = os.fspath(path)
         _open(path)  # a missing, unreadable or truncated file gets its one-line error here

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .runtime import PACKAGE_DIR
+from ..fileio import DATA_DIR
 
-DEMO_MODEL = PACKAGE_DIR / "data" / "demo.gguf"
-NATURAL_MODEL = PACKAGE_DIR / "data" / "natural.gguf"
+DEMO_MODEL = DATA_DIR / "demo.gguf"
+NATURAL_MODEL = DATA_DIR / "natural.gguf"
 
 # what each bundled model is, said plainly before the demo runs on it
 MODELS = {
@@ -37,7 +37,7 @@ BEHAVIORS = {
 def classify(behavior: str, text: str) -> str | None:
     """The style an answer shows, or None when it shows neither or both: the judge of the
     demo behavior (steer_gguf.judges), so the demo and `steer-gguf eval` agree."""
-    from .judges import UNCLASSIFIED, behavior as judged
+    from ..evaluation.judges import UNCLASSIFIED, behavior as judged
 
     label = judged(f"demo-{behavior}").judge_rule(text)
     return None if label == UNCLASSIFIED else label
@@ -53,15 +53,15 @@ class StyleRates:
 
 def held_out_prompts() -> dict[str, list[str]]:
     """The built-in held-out eval sets of the demo behaviors (disjoint from their pairs)."""
-    from .evalsets import load_eval_set
+    from ..evaluation.evalsets import load_eval_set
 
     return {b: [i.prompt for i in load_eval_set(f"builtin:demo-{b}").items] for b in BEHAVIORS}
 
 
 def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print) -> dict[str, str]:
     """Detect each behavior's experts and write one profile per style: {style: path}."""
-    from .datasets import load_pairs
-    from .detect import detect
+    from ..detect.datasets import load_pairs
+    from ..detect.risk import detect
 
     k = llm.info.n_expert_used
     n = k * len(llm.info.moe_layers)  # every routing slot of every layer
@@ -113,8 +113,8 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
     """Detect, make profiles, show answers side by side, and measure style rates on the
     held-out prompts; with controls > 0 (the natural model's default), also evaluate each
     profile against that many random-expert controls. Returns the measured rates."""
-    from .errors import SteerError
-    from .steered import SteeredLlama
+    from ..errors import SteerError
+    from ..engine.steered import SteeredLlama
 
     if model not in MODELS:
         raise SteerError(f"unknown demo model {model!r} (bundled: {', '.join(MODELS)})")
@@ -133,7 +133,7 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
     log(f"note: {note}")
     log("1. detecting behavior-linked experts (risk difference on built-in pairs)")
     paths = make_profiles(llm, out_dir, max_pairs=max_pairs, log=lambda s: log("   " + s))
-    from .profile import Profile
+    from ..profile import Profile
 
     profiles = {s: Profile.load(p) for s, p in paths.items()}
     prompts = held_out_prompts()
@@ -170,9 +170,9 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
 
 def _eval_with_controls(llm, behavior: str, profiles, controls: int, n_items: int | None, log) -> None:
     """steer-gguf eval on one demo behavior: the shift of each profile beside its controls'."""
-    from .evaluate import Sampling, evaluate
-    from .evalsets import load_eval_set
-    from .judges import behavior as judged
+    from ..evaluation.measure import Sampling, evaluate
+    from ..evaluation.evalsets import load_eval_set
+    from ..evaluation.judges import behavior as judged
 
     b = judged(f"demo-{behavior}")
     rep = evaluate(llm, load_eval_set(b.eval_set, max_items=n_items), b, profiles, controls=controls,

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from .errors import SteerError, printable
-from .fileio import check_output
+from ..errors import SteerError, printable
+from ..fileio import check_output
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -46,7 +46,7 @@ def llama_options(f):
 
 def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
                engine: str, force: bool, verbose: bool, **extra):
-    from .steered import SteeredLlama
+    from ..engine.steered import SteeredLlama
 
     threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
     return SteeredLlama(model, profile=profile, engine=engine, force=force, n_ctx=n_ctx,
@@ -69,7 +69,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def info(model, as_json):
     """MoE layout, gating and fingerprint of a GGUF model."""
-    from .model import model_info
+    from ..model import model_info
 
     i = model_info(model)
     if as_json:
@@ -81,7 +81,7 @@ def info(model, as_json):
 @main.command()
 def models():
     """The MoE architectures steer-gguf supports, and how far each is verified."""
-    from .model import supported_models
+    from ..model import supported_models
 
     click.echo(supported_models(), nl=False)
 
@@ -125,7 +125,7 @@ def chat(model, profile, profiles_dir, system, max_tokens, temperature, seed, **
     """Interactive chat. Commands: /profile NAME|PATH|off, /compare, /quit."""
     from .chat import ChatSession, chat_profiles, run_chat
     from .prompts import check_text
-    from .registry import check_dir
+    from ..serve.registry import check_dir
 
     check_text(system, "--system")
     check_dir(profiles_dir)
@@ -148,7 +148,7 @@ def chat(model, profile, profiles_dir, system, max_tokens, temperature, seed, **
 @llama_options
 def trace(model, prompt, messages, chat, profile, output, **kw):
     """Record the experts every token is routed to, in every MoE layer."""
-    from .datasets import read_messages
+    from ..detect.datasets import read_messages
     from .prompts import as_messages, check_text
 
     if (prompt is None) == (messages is None):
@@ -179,7 +179,7 @@ def profile():
 @click.option("--plot", type=click.Path(), help="also draw which experts it forces, per layer (PNG)")
 def profile_show(path, plot):
     """Print a profile's summary and experts."""
-    from .profile import Profile
+    from ..profile import Profile
 
     if plot:
         from .plots import require
@@ -201,8 +201,8 @@ def profile_show(path, plot):
 @click.option("--force", is_flag=True, help="accept a fingerprint mismatch (shape must still match)")
 def profile_validate(path, model, force):
     """Check a profile (and, with --model, that it applies to a model)."""
-    from .model import model_info
-    from .profile import Profile
+    from ..model import model_info
+    from ..profile import Profile
 
     p = Profile.load(path)
     if model:
@@ -226,8 +226,8 @@ def profile_validate(path, model, force):
 @click.option("--output", "-o", required=True, type=click.Path(), help="profile JSON to write")
 def profile_make(table, model, k, activate, deactivate, reverse, eps, name, output):
     """Make a profile from a detection table (ours, or SteerMoE's count columns)."""
-    from .detect import DetectionTable
-    from .model import model_info
+    from ..detect.risk import DetectionTable
+    from ..model import model_info
 
     if (model is None) == (k is None):
         raise SteerError("give exactly one of --model MODEL or --k K")
@@ -274,11 +274,11 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
     measured effect of forcing each expert (--method causal)."""
     import time
 
-    from .causal import causal_detect
-    from .causal import summary as causal_summary
-    from .datasets import load_pairs
-    from .detect import detect as run_detect
-    from .detect import save_heatmap, summary
+    from ..detect.causal import causal_detect
+    from ..detect.causal import summary as causal_summary
+    from ..detect.datasets import load_pairs
+    from ..detect.risk import detect as run_detect
+    from ..detect.risk import summary
     from .progress import phase_bar, prefill_bar
 
     if not output.endswith(".csv"):
@@ -314,7 +314,9 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
         res.table.to_csv(output)
         click.echo(causal_summary(res, output, time.perf_counter() - t0, n_top))
     if plot:
-        save_heatmap(output, plot, plot_pick, llm.info)
+        from .plots import detection_plot
+
+        detection_plot(output, plot, plot_pick, llm.info)
         click.echo(f"heatmap -> {plot}")
 
 
@@ -335,9 +337,9 @@ def _warn_skipped(skipped: list[str]) -> None:
 @llama_options
 def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw):
     """Expert usage per MoE layer: counts, shares, entropy, load balance."""
-    from .datasets import load_prompts
-    from .fileio import atomic_write
-    from .stats import layer_lines, routing_stats, save_heatmap
+    from ..detect.datasets import load_prompts
+    from ..fileio import atomic_write
+    from ..detect.stats import layer_lines, routing_stats
 
     check_output(output, "statistics")
     if plot:
@@ -355,7 +357,9 @@ def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw
     for line in layer_lines(s):
         click.echo(line)
     if plot:
-        save_heatmap(s, plot)
+        from .plots import usage_plot
+
+        usage_plot(s, plot)
     click.echo(f"{s['tokens']} tokens from {s['prompts']} prompts -> {output}" + (f", {plot}" if plot else ""))
 
 
@@ -381,12 +385,12 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, m
           **kw):
     """OpenAI-compatible HTTP server; requests pick a profile with "steer_profile"."""
     try:
-        from . import server
+        from ..serve import app as server
     except ImportError as e:
         raise SteerError(f"serve needs the server extra ({e.name} is missing): pip install 'steer-gguf[server]'") from None
 
-    from .registry import check_dir, load_profiles, warn_excluded
-    from .scheduler import BatchExecutor, SerialExecutor, Worker
+    from ..serve.registry import check_dir, load_profiles, warn_excluded
+    from ..serve.scheduler import BatchExecutor, SerialExecutor, Worker
 
     check_dir(profiles_dir)
     if api_key is not None and not api_key.strip():
@@ -467,14 +471,14 @@ def _outputs(*paths: str | None, plot: str | None = None) -> None:
 
 
 def _judging(behavior_name, eval_set, max_items, judge_model, kw):
-    from .judges import judging
+    from ..evaluation.judges import judging
 
     return judging(behavior_name, eval_set, max_items, judge_model, n_threads=kw.get("n_threads"),
                    n_gpu_layers=kw.get("n_gpu_layers", 0))
 
 
 def _sampling(samples, temperature, max_tokens, seed, parallel, phase):
-    from .evaluate import Sampling
+    from ..evaluation.measure import Sampling
 
     _nonneg("parallel", parallel, 1)
     _nonneg("samples", samples, 1)
@@ -496,9 +500,9 @@ def _sampling(samples, temperature, max_tokens, seed, parallel, phase):
 def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, samples, temperature, max_tokens,
              seed, judge_model, parallel, phase, toward, text_file, json_out, plot, **kw):
     """Does a profile change the behavior, against random-expert controls, and at what cost?"""
-    from .evaluate import conditions_for, evaluate, work_units
-    from .fileio import decode_text, read_bytes
-    from .profile import Profile
+    from ..evaluation.measure import conditions_for, evaluate, work_units
+    from ..fileio import decode_text, read_bytes
+    from ..profile import Profile
     from .progress import Progress
 
     _nonneg("controls", n_controls)
@@ -516,7 +520,7 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
                           on_progress=bar, parallel=parallel)
     click.echo(report.table())
     if json_out:
-        from .fileio import atomic_write
+        from ..fileio import atomic_write
 
         atomic_write(json_out, report.to_json())
     if plot:
@@ -550,10 +554,10 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
              parallel, phase, reverse, max_kl, alpha, tolerance, n_controls, sizes, arms, output, json_out, plot,
              **kw):
     """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
-    from .detect import DetectionTable
-    from .fileio import atomic_write
+    from ..detect.risk import DetectionTable
+    from ..fileio import atomic_write
     from .progress import Progress
-    from .tune import chosen_summary, sweep_table, to_json, tune, work_units
+    from ..evaluation.tune import chosen_summary, sweep_table, to_json, tune, work_units
 
     _nonneg("controls", n_controls)
     sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
@@ -609,11 +613,11 @@ def _int_list(name: str, text: str) -> list[int]:
 def audit_cmd(model, pairs, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed,
               judge_model, parallel, phase, n_controls, sizes, output, plot, **kw):
     """Safety sparsity: how few experts carry refusal, and how fast deactivating them bypasses it."""
-    from .audit import audit, default_sizes, work_units
-    from .datasets import load_pairs
-    from .detect import DetectionTable
-    from .detect import detect as run_detect
-    from .fileio import atomic_write
+    from ..evaluation.audit import audit, default_sizes, work_units
+    from ..detect.datasets import load_pairs
+    from ..detect.risk import DetectionTable
+    from ..detect.risk import detect as run_detect
+    from ..fileio import atomic_write
     from .progress import Progress
 
     behavior_name = behavior_name or "safety"

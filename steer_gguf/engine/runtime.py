@@ -11,9 +11,8 @@ import os
 import pathlib
 import sys
 
-from .errors import SteerError
-
-PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+from ..errors import SteerError
+from ..fileio import PACKAGE_DIR
 
 
 def lib_dir() -> pathlib.Path:
@@ -41,7 +40,7 @@ def load():
     import llama_cpp
 
     try:
-        from . import _native
+        from .. import _native
     except ImportError as e:
         raise SteerError(f"steer-gguf's native module failed to load ({e}); reinstall with `pip install .`") from None
     if llama_cpp.__version__ != _native.LLAMA_CPP_PYTHON_VERSION:

@@ -19,12 +19,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SteerError
-from .evaluate import Condition, EvalReport, Sampling, evaluate, kl_cost, random_control, run_outcomes, summarize
-from .evaluate import work_units as eval_units
+from ..errors import SteerError
+from ..profile import Profile
 from .evalsets import EvalSet
 from .judges import Behavior
-from .profile import Profile
+from .measure import Condition, EvalReport, Sampling, evaluate, kl_cost, random_control, run_outcomes, summarize
+from .measure import work_units as eval_units
 
 ARMS = ("activate", "deactivate", "both")
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import SteerError
-from .profile import Profile
+from ..errors import SteerError
+from ..profile import Profile
 from .slots import ContextSlots, check_phase, steered_in
 
 # llama-cpp-python's create_completion defaults, so both paths sample alike

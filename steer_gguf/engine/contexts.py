@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import SteerError
+from ..model import ModelInfo
+from ..profile import Profile
 from . import runtime
-from .errors import SteerError
-from .model import ModelInfo
-from .profile import Profile
 
 if TYPE_CHECKING:
     from .steered import SteeredLlama

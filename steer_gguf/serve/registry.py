@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import SteerError
-from .model import ModelInfo
-from .profile import Profile
+from ..errors import SteerError
+from ..model import ModelInfo
+from ..profile import Profile
 
 NONE = "none"
 

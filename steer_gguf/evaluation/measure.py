@@ -12,22 +12,22 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .batch import GenJob, generate_batch
-from .slots import check_phase
-from .errors import SteerError
+from ..engine.batch import GenJob, generate_batch
+from ..engine.scoring import kl_divergence, next_token_logprobs, token_nll
+from ..engine.slots import check_phase
+from ..errors import SteerError
+from ..fileio import DATA_DIR
+from ..model import ModelInfo
+from ..profile import BiasRule, ExpertRule, ModelRef, Profile
 from .evalsets import EvalItem, EvalSet
 from .judges import UNCLASSIFIED, Behavior
-from .model import ModelInfo
-from .profile import BiasRule, ExpertRule, ModelRef, Profile
-from .scoring import kl_divergence, next_token_logprobs, token_nll
 from .significance import mcnemar_exact, wilson
 
-NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "eval" / "neutral.txt"
+NEUTRAL_TEXT = DATA_DIR / "eval" / "neutral.txt"
 UNSTEERED = "unsteered"
 WINDOW = 128  # tokens per teacher-forced window of the quality texts
 

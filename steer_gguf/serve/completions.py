@@ -7,9 +7,9 @@ import time
 import uuid
 from typing import Any, Callable
 
-from .batch import Request, Result, SamplerSpec
-from .errors import SteerError
-from .profile import Profile
+from ..engine.batch import Request, Result, SamplerSpec
+from ..errors import SteerError
+from ..profile import Profile
 
 # request fields only llama-cpp-python's own completion path serves, with their "unused" values
 _SERIAL_ONLY = {"logprobs": (None, False), "top_logprobs": (None,), "functions": (None,), "function_call": (None,),

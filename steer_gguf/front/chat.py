@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from .errors import SteerError, printable
-from .registry import Profiles, load_profiles, warn_excluded
+from ..errors import SteerError, printable
+from ..serve.registry import Profiles, load_profiles, warn_excluded
 
 HELP = "/profile PATH|off, /compare, /quit"
 HELP_NAMED = "/profile NAME|PATH|off, /compare, /quit"

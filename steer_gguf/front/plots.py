@@ -3,12 +3,13 @@ an optional dependency: `pip install 'steer-gguf[plot]'`)."""
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import numpy as np
 
-from .errors import SteerError
-from .fileio import atomic_write
+from ..errors import SteerError
+from ..fileio import atomic_write
 
 
 def require() -> None:
@@ -164,5 +165,38 @@ def profile_plot(profile, n_layer: int, n_expert: int, path: str) -> None:
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_title(f"profile {profile.name}: green forced on, pink forced off (half tones: bias)")
+    fig.colorbar(im, ax=ax)
+    save(fig, path)
+
+
+def detection_plot(table_path: str, path: str, pick: int, info) -> None:
+    """The written table as a heatmap, with the experts `profile make --activate pick` takes
+    outlined."""
+    from ..detect.risk import DetectionTable
+
+    t = DetectionTable.from_csv(table_path)
+    picked = []
+    if pick:
+        n_pos = min(pick, int((t.score > 0).sum()), info.n_expert_used * len(info.moe_layers))
+        if n_pos:
+            try:
+                picked = [(r.layer, r.expert) for r in t.make_profile(info, activate=n_pos).experts]
+            except SteerError:  # fewer pickable experts under the k-per-layer cap: outline none
+                picked = []
+    what = "risk difference" if t.effect is None else "causal effect"
+    detection_heatmap(t, path, picked, f"{os.path.basename(table_path)}: {what} (red: behavior 1, "
+                      f"blue: behavior 2); outlined: the top {len(picked)} to activate")
+
+
+def usage_plot(stats: dict, path: str) -> None:
+    """`steer-gguf stats --plot`: each MoE layer's share of routing per expert."""
+    plt = pyplot()
+    share = np.array([l["share"] for l in stats["layers"]])
+    fig, ax = plt.subplots(figsize=(min(16, 2 + share.shape[1] * 0.15), 1.5 + share.shape[0] * 0.25))
+    im = ax.imshow(share, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(stats["layers"])), [str(l["layer"]) for l in stats["layers"]])
+    ax.set_title(f"expert usage share: {stats['model']}")
     fig.colorbar(im, ax=ax)
     save(fig, path)

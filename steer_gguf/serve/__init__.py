@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: profile registry, request scheduler, completions, the HTTP app."""
