@@ -7,12 +7,13 @@ Every output goes through atomic_write: an error or Ctrl-C never leaves a half-w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import stat
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import SteerError
 
@@ -137,23 +138,37 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     path = check_output(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
+    with temp_beside(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        publish(tmp, path)
+
+
+@contextlib.contextmanager
+def temp_beside(path: str, suffix: str = "") -> Iterator[str]:
+    """A temporary file in `path`'s directory (so the rename into place is atomic), removed
+    unless published; an OSError becomes one line naming `path`."""
     d = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".steer-", dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=".steer-", suffix=suffix, dir=d)
     except OSError as e:
         raise SteerError(f"{path}: cannot write: {e.strerror}") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes the file 0600; an output gets the mode any new file would get
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        yield tmp
     except OSError as e:
         _unlink(tmp)
         raise SteerError(f"{path}: cannot write: {e.strerror or e}") from None
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move a finished temporary file into place, with the mode any new file would get
+    (mkstemp makes it 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
 
 
 def _unlink(tmp: str) -> None:

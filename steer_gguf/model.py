@@ -34,6 +34,7 @@ class ModelInfo:
     n_ctx_train: int = 0
     fingerprint: str = ""
     extra: dict = field(default_factory=dict)
+    baked: dict = field(default_factory=dict)  # steer_gguf.baked.* metadata: what `bake` wrote in
 
     @property
     def logit_stage(self) -> str:
@@ -69,6 +70,11 @@ class ModelInfo:
         lines += [f"gating        {self.gating}" + (" + selection bias" if self.has_selection_bias else "")
                   + (" + router bias" if self.has_router_bias else ""),
                   f"fingerprint   {self.fingerprint}"]
+        if self.baked:
+            b = self.baked
+            lines.append(f"baked         profile {printable(str(b.get('profile', '?')))} by {printable(str(b.get('method', '?')))}"
+                         f" (steer-gguf {printable(str(b.get('version', '?')))}), from a model with fingerprint "
+                         f"{printable(str(b.get('source_fingerprint', '?')))}")
         return "\n".join(lines)
 
 
@@ -255,4 +261,24 @@ def _read_info(path: str, r) -> ModelInfo:
         n_embd=_int_field(r, path, f"{arch}.embedding_length"),
         n_ctx_train=_int_field(r, path, f"{arch}.context_length"),
         fingerprint=h.hexdigest()[:32],
+        extra=_extra(r, arch),
+        baked=_baked(r),
     )
+
+
+BAKED_PREFIX = "steer_gguf.baked."
+
+
+def _baked(reader) -> dict:
+    out = {}
+    for key in reader.fields:
+        if key.startswith(BAKED_PREFIX):
+            v = _field(reader, key)
+            out[key[len(BAKED_PREFIX):]] = v if isinstance(v, (str, int, float, bool)) else str(v)
+    return out
+
+
+def _extra(reader, arch: str) -> dict:
+    """Metadata that only some methods need."""
+    norm = _field(reader, f"{arch}.expert_weights_norm")
+    return {"expert_weights_norm": norm} if isinstance(norm, bool) else {}

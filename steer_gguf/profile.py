@@ -185,6 +185,11 @@ class Profile:
         self.validate(source)
         src = source or f"profile {_short(self.name)}"
         m = self.model
+        if info.baked and not force and m.fingerprint and m.fingerprint == info.baked.get("source_fingerprint"):
+            raise SteerError(f"{src}: {os.path.basename(info.path)} already has profile "
+                             f"{_short(info.baked.get('profile'))} baked in ({info.baked.get('method')}); a profile "
+                             f"made for its source model would steer it twice: steer the source model instead "
+                             f"(or --force)")
         for fld, mine, theirs in (("n_layer", m.n_layer, info.n_layer), ("n_expert", m.n_expert, info.n_expert),
                                   ("n_expert_used", m.n_expert_used, info.n_expert_used)):
             if mine is not None and mine != theirs:

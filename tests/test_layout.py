@@ -1,5 +1,5 @@
 """The package's folders are its layers: every import, read from the sources, runs downward
-(front -> serve / evaluation -> detect -> engine -> core), lazy imports inside functions
+(front -> serve / bake / evaluation -> detect -> engine -> core), lazy imports inside functions
 included. A new module that breaks the order fails here, not in a reader's head."""
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ MAY_IMPORT = {
     "detect": {"core", "engine"},
     "evaluation": {"core", "engine", "detect"},
     "serve": {"core", "engine", "detect"},
-    "front": {"core", "engine", "detect", "evaluation", "serve"},
-    "api": {"core", "engine", "detect", "evaluation", "serve"},  # steer_gguf/__init__.py
+    "bake": {"core", "engine", "evaluation"},
+    "front": {"core", "engine", "detect", "evaluation", "serve", "bake"},
+    "api": {"core", "engine", "detect", "evaluation", "serve", "bake"},  # steer_gguf/__init__.py
 }
 
 
@@ -106,7 +107,7 @@ def test_the_public_api_needs_no_module_path():
 
     for name in ("SteeredLlama", "Profile", "ExpertRule", "BiasRule", "ModelRef", "model_info", "RoutingTrace",
                  "SteerError", "evaluate", "tune", "audit", "Sampling", "EvalReport", "load_eval_set", "behavior",
-                 "BatchEngine", "Request", "SamplerSpec", "GenJob", "generate_batch"):
+                 "BatchEngine", "Request", "SamplerSpec", "GenJob", "generate_batch", "bake_profile"):
         assert name in steer_gguf.__all__, name
         assert getattr(steer_gguf, name) is not None, name
     assert callable(steer_gguf.evaluate) and callable(steer_gguf.tune) and callable(steer_gguf.audit)

@@ -319,7 +319,8 @@ class DetectionTable:
 
     # ---- profile rule ------------------------------------------------------------------
     def make_profile(self, info_or_k: ModelInfo | int, activate: int, deactivate: int = 0, reverse: bool = False,
-                     eps: float = 0.01, name: str = "profile", provenance: dict[str, Any] | None = None) -> Profile:
+                     eps: float = 0.01, name: str = "profile", provenance: dict[str, Any] | None = None,
+                     deactivate_per_layer: int = 0) -> Profile:
         """design.md's rule. activate N: walk the ranking, take experts with risk_diff > 0,
         at most k per layer (an expert over the cap is skipped, the walk goes on), until N.
         deactivate M: the first M experts with risk_diff < 0; each layer must keep >= k.
@@ -327,12 +328,17 @@ class DetectionTable:
         are unchanged). Each rule records the signed risk_diff used, i.e. after the flip.
         Causal tables walk other orders (see _walk); their rules record the risk_diff too.
         info_or_k: a ModelInfo binds the profile to that model; a bare k gives a profile
-        that carries only the table's shape (n_expert) and k."""
+        that carries only the table's shape (n_expert) and k.
+        deactivate_per_layer N (instead of deactivate): the N best-ranked experts to deactivate in
+        every MoE layer, the uniform form that `bake --method prune` can write into a file."""
         k, ref = self._model_ref(info_or_k)
-        for what, v in (("activate", activate), ("deactivate", deactivate)):
+        for what, v in (("activate", activate), ("deactivate", deactivate),
+                        ("deactivate_per_layer", deactivate_per_layer)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise SteerError(f"{what}: must be a non-negative integer, got {v!r}")
-        if activate == 0 and deactivate == 0:
+        if deactivate and deactivate_per_layer:
+            raise SteerError("give deactivate or deactivate_per_layer, not both")
+        if activate == 0 and deactivate == 0 and deactivate_per_layer == 0:
             raise SteerError("activate and deactivate are both 0: the profile would be empty")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise SteerError(f"eps: must be a finite number >= 0, got {eps!r}")
@@ -372,13 +378,37 @@ class DetectionTable:
                 if n_expert - c < k:
                     raise SteerError(f"deactivate {deactivate}: layer {layer} would lose {c} of its {n_expert} experts, "
                                      f"leaving {n_expert - c}, fewer than k={k}")
+        if deactivate_per_layer:
+            rules += self._per_layer_off(info_or_k, deactivate_per_layer, reverse, rd, k, rules)
         prov: dict[str, Any] = {"method": self.method, "dataset": self.meta.get("dataset"),
                                 "pairs": self.meta.get("pairs"), "activate": int(activate),
                                 "deactivate": int(deactivate), "reverse": bool(reverse)}
+        if deactivate_per_layer:
+            prov["deactivate_per_layer"] = int(deactivate_per_layer)
         if self.meta.get("table"):
             prov["table"] = self.meta["table"]
         prov.update(provenance or {})
         return Profile(model=ref, experts=rules, eps=float(eps), name=name, provenance=prov)
+
+    def _per_layer_off(self, info_or_k: ModelInfo | int, n: int, reverse: bool, rd: np.ndarray, k: int,
+                       taken_rules: list[ExpertRule]) -> list[ExpertRule]:
+        layers = list(info_or_k.moe_layers) if isinstance(info_or_k, ModelInfo) else sorted({int(x) for x in self.layer})
+        n_expert = info_or_k.n_expert if isinstance(info_or_k, ModelInfo) else self.n_expert
+        if n_expert - n < k:
+            raise SteerError(f"deactivate_per_layer {n}: would leave {n_expert - n} of {n_expert} experts per layer, "
+                             f"fewer than k={k}")
+        taken = {(r.layer, r.expert) for r in taken_rules}
+        by_layer: dict[int, list[int]] = {il: [] for il in layers}
+        for i in self._walk("deactivate", reverse):
+            il = int(self.layer[i])
+            if il in by_layer and len(by_layer[il]) < n and (il, int(self.expert[i])) not in taken:
+                by_layer[il].append(int(i))
+        short = [il for il, rows in by_layer.items() if len(rows) < n]
+        if short:
+            raise SteerError(f"deactivate_per_layer {n}: layers {','.join(map(str, short))} have fewer than {n} "
+                             f"experts with {self._why('deactivate')}")
+        return [ExpertRule(il, int(self.expert[i]), "deactivate", float(rd[i]))
+                for il in layers for i in by_layer[il]]
 
     def _walk(self, action: str, reverse: bool) -> np.ndarray:
         """Row indices eligible for `action` toward the chosen behavior, best first.

@@ -220,11 +220,13 @@ def profile_validate(path, model, force):
               help="experts to force on (risk_diff > 0, at most k per layer)")
 @click.option("--deactivate", type=click.IntRange(min=0), default=0, show_default=True,
               help="experts to force off (risk_diff < 0)")
+@click.option("--deactivate-per-layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="instead of --deactivate: the best N to force off in every MoE layer (bakeable by pruning)")
 @click.option("--reverse", is_flag=True, help="steer toward behavior 2 instead of behavior 1")
 @click.option("--eps", type=float, default=0.01, show_default=True)
 @click.option("--name", help="profile name (default: the output file's name)")
 @click.option("--output", "-o", required=True, type=click.Path(), help="profile JSON to write")
-def profile_make(table, model, k, activate, deactivate, reverse, eps, name, output):
+def profile_make(table, model, k, activate, deactivate, deactivate_per_layer, reverse, eps, name, output):
     """Make a profile from a detection table (ours, or SteerMoE's count columns)."""
     from ..detect.risk import DetectionTable
     from ..model import model_info
@@ -236,9 +238,53 @@ def profile_make(table, model, k, activate, deactivate, reverse, eps, name, outp
     target = model_info(model) if model else k
     name = name or os.path.splitext(os.path.basename(output))[0]
     p = t.make_profile(target, activate=activate, deactivate=deactivate, reverse=reverse, eps=eps, name=name,
-                       provenance={"table": os.path.basename(table)})
+                       provenance={"table": os.path.basename(table)}, deactivate_per_layer=deactivate_per_layer)
     p.save(output)
     click.echo(f"{output}: {p.summary()}")
+
+
+# ---- bake ------------------------------------------------------------------------------------------
+@main.command()
+@_model_arg()
+@click.option("--profile", required=True, type=click.Path(), help="steering profile (JSON) to write into the file")
+@click.option("--output", "-o", required=True, type=click.Path(), help="the baked GGUF to write")
+@click.option("--method", type=click.Choice(["auto", "bias", "prune"]), default="auto", show_default=True,
+              help="bias: edit the router/selection bias; prune: remove deactivated experts; auto: bias if the "
+                   "file has one")
+@click.option("--drop-unbakeable", is_flag=True, help="bake what can be baked and report the rest as dropped")
+@click.option("--check", is_flag=True, help="compare the baked file (no profile) with the source (with the profile)")
+@click.option("--json", "json_out", type=click.Path(), help="write the plan, the file and the check as JSON")
+@llama_options
+def bake(model, profile, output, method, drop_unbakeable, check, json_out, n_ctx, n_gpu_layers, n_threads,
+         engine, force, verbose):
+    """Write a profile into a copy of the model for stock llama.cpp, Ollama and LM Studio."""
+    from ..bake.write import bake_profile
+
+    check_output(output, "baked model")
+    if json_out:
+        check_output(json_out, "JSON report")
+    plan, res = bake_profile(model, profile, output, method, drop_unbakeable, force=force)
+    click.echo(plan.report())
+    click.echo(f"{output}: {res.bytes / 2**20:.1f} MiB written in {res.seconds:.1f} s "
+               f"({len(res.tensors_edited)} tensors edited, the rest copied byte for byte)")
+    doc = {"plan": plan.to_dict(), "output": {"path": output, "bytes": res.bytes, "seconds": res.seconds,
+                                              "tensors_edited": res.tensors_edited}}
+    if check:
+        from ..bake.check import check_bake
+
+        threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+        rep = check_bake(plan, output, n_ctx=n_ctx or 1024, n_gpu_layers=n_gpu_layers, verbose=verbose, **threads)
+        click.echo(rep.report(plan))
+        doc["check"] = rep.to_dict(plan)
+    stem = os.path.splitext(os.path.basename(output))[0]
+    click.echo(f"use it:\n  llama.cpp:  llama-server -m {output}\n"
+               f"  Ollama:     printf 'FROM ./{os.path.basename(output)}\\n' > Modelfile && ollama create {stem} -f Modelfile"
+               f"   (the chat template comes from the file)\n"
+               f"  LM Studio:  lms import {output}")
+    if json_out:
+        from ..fileio import atomic_write
+
+        atomic_write(json_out, json.dumps(doc, indent=2) + "\n")
 
 
 # ---- detection and statistics ----------------------------------------------------------------------
