@@ -255,3 +255,21 @@ def test_profile_make_deactivate_per_layer(make, tmp_path):
         t.make_profile(info, activate=0, deactivate=1, deactivate_per_layer=1)
     with pytest.raises(SteerError, match="fewer than k"):
         t.make_profile(info, activate=0, deactivate_per_layer=info.n_expert - 1)
+
+
+def test_the_verdict_uses_the_noise_floor(make):
+    """An all-exact plan passes within 3x the floor's disagreement and KL, and fails outside it;
+    with no floor (a float model) it must agree everywhere."""
+    from steer_gguf.bake.check import CheckReport, TextCheck
+
+    src = make("qwen3moe", n_layer=4)
+    plan = plan_bake(model_info(src), _uniform_off(model_info(src)))
+    floor = [TextCheck("t", 100, 1000, 980, 0.1, 1e-3)]
+    near = CheckReport([TextCheck("t", 100, 1000, 960, 0.1, 2e-3)], floor)
+    far = CheckReport([TextCheck("t", 100, 1000, 900, 0.1, 2e-3)], floor)
+    hot = CheckReport([TextCheck("t", 100, 1000, 990, 0.1, 5e-3)], floor)
+    assert near.verdict(plan).startswith("as graded")
+    assert far.verdict(plan).startswith("NOT") and hot.verdict(plan).startswith("NOT")
+    assert CheckReport([TextCheck("t", 100, 1000, 999, 0.0, 0.0)], []).verdict(plan).startswith("NOT")
+    assert CheckReport([TextCheck("t", 100, 1000, 1000, 0.0, 1e-9)], []).verdict(plan) == \
+        "as graded: exact (every slot agrees, KL at float noise)"

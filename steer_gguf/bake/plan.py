@@ -64,6 +64,12 @@ class BakePlan:
     def n_expert_out(self) -> int:
         return self.info.n_expert - (len(next(iter(self.removed.values()))) if self.removed else 0)
 
+    @property
+    def all_exact(self) -> bool:
+        """Every action that is baked is exact (dropped ones are reported apart)."""
+        kept = [a for a in self.actions if a.grade != "dropped"]
+        return bool(kept) and all(a.grade == "exact" for a in kept)
+
     def counts(self) -> dict[str, int]:
         return {g: sum(1 for a in self.actions if a.grade == g) for g in GRADES}
 
