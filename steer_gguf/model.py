@@ -13,7 +13,13 @@ from .errors import SteerError, printable
 # llama.cpp's llama_expert_gating_func_type
 GATING_NAMES = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax-after-topk", 4: "sqrt-softplus"}
 # architectures whose gating is fixed in code rather than stored in the file
-GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk"}
+GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk", "nemotron_h_moe": "sigmoid"}
+# architectures whose graph takes the gating function from the file with no default: llama.cpp
+# aborts the process (llama-graph.cpp, build_moe_ffn) on such a file without the key
+GATING_KEY_REQUIRED = {"dots1", "minimax-m2", "smallthinker"}
+# diffusion language models: llama.cpp runs them without KV memory, which tracing and
+# generation here need
+DIFFUSION = {"llada-moe", "rnd1"}
 
 
 @dataclass
@@ -94,6 +100,24 @@ def supported_models() -> str:
         if p.is_file():
             return p.read_text()
     raise SteerError("models.txt is missing from the installation")
+
+
+def routing_architectures() -> set[str]:
+    """The architectures whose llama.cpp graph routes to experts, as listed at build time from
+    the vendored sources (csrc/moe_archs.py); empty when run from a source tree."""
+    from .fileio import PACKAGE_DIR
+
+    p = PACKAGE_DIR / "moe_archs.txt"
+    return set(p.read_text().split()) if p.is_file() else set()
+
+
+def verification(arch: str) -> str | None:
+    """models.txt's status of `arch` ("verified", "untested", "refused"), None if unlisted."""
+    for line in supported_models().splitlines():
+        cols = line.split()
+        if cols and not line.startswith("#") and cols[0] == arch:
+            return cols[1] if len(cols) > 1 else None
+    return None
 
 
 def _field(reader, key: str, default=None):
@@ -206,6 +230,10 @@ def _read_info(path: str, r) -> ModelInfo:
     n_used = _int_field(r, path, f"{arch}.expert_used_count")
     if n_expert <= 1 or n_used <= 0:
         raise SteerError(f"{path}: not a Mixture-of-Experts model ({arch} has no {arch}.expert_count)")
+    routing = routing_architectures()
+    if routing and arch not in routing:
+        raise SteerError(f"{path}: not a Mixture-of-Experts model as llama.cpp runs it: its {arch} graph never "
+                         f"routes to experts (dense layers), so there is nothing to steer")
     n_groups = _int_field(r, path, f"{arch}.expert_group_count")
     n_group_used = _int_field(r, path, f"{arch}.expert_group_used_count")
     _check_layout(path, arch, n_layer, n_expert, n_used, n_groups, n_group_used,
@@ -219,13 +247,14 @@ def _read_info(path: str, r) -> ModelInfo:
     routers: dict[int, object] = {}
     sel_bias = router_bias = False
     for t in r.tensors:
-        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b\.bias|ffn_gate_inp\.bias)", t.name)
+        # the selection bias is exp_probs_b.bias in most converters, bare exp_probs_b in hy_v3's
+        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b(?:\.bias)?|ffn_gate_inp\.bias)", t.name)
         if not m:
             continue
         il = int(m.group(1))
         if m.group(2) == "ffn_gate_inp.weight":
             routers[il] = t
-        elif m.group(2) == "exp_probs_b.bias":
+        elif m.group(2).startswith("exp_probs_b"):
             sel_bias = True
         else:
             router_bias = True
@@ -237,6 +266,9 @@ def _read_info(path: str, r) -> ModelInfo:
     if gating_id not in GATING_NAMES:  # llama.cpp aborts on a gating function it does not know
         raise SteerError(f"{path}: metadata {arch}.expert_gating_func is {gating_id}, not a gating function "
                          f"llama.cpp knows (0..{max(GATING_NAMES)})")
+    if gating_id == 0 and arch in GATING_KEY_REQUIRED:
+        raise SteerError(f"{path}: metadata {arch}.expert_gating_func is missing; llama.cpp would abort on this "
+                         f"file (a {arch} graph takes its gating function from the file)")
     gating = GATING_BY_ARCH.get(arch, GATING_NAMES[gating_id])
 
     # router weights are never quantized by llama.cpp, and a float's sign survives every

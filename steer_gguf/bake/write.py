@@ -18,7 +18,7 @@ from ..model import BAKED_PREFIX, _open
 from .plan import ROUTER_FORCE, SELECTION_MARGIN, BakePlan
 
 # per-expert tensors of a MoE layer: the expert is the outermost ggml dimension (numpy axis 0)
-PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate_inp|exp_probs_b|ffn_(?:gate|up|down|gate_up)_exps)\.(weight|bias|scale)")
+PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate_inp|exp_probs_b|ffn_(?:gate|up|down|gate_up)_exps)(?:\.(weight|bias|scale))?")
 SKIP_KEYS = {"general.architecture", "general.alignment"}  # the writer sets these itself
 
 
@@ -60,7 +60,9 @@ def _edited_bias(name: str, t, plan: BakePlan) -> np.ndarray | None:
     m = PER_EXPERT.fullmatch(name)
     if plan.method != "bias" or not m:
         return None
-    il, what = int(m.group(1)), f"{m.group(2)}.{m.group(3)}"
+    # hy_v3 names its selection bias bare: blk.N.exp_probs_b
+    suffix = m.group(3) or ("bias" if m.group(2) == "exp_probs_b" else "weight")
+    il, what = int(m.group(1)), f"{m.group(2)}.{suffix}"
     kind = "selection" if what == "exp_probs_b.bias" else "router" if what == "ffn_gate_inp.bias" else ""
     if not kind or kind != _kind(plan):
         return None

@@ -71,7 +71,13 @@ def info(model, as_json):
     """MoE layout, gating and fingerprint of a GGUF model."""
     from ..model import model_info
 
+    from ..model import verification
+
     i = model_info(model)
+    status = verification(i.architecture)
+    if status != "verified":
+        click.echo(f"steer-gguf: warning: {printable(i.architecture)} is {status or 'not listed'} in models.txt: "
+                   f"steer-gguf's tests do not check it; trace a profile before trusting it", err=True)
     if as_json:
         click.echo(json.dumps(i.to_dict(), indent=2))
         return
