@@ -1,6 +1,7 @@
 """What a GGUF file says about its MoE layout, read without loading the model."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -102,13 +103,14 @@ def supported_models() -> str:
     raise SteerError("models.txt is missing from the installation")
 
 
-def routing_architectures() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def routing_architectures() -> frozenset[str]:
     """The architectures whose llama.cpp graph routes to experts, as listed at build time from
     the vendored sources (csrc/moe_archs.py); empty when run from a source tree."""
     from .fileio import PACKAGE_DIR
 
     p = PACKAGE_DIR / "moe_archs.txt"
-    return set(p.read_text().split()) if p.is_file() else set()
+    return frozenset(p.read_text().split()) if p.is_file() else frozenset()
 
 
 def verification(arch: str) -> str | None:

@@ -57,7 +57,8 @@ class BakePlan:
     @property
     def kept(self) -> dict[int, list[int]]:
         """prune: layer -> the source experts the baked file keeps, in the baked file's order."""
-        return {il: [e for e in range(self.info.n_expert) if e not in set(self.removed.get(il, []))]
+        gone = {il: set(v) for il, v in self.removed.items()}
+        return {il: [e for e in range(self.info.n_expert) if e not in gone.get(il, ())]
                 for il in self.info.moe_layers}
 
     @property

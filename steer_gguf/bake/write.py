@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import SteerError
 from ..fileio import check_output, publish, temp_beside
 from ..model import BAKED_PREFIX, _open
-from .plan import ROUTER_FORCE, SELECTION_MARGIN, BakePlan
+from .plan import ROUTER_FORCE, SELECTION_MARGIN, BakePlan, bias_kind, plan_bake
 
 # per-expert tensors of a MoE layer: the expert is the outermost ggml dimension (numpy axis 0)
 PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate_inp|exp_probs_b|ffn_(?:gate|up|down|gate_up)_exps)(?:\.(weight|bias|scale))?")
@@ -64,7 +64,7 @@ def _edited_bias(name: str, t, plan: BakePlan) -> np.ndarray | None:
     suffix = m.group(3) or ("bias" if m.group(2) == "exp_probs_b" else "weight")
     il, what = int(m.group(1)), f"{m.group(2)}.{suffix}"
     kind = "selection" if what == "exp_probs_b.bias" else "router" if what == "ffn_gate_inp.bias" else ""
-    if not kind or kind != _kind(plan):
+    if not kind or kind != bias_kind(plan.info):
         return None
     acts = [a for a in plan.actions if a.layer == il and a.grade != "dropped"]
     if not acts:
@@ -87,12 +87,6 @@ def _edited_bias(name: str, t, plan: BakePlan) -> np.ndarray | None:
         else:
             out[a.expert] = b[a.expert] + (ROUTER_FORCE if a.action == "activate" else -ROUTER_FORCE)
     return out.astype(np.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16 else np.float32)
-
-
-def _kind(plan: BakePlan) -> str:
-    from .plan import bias_kind
-
-    return bias_kind(plan.info)
 
 
 def _copy_fields(reader, writer, plan: BakePlan, phash: str, version: str) -> None:
@@ -182,7 +176,6 @@ def bake_profile(model: str | os.PathLike, profile, output: str | os.PathLike, m
     """Bake `profile` (a Profile or a path) into a copy of `model` written to `output`."""
     from ..model import model_info
     from ..profile import Profile, as_profile
-    from .plan import plan_bake
 
     p = as_profile(profile)
     if not isinstance(p, Profile):

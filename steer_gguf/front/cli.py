@@ -44,13 +44,17 @@ def llama_options(f):
     return f
 
 
+def thread_kwargs(n_threads: int | None) -> dict:
+    """--threads N as llama-cpp-python arguments (None: llama.cpp's choice)."""
+    return {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+
+
 def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
                engine: str, force: bool, verbose: bool, **extra):
     from ..engine.steered import SteeredLlama
 
-    threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
     return SteeredLlama(model, profile=profile, engine=engine, force=force, n_ctx=n_ctx,
-                        n_gpu_layers=n_gpu_layers, verbose=verbose, **threads, **extra)
+                        n_gpu_layers=n_gpu_layers, verbose=verbose, **thread_kwargs(n_threads), **extra)
 
 
 def _model_arg():
@@ -278,8 +282,8 @@ def bake(model, profile, output, method, drop_unbakeable, check, json_out, n_ctx
     if check:
         from ..bake.check import check_bake
 
-        threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
-        rep = check_bake(plan, output, n_ctx=n_ctx or 1024, n_gpu_layers=n_gpu_layers, verbose=verbose, **threads)
+        rep = check_bake(plan, output, n_ctx=n_ctx or 1024, n_gpu_layers=n_gpu_layers, verbose=verbose,
+                         **thread_kwargs(n_threads))
         click.echo(rep.report(plan))
         doc["check"] = rep.to_dict(plan)
     stem = os.path.splitext(os.path.basename(output))[0]
