@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import pathlib
 import stat
 import tempfile
@@ -162,6 +163,23 @@ def temp_beside(path: str, suffix: str = "") -> Iterator[str]:
     except BaseException:
         _unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def temp_dir_beside(path: str) -> Iterator[str]:
+    """A temporary folder in `path`'s directory for outputs of several files (a split GGUF),
+    removed with whatever is still in it when the block ends."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        tmp = tempfile.mkdtemp(prefix=".steer-", dir=d)
+    except OSError as e:
+        raise SteerError(f"{path}: cannot write: {e.strerror}") from None
+    try:
+        yield tmp
+    except OSError as e:
+        raise SteerError(f"{path}: cannot write: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(tmp: str, path: str) -> None:

@@ -40,6 +40,7 @@ class ModelInfo:
     n_embd: int = 0
     n_ctx_train: int = 0
     fingerprint: str = ""
+    parts: list[str] = field(default_factory=list)  # the files, in order: more than one for a split GGUF
     extra: dict = field(default_factory=dict)
     baked: dict = field(default_factory=dict)  # steer_gguf.baked.* metadata: what `bake` wrote in
 
@@ -67,7 +68,8 @@ class ModelInfo:
     def report(self) -> str:
         """What `steer-gguf info` prints. The path and the architecture come from the user and
         the file: shown escaped."""
-        lines = [f"model         {printable(self.path)}",
+        lines = [f"model         {printable(self.path)}"
+                 + (f" (part 1 of {len(self.parts)})" if len(self.parts) > 1 else ""),
                  f"architecture  {printable(self.architecture)}",
                  f"layers        {self.n_layer} ({len(self.moe_layers)} MoE: {layer_ranges(self.moe_layers)})",
                  f"experts       {self.n_expert}, {self.n_expert_used} per token"
@@ -209,19 +211,66 @@ def _tensor_data(t) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
 
-def model_info(path: str | os.PathLike) -> ModelInfo:
-    """Read the MoE layout of a GGUF file. Raises SteerError for a missing, truncated,
-    non-GGUF or non-MoE file."""
+# llama.cpp's split naming (llama_split_prefix): NAME-00001-of-00003.gguf
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_count(reader) -> int:
+    f = reader.get_field("split.count")
+    return int(f.contents()) if f is not None else 1
+
+
+def open_parts(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """The (path, reader) of every file of the model `path` names, in order: one for a plain
+    GGUF, all of them for a split one, whichever part `path` is (llama.cpp itself wants the
+    first; the others are found by name, as llama.cpp finds them)."""
     path = os.fspath(path)
     r = _open(path)
+    n = split_count(r)
+    if n <= 1:
+        check_complete(path, r)
+        return [(path, r)]
+    m = SPLIT_NAME.match(os.path.basename(path))
+    if not m or int(m["count"]) != n:
+        raise SteerError(f"{path}: part of a split GGUF ({n} parts) whose name does not follow "
+                         f"NAME-00001-of-{n:05d}.gguf, so its other parts cannot be found")
+    d = os.path.dirname(path)
+    out = []
+    for i in range(1, n + 1):
+        p = os.path.join(d, f"{m['prefix']}-{i:05d}-of-{n:05d}.gguf")
+        if not os.path.exists(p):
+            raise SteerError(f"{p}: missing: part {i} of the split GGUF {path} (every part must be in the same folder)")
+        ri = r if os.path.samefile(p, path) else _open(p)
+        no = ri.get_field("split.no")
+        if split_count(ri) != n or no is None or int(no.contents()) != i - 1:
+            raise SteerError(f"{p}: not part {i} of {n} of the split GGUF {path} (its split.no/split.count differ)")
+        check_complete(p, ri)
+        out.append((p, ri))
+    return out
+
+
+def model_info(path: str | os.PathLike) -> ModelInfo:
+    """Read the MoE layout of a GGUF model, all parts of a split one. Raises SteerError for a
+    missing, truncated, non-GGUF or non-MoE file."""
+    path = os.fspath(path)
+    parts = open_parts(path)
     try:
-        return _read_info(path, r)
+        return _read_info(parts)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
         # the gguf reader decodes lazily: corrupt fields and tensor headers fail only here
         raise SteerError(f"{path}: corrupt GGUF ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
-def _read_info(path: str, r) -> ModelInfo:
+def check_complete(path: str, reader) -> None:
+    """llama.cpp maps tensor data by offset; a file cut short would be read past its end."""
+    size = os.path.getsize(path)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise SteerError(f"{path}: truncated GGUF (tensor data needs {end} bytes, file has {size})")
+
+
+def _read_info(parts: list[tuple[str, object]]) -> ModelInfo:
+    path, r = parts[0]  # a split model's metadata is all in its first part
     arch = _field(r, "general.architecture")
     if not arch:
         raise SteerError(f"{path}: GGUF has no general.architecture")
@@ -240,15 +289,9 @@ def _read_info(path: str, r) -> ModelInfo:
     n_group_used = _int_field(r, path, f"{arch}.expert_group_used_count")
     _check_layout(path, arch, n_layer, n_expert, n_used, n_groups, n_group_used,
                   _int_field(r, path, f"{arch}.nextn_predict_layers"))
-
-    size = os.path.getsize(path)
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
-    if end > size:
-        raise SteerError(f"{path}: truncated GGUF (tensor data needs {end} bytes, file has {size})")
-
     routers: dict[int, object] = {}
     sel_bias = router_bias = False
-    for t in r.tensors:
+    for t in (t for _, ri in parts for t in ri.tensors):
         # the selection bias is exp_probs_b.bias in most converters, bare exp_probs_b in hy_v3's
         m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b(?:\.bias)?|ffn_gate_inp\.bias)", t.name)
         if not m:
@@ -295,6 +338,7 @@ def _read_info(path: str, r) -> ModelInfo:
         n_embd=_int_field(r, path, f"{arch}.embedding_length"),
         n_ctx_train=_int_field(r, path, f"{arch}.context_length"),
         fingerprint=h.hexdigest()[:32],
+        parts=[p for p, _ in parts],
         extra=_extra(r, arch),
         baked=_baked(r),
     )

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SteerError
-from ..fileio import check_output, publish, temp_beside
-from ..model import BAKED_PREFIX, _open
+from ..fileio import check_output, publish, temp_dir_beside
+from ..model import BAKED_PREFIX, SPLIT_NAME, open_parts
 from .plan import ROUTER_FORCE, SELECTION_MARGIN, BakePlan, bias_kind, plan_bake
 
 # per-expert tensors of a MoE layer: the expert is the outermost ggml dimension (numpy axis 0)
@@ -24,10 +24,11 @@ SKIP_KEYS = {"general.architecture", "general.alignment"}  # the writer sets the
 
 @dataclass
 class BakeResult:
-    path: str
-    bytes: int
+    path: str           # the file to load: the first part of a split output
+    bytes: int          # all parts together
     seconds: float
     tensors_edited: list[str]
+    parts: list[str]
 
 
 class _Experts:
@@ -97,7 +98,8 @@ def _copy_fields(reader, writer, plan: BakePlan, phash: str, version: str) -> No
     if plan.method == "prune":
         overrides[f"{arch}.expert_count"] = plan.n_expert_out
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in SKIP_KEYS or key.startswith(BAKED_PREFIX):
+        # split.*: the writer numbers the output's own parts
+        if key.startswith(("GGUF.", "split.", BAKED_PREFIX)) or key in SKIP_KEYS:
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -116,23 +118,35 @@ def _copy_fields(reader, writer, plan: BakePlan, phash: str, version: str) -> No
         writer.add_key_value(BAKED_PREFIX + k, str(v), gguf.GGUFValueType.STRING)
 
 
-def write_baked(plan: BakePlan, output: str, version: str, progress: bool = False) -> BakeResult:
-    """Write `plan.info`'s file baked with `plan` to `output`, whole or not at all."""
+def output_parts(output: str, n: int) -> list[str]:
+    """The files a baked model of `n` parts is written to: OUT.gguf itself for one part,
+    OUT-00001-of-0000n.gguf... for more (a name already in that form gives its prefix)."""
+    if n == 1:
+        return [output]
+    d, base = os.path.split(output)
+    m = SPLIT_NAME.match(base)
+    prefix = m["prefix"] if m else base[:-5] if base.endswith(".gguf") else base
+    return [os.path.join(d, f"{prefix}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def write_baked(plan: BakePlan, output: str, version: str, progress: bool = False,
+                merge: bool = False) -> BakeResult:
+    """Write `plan.info`'s model baked with `plan` to `output`, whole or not at all: a split
+    source gives a split output with the same parts, unless `merge` asks for one file."""
     import gguf
 
     output = check_output(output, "baked model")
     src = plan.info.path
-    if os.path.exists(output) and os.path.samefile(output, src):
-        raise SteerError(f"{output}: is the source model; write the baked model to another file")
-    reader = _open(src)
-    split = reader.fields.get("split.count")
-    if split is not None and int(split.contents()) > 1:
-        raise SteerError(f"{src}: a split GGUF (part of {int(split.contents())}): bake a merged file "
-                         f"(llama-gguf-split --merge) for now")
+    parts = open_parts(src)
+    outs = output_parts(output, 1 if merge else len(parts))
+    for o in outs:
+        if os.path.exists(o) and any(os.path.samefile(o, p) for p, _ in parts):
+            raise SteerError(f"{o}: is the source model; write the baked model to another file")
+    reader = parts[0][1]
     t0 = time.perf_counter()
     edited: list[str] = []
-    with temp_beside(output, ".gguf") as tmp:
-        writer = gguf.GGUFWriter(tmp, plan.info.architecture)
+    with temp_dir_beside(output) as tmpdir:
+        writer = gguf.GGUFWriter(os.path.join(tmpdir, "baked.gguf"), plan.info.architecture)
         try:
             align = reader.fields.get("general.alignment")
             if align is not None:
@@ -140,40 +154,56 @@ def write_baked(plan: BakePlan, output: str, version: str, progress: bool = Fals
                 writer.add_key_value("general.alignment", writer.data_alignment, gguf.GGUFValueType.UINT32)
             _copy_fields(reader, writer, plan, profile_hash(plan), version)
             kept = plan.kept if plan.method == "prune" else {}
-            for t in reader.tensors:
-                data = t.data
-                new = _edited_bias(t.name, t, plan)
-                if new is not None:
-                    writer.add_tensor(t.name, new.reshape(data.shape), raw_dtype=t.tensor_type)
-                    edited.append(t.name)
-                    continue
-                m = PER_EXPERT.fullmatch(t.name)
-                if kept and m and int(m.group(1)) in kept:
-                    if data.shape[0] != plan.info.n_expert:
-                        raise SteerError(f"{src}: {t.name} does not hold one slice per expert "
-                                         f"(outer dimension {data.shape[0]}, {plan.info.n_expert} experts)")
-                    lazy = _Experts(data, kept[int(m.group(1))])
-                    writer.add_tensor_info(t.name, (len(lazy.keep), *data.shape[1:]), data.dtype, lazy.nbytes,
-                                           raw_dtype=t.tensor_type)
-                    writer.tensors[-1][t.name].tensor = lazy
-                    edited.append(t.name)
-                    continue
-                if kept and "_exps" in t.name:
-                    raise SteerError(f"{src}: {t.name}: a per-expert tensor that bake does not know how to slice")
-                writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+            for i, (part_path, part) in enumerate(parts):
+                if len(outs) > 1 and i:
+                    # each output part holds what its source part held (a first part may hold
+                    # metadata alone)
+                    writer.tensors.append({})
+                for t in part.tensors:
+                    _add_tensor(writer, t, plan, kept, part_path, edited)
+            written = [os.path.join(tmpdir, os.path.basename(p))
+                       for p in writer.format_shard_names(writer.path)]
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file(progress=progress)
             writer.close()
         finally:
             writer.close()
-        publish(tmp, output)
-    return BakeResult(output, os.path.getsize(output), time.perf_counter() - t0, edited)
+        # the first part last: llama.cpp opens a split model by its first part, so until that
+        # is in place no half-published model can be loaded
+        for tmp, out in reversed(list(zip(written, outs))):
+            publish(tmp, out)
+    return BakeResult(outs[0], sum(os.path.getsize(o) for o in outs), time.perf_counter() - t0, edited, outs)
+
+
+def _add_tensor(writer, t, plan: BakePlan, kept: dict[int, list[int]], src: str, edited: list[str]) -> None:
+    data = t.data
+    new = _edited_bias(t.name, t, plan)
+    if new is not None:
+        writer.add_tensor(t.name, new.reshape(data.shape), raw_dtype=t.tensor_type)
+        edited.append(t.name)
+        return
+    m = PER_EXPERT.fullmatch(t.name)
+    if kept and m and int(m.group(1)) in kept:
+        if data.shape[0] != plan.info.n_expert:
+            raise SteerError(f"{src}: {t.name} does not hold one slice per expert "
+                             f"(outer dimension {data.shape[0]}, {plan.info.n_expert} experts)")
+        lazy = _Experts(data, kept[int(m.group(1))])
+        writer.add_tensor_info(t.name, (len(lazy.keep), *data.shape[1:]), data.dtype, lazy.nbytes,
+                               raw_dtype=t.tensor_type)
+        writer.tensors[-1][t.name].tensor = lazy
+        edited.append(t.name)
+        return
+    if kept and "_exps" in t.name:
+        raise SteerError(f"{src}: {t.name}: a per-expert tensor that bake does not know how to slice")
+    writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
 
 
 def bake_profile(model: str | os.PathLike, profile, output: str | os.PathLike, method: str = "auto",
-                 drop_unbakeable: bool = False, force: bool = False) -> tuple[BakePlan, BakeResult]:
-    """Bake `profile` (a Profile or a path) into a copy of `model` written to `output`."""
+                 drop_unbakeable: bool = False, force: bool = False,
+                 merge: bool = False) -> tuple[BakePlan, BakeResult]:
+    """Bake `profile` (a Profile or a path) into a copy of `model` written to `output` (split
+    like the source, or one file with `merge`)."""
     from ..model import model_info
     from ..profile import Profile, as_profile
 
@@ -183,4 +213,4 @@ def bake_profile(model: str | os.PathLike, profile, output: str | os.PathLike, m
     info = model_info(model)
     plan = plan_bake(info, p, method, drop_unbakeable,
                      source=os.fspath(profile) if isinstance(profile, (str, os.PathLike)) else None, force=force)
-    return plan, write_baked(plan, os.fspath(output), package_version())
+    return plan, write_baked(plan, os.fspath(output), package_version(), merge=merge)

@@ -44,7 +44,8 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
         from llama_cpp import _logger
         _logger.set_verbose(bool(llama_kwargs["verbose"]))
         try:
-            super().__init__(model_path=os.fspath(model_path), **llama_kwargs)
+            # info.path: a split model's first part, which llama.cpp wants whichever part was named
+            super().__init__(model_path=self.info.path, **llama_kwargs)
         except ValueError as e:
             raise SteerError(f"{model_path}: llama.cpp could not load the model ({e})") from None
         self._fit_arrays_to_context()

@@ -145,11 +145,12 @@ class GGUFJudge:
 
     def __init__(self, path: str | os.PathLike, b: Behavior, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0):
-        from ..model import _open
+        from ..model import open_parts
         from ..engine.steered import llama_cpp
 
-        path = os.fspath(path)
-        _open(path)  # a missing, unreadable or truncated file gets its one-line error here
+        # a missing, unreadable or truncated file gets its one-line error here; a split judge
+        # is loaded from its first part
+        path = open_parts(path)[0][0]
         self.behavior = b
         self.labels = b.labels
         kw = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}

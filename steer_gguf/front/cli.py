@@ -263,9 +263,10 @@ def profile_make(table, model, k, activate, deactivate, deactivate_per_layer, re
                    "file has one")
 @click.option("--drop-unbakeable", is_flag=True, help="bake what can be baked and report the rest as dropped")
 @click.option("--check", is_flag=True, help="compare the baked file (no profile) with the source (with the profile)")
+@click.option("--merge", is_flag=True, help="write one file for a split model (default: split like the source)")
 @click.option("--json", "json_out", type=click.Path(), help="write the plan, the file and the check as JSON")
 @llama_options
-def bake(model, profile, output, method, drop_unbakeable, check, json_out, n_ctx, n_gpu_layers, n_threads,
+def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out, n_ctx, n_gpu_layers, n_threads,
          engine, force, verbose):
     """Write a profile into a copy of the model for stock llama.cpp, Ollama and LM Studio."""
     from ..bake.write import bake_profile
@@ -273,24 +274,26 @@ def bake(model, profile, output, method, drop_unbakeable, check, json_out, n_ctx
     check_output(output, "baked model")
     if json_out:
         check_output(json_out, "JSON report")
-    plan, res = bake_profile(model, profile, output, method, drop_unbakeable, force=force)
+    plan, res = bake_profile(model, profile, output, method, drop_unbakeable, force=force, merge=merge)
     click.echo(plan.report())
-    click.echo(f"{output}: {res.bytes / 2**20:.1f} MiB written in {res.seconds:.1f} s "
+    where = res.path if len(res.parts) == 1 else f"{res.path} (part 1 of {len(res.parts)}; the others beside it)"
+    click.echo(f"{where}: {res.bytes / 2**20:.1f} MiB written in {res.seconds:.1f} s "
                f"({len(res.tensors_edited)} tensors edited, the rest copied byte for byte)")
-    doc = {"plan": plan.to_dict(), "output": {"path": output, "bytes": res.bytes, "seconds": res.seconds,
-                                              "tensors_edited": res.tensors_edited}}
+    doc = {"plan": plan.to_dict(), "output": {"path": res.path, "parts": res.parts, "bytes": res.bytes,
+                                              "seconds": res.seconds, "tensors_edited": res.tensors_edited}}
     if check:
         from ..bake.check import check_bake
 
-        rep = check_bake(plan, output, n_ctx=n_ctx or 1024, n_gpu_layers=n_gpu_layers, verbose=verbose,
+        rep = check_bake(plan, res.path, n_ctx=n_ctx or 1024, n_gpu_layers=n_gpu_layers, verbose=verbose,
                          **thread_kwargs(n_threads))
         click.echo(rep.report(plan))
         doc["check"] = rep.to_dict(plan)
     stem = os.path.splitext(os.path.basename(output))[0]
-    click.echo(f"use it:\n  llama.cpp:  llama-server -m {output}\n"
-               f"  Ollama:     printf 'FROM ./{os.path.basename(output)}\\n' > Modelfile && ollama create {stem} -f Modelfile"
-               f"   (the chat template comes from the file)\n"
-               f"  LM Studio:  lms import {output}")
+    ollama = (f"printf 'FROM ./{os.path.basename(res.path)}\\n' > Modelfile && ollama create {stem} -f Modelfile"
+              f"   (the chat template comes from the file)" if len(res.parts) == 1 else
+              "bake again with --merge: Ollama imports one GGUF file, not a split one (ollama#5245)")
+    click.echo(f"use it:\n  llama.cpp:  llama-server -m {res.path}\n  Ollama:     {ollama}\n"
+               f"  LM Studio:  lms import {res.path}")
     if json_out:
         from ..fileio import atomic_write
 
