@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 _LAZY = {"SteeredLlama": "engine.steered", "BatchEngine": "engine.batch", "Request": "engine.batch",
          "SamplerSpec": "engine.batch", "GenJob": "engine.batch",
          "generate_batch": "engine.batch", "load_eval_set": "evaluation.evalsets",
-         "behavior": "evaluation.judges", "GGUFJudge": "evaluation.judges", "bake_profile": "bake.write"}
+         "behavior": "evaluation.judges", "GGUFJudge": "evaluation.judges", "bake_profile": "bake.write",
+         "fetch_model": "hub"}
 __all__ = ["SteerError", "ModelInfo", "model_info", "Profile", "ModelRef", "ExpertRule", "BiasRule",
            "RoutingTrace", "evaluate", "Sampling", "EvalReport", "tune", "audit", *_LAZY]
 

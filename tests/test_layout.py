@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "steer_gguf"
-CORE_MODULES = {"errors", "fileio", "model", "profile", "trace", "grammar"}
+CORE_MODULES = {"errors", "fileio", "model", "profile", "trace", "grammar", "hub"}
 # what each layer may import besides itself
 MAY_IMPORT = {
     "core": {"core"},

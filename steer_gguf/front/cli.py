@@ -1,6 +1,7 @@
 """The `steer-gguf` command line: options, and a call into the module that does each job."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -58,7 +59,34 @@ def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n
 
 
 def _model_arg():
-    return click.argument("model", type=click.Path())
+    """MODEL, a GGUF file (any part of a split one), or -hf USER/REPO[:QUANT] as llama.cpp takes
+    it; the command is called with `model` as the local path either way."""
+    def decorate(f):
+        @functools.wraps(f)
+        def run(*args, model, hf_repo, hf_file, **kw):
+            return f(*args, model=resolve_model(model, hf_repo, hf_file), **kw)
+
+        run = click.option("--hf-file", help="with -hf: the file in the repository to use (instead of a quant tag)")(run)
+        run = click.option("-hf", "--hf-repo", metavar="USER/REPO[:QUANT]",
+                           help="a model from the Hugging Face Hub, as llama.cpp's -hf (no quant: Q4_K_M, else Q8_0, else the first GGUF)")(run)
+        return click.argument("model", type=click.Path(), required=False)(run)
+    return decorate
+
+
+def resolve_model(model: str | None, hf_repo: str | None, hf_file: str | None) -> str:
+    if hf_file and not hf_repo:
+        raise SteerError("--hf-file needs -hf USER/REPO")
+    if model and hf_repo:
+        raise SteerError(f"give a MODEL file or -hf {hf_repo}, not both")
+    if not hf_repo:
+        if not model:
+            raise SteerError("give a MODEL (a GGUF file) or -hf USER/REPO[:QUANT]")
+        return model
+    from ..hub import fetch_model
+
+    m = fetch_model(hf_repo, hf_file)
+    click.echo(f"steer-gguf: {m.repo}: {' + '.join(m.files)} in {printable(os.path.dirname(m.path))}", err=True)
+    return m.path
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
