@@ -117,15 +117,22 @@ def test_pruned_tensors_are_the_sources_bytes(make, q8_qwen, tmp_path):
         assert b[name][1] == keep, f"{name}: not the kept experts' bytes"
 
 
-@pytest.mark.parametrize("kind", ["gpt-oss", "deepseek-v3-flat"])
+@pytest.mark.parametrize("kind", ["gpt-oss", "deepseek-v3-flat", "deepseek-v3-no-bias"])
 def test_bias_bake(kind, make, tmp_path):
-    # deepseek-v3-flat: 7 experts, so the fixture has no expert groups (a selection bias alone)
-    src = make("deepseek-v3", n_layer=4, n_expert=7) if kind == "deepseek-v3-flat" else make(kind, n_layer=4)
+    # deepseek-v3-flat: 7 experts, so the fixture has no expert groups (a selection bias alone);
+    # no-bias: a deepseek2 file without exp_probs_b, which the bake adds (llama.cpp's optional)
+    src = (make("deepseek-v3", n_layer=4, n_expert=7) if kind == "deepseek-v3-flat" else
+           make("deepseek-v3", n_layer=4, n_expert=7, selection_bias=False) if kind == "deepseek-v3-no-bias" else
+           make(kind, n_layer=4))
     info = model_info(src)
     assert info.n_expert_groups <= 1
     off = _uniform_off(info)
     plan, res = bake_profile(src, off, tmp_path / "off.gguf")
     assert plan.method == "bias" and {a.grade for a in plan.actions} == {"exact"}
+    assert plan.adds_bias == (kind == "deepseek-v3-no-bias")
+    if plan.adds_bias:
+        assert not info.has_selection_bias and model_info(res.path).has_selection_bias
+        assert "adds a selection bias" in plan.report()
     assert model_info(res.path).fingerprint == info.fingerprint  # router rows untouched
     want, lp_want = _routes(src, off)
     got, lp_got = _routes(res.path, None)

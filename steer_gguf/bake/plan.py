@@ -34,6 +34,11 @@ ELEMENTWISE = {"sigmoid", "sqrt-softplus", "softmax-after-topk", "sigmoid-after-
 ROUTER_FORCE = 1.0e4
 # a selection-bias edit: the patched runtime's own rule (llama-steer.cpp), scores are in [0, 1]
 SELECTION_MARGIN = 2.0
+# architectures whose loader takes exp_probs_b as optional (TENSOR_NOT_REQUIRED in the vendored
+# src/models/*.cpp) and whose graph then adds it to the selection scores: a bake may add one
+# to a file that lacks it, so that activation can be baked there too
+OPTIONAL_SELECTION_BIAS = {"deepseek2", "deepseek2-ocr", "deepseek32", "bailingmoe2", "dots1", "ernie4_5-moe",
+                           "exaone-moe", "glm-dsa", "hy_v3", "hy_v4"}
 
 
 @dataclass
@@ -62,6 +67,11 @@ class BakePlan:
                 for il in self.info.moe_layers}
 
     @property
+    def adds_bias(self) -> bool:
+        """bias: the file has no selection bias and the bake writes one in."""
+        return self.method == "bias" and not self.info.has_selection_bias and bias_kind(self.info) == "selection"
+
+    @property
     def n_expert_out(self) -> int:
         return self.info.n_expert - (len(next(iter(self.removed.values()))) if self.removed else 0)
 
@@ -80,6 +90,9 @@ class BakePlan:
                 + ", ".join(f"{n} {g}" for g, n in c.items() if n))
         if self.method == "prune":
             head += f"; {self.info.n_expert} -> {self.n_expert_out} experts in every MoE layer"
+        if self.adds_bias:
+            head += (f"; adds a selection bias (exp_probs_b, zero but for the forced experts) to the steered layers, "
+                     f"which llama.cpp's {self.info.architecture} loader takes as optional")
         lines = [head]
         for a in self.actions:
             what = f"{a.action} {a.value:+g}" if a.action == "bias" else a.action
@@ -104,11 +117,14 @@ def weights_normalized(info: ModelInfo) -> bool | None:
 
 
 def bias_kind(info: ModelInfo) -> str:
-    """The bias a bake can edit: "selection", "router" or ""."""
-    if info.has_selection_bias and info.gating in ("sigmoid", "softmax"):
+    """The bias a bake can edit (or add): "selection", "router" or ""."""
+    selection_gating = info.gating in ("sigmoid", "softmax")
+    if info.has_selection_bias and selection_gating:
         return "selection"
     if info.has_router_bias:
         return "router"
+    if selection_gating and info.architecture in OPTIONAL_SELECTION_BIAS:
+        return "selection"
     return ""
 
 

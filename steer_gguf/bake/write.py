@@ -67,7 +67,7 @@ def _edited_bias(name: str, t, plan: BakePlan) -> np.ndarray | None:
     kind = "selection" if what == "exp_probs_b.bias" else "router" if what == "ffn_gate_inp.bias" else ""
     if not kind or kind != bias_kind(plan.info):
         return None
-    acts = [a for a in plan.actions if a.layer == il and a.grade != "dropped"]
+    acts = _layer_actions(plan, il)
     if not acts:
         return None
     import gguf
@@ -77,6 +77,16 @@ def _edited_bias(name: str, t, plan: BakePlan) -> np.ndarray | None:
     b = np.array(t.data, dtype=np.float32).reshape(-1)
     if b.shape[0] != plan.info.n_expert:
         raise SteerError(f"{plan.info.path}: {name} has {b.shape[0]} values, not one per expert ({plan.info.n_expert})")
+    out = _biased(b, acts, kind)
+    return out.astype(np.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16 else np.float32)
+
+
+def _layer_actions(plan: BakePlan, il: int) -> list:
+    return [a for a in plan.actions if a.layer == il and a.grade != "dropped"]
+
+
+def _biased(b: np.ndarray, acts: list, kind: str) -> np.ndarray:
+    """Bias values `b` with the plan's actions on one layer applied."""
     out = b.copy()
     # the runtime's rule on a selection bias (llama-steer.cpp): from the unedited extremes
     hi, lo = (float(b.max()) + SELECTION_MARGIN, float(b.min()) - SELECTION_MARGIN) if kind == "selection" else (0, 0)
@@ -87,7 +97,19 @@ def _edited_bias(name: str, t, plan: BakePlan) -> np.ndarray | None:
             out[a.expert] = hi if a.action == "activate" else lo
         else:
             out[a.expert] = b[a.expert] + (ROUTER_FORCE if a.action == "activate" else -ROUTER_FORCE)
-    return out.astype(np.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16 else np.float32)
+    return out
+
+
+def _added_bias(writer, router_name: str, plan: BakePlan, edited: list[str]) -> None:
+    """After a layer's router: the selection bias a file without one gets, where steered."""
+    m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_inp\.weight", router_name)
+    acts = _layer_actions(plan, int(m.group(1))) if m and plan.adds_bias else []
+    if not acts:
+        return
+    # hy_v3's loader wants the bare name, the others the .bias suffix
+    name = f"blk.{m.group(1)}.exp_probs_b" + ("" if plan.info.architecture == "hy_v3" else ".bias")
+    writer.add_tensor(name, _biased(np.zeros(plan.info.n_expert, dtype=np.float32), acts, "selection"))
+    edited.append(name)
 
 
 def _copy_fields(reader, writer, plan: BakePlan, phash: str, version: str) -> None:
@@ -161,6 +183,7 @@ def write_baked(plan: BakePlan, output: str, version: str, progress: bool = Fals
                     writer.tensors.append({})
                 for t in part.tensors:
                     _add_tensor(writer, t, plan, kept, part_path, edited)
+                    _added_bias(writer, t.name, plan, edited)
             written = [os.path.join(tmpdir, os.path.basename(p))
                        for p in writer.format_shard_names(writer.path)]
             writer.write_header_to_file()
