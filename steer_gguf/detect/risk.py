@@ -20,6 +20,7 @@ from ..fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
 from ..fileio import atomic_write
 from ..model import ModelInfo
 from ..profile import ExpertRule, ModelRef, Profile
+from .confidence import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, DEFAULT_SPLITS, PairCounts, assess
 
 COUNT_COLUMNS = ("layer", "expert", "a1", "d1", "a2", "d2")
 CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
@@ -27,6 +28,12 @@ CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
 # off (empty = not measured) and their difference; greedy tables add each chosen move's step
 EFFECT_COLUMNS = ("effect_on", "effect_off")
 GREEDY_COLUMNS = ("greedy_on", "greedy_off")
+# 95% bootstrap intervals over pairs (detect/confidence.py) and the share of resamples with the
+# estimate's sign; any table may carry them (empty = not computed), old tables simply lack them
+RD_CI_COLUMNS = ("rd_lo", "rd_hi", "rd_conf")
+EFFECT_CI_COLUMNS = ("effect_on_lo", "effect_on_hi", "on_conf", "effect_off_lo", "effect_off_hi", "off_conf")
+FLOAT_COLUMNS = EFFECT_COLUMNS + RD_CI_COLUMNS + EFFECT_CI_COLUMNS
+OPTIONAL_GROUPS = (EFFECT_COLUMNS, GREEDY_COLUMNS, RD_CI_COLUMNS, EFFECT_CI_COLUMNS)
 # risk differences that are equal as fractions can differ in the last bits as floats;
 # ranking on a rounded key keeps such ties resolved by (layer, expert), reproducibly
 _RANK_DECIMALS = 12
@@ -88,6 +95,15 @@ class DetectionTable:
     effect_off: np.ndarray | None = None
     greedy_on: np.ndarray | None = None
     greedy_off: np.ndarray | None = None
+    rd_lo: np.ndarray | None = None
+    rd_hi: np.ndarray | None = None
+    rd_conf: np.ndarray | None = None
+    effect_on_lo: np.ndarray | None = None
+    effect_on_hi: np.ndarray | None = None
+    on_conf: np.ndarray | None = None
+    effect_off_lo: np.ndarray | None = None
+    effect_off_hi: np.ndarray | None = None
+    off_conf: np.ndarray | None = None
     p1: np.ndarray = field(init=False)
     p2: np.ndarray = field(init=False)
     risk_diff: np.ndarray = field(init=False)
@@ -123,16 +139,17 @@ class DetectionTable:
 
     def _extra_columns(self, n: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        given = {c: getattr(self, c) for c in EFFECT_COLUMNS + GREEDY_COLUMNS if getattr(self, c) is not None}
-        if given and not all(c in given for c in EFFECT_COLUMNS):
+        given = {c: getattr(self, c) for group in OPTIONAL_GROUPS for c in group if getattr(self, c) is not None}
+        if any(c in given for c in GREEDY_COLUMNS + EFFECT_CI_COLUMNS) and not all(c in given for c in EFFECT_COLUMNS):
             raise ValueError("a causal DetectionTable needs both effect_on and effect_off")
-        if any(c in given for c in GREEDY_COLUMNS) and not all(c in given for c in GREEDY_COLUMNS):
-            raise ValueError("a greedy DetectionTable needs both greedy_on and greedy_off")
+        for group in OPTIONAL_GROUPS:
+            if any(c in given for c in group) and not all(c in given for c in group):
+                raise ValueError(f"a DetectionTable with {group[0]} needs all of {', '.join(group)}")
         for c, v in given.items():
-            a = np.asarray(v, dtype=np.float64 if c in EFFECT_COLUMNS else np.int64).reshape(-1)
+            a = np.asarray(v, dtype=np.float64 if c in FLOAT_COLUMNS else np.int64).reshape(-1)
             if a.shape != (n,):
                 raise ValueError(f"DetectionTable column {c} has {a.size} values for {n} rows")
-            if c in EFFECT_COLUMNS and np.isinf(a).any():
+            if c in FLOAT_COLUMNS and np.isinf(a).any():
                 raise ValueError(f"DetectionTable column {c} must be finite or NaN")
             out[c] = a
         return out
@@ -162,9 +179,10 @@ class DetectionTable:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_counts(cls, counts_1: np.ndarray, counts_2: np.ndarray, n_tokens_1: int, n_tokens_2: int,
-                    layers: list[int], meta: dict[str, Any] | None = None) -> "DetectionTable":
+                    layers: list[int], meta: dict[str, Any] | None = None, intervals=None) -> "DetectionTable":
         """counts_b: int [len(layers), n_expert], how many behavior-b target tokens selected
-        each expert in each layer; n_tokens_b: the number of those tokens (d = n_tokens - a)."""
+        each expert in each layer; n_tokens_b: the number of those tokens (d = n_tokens - a).
+        intervals: a confidence.Intervals of the risk differences, layer-major like counts."""
         c1, c2 = np.asarray(counts_1, dtype=np.int64), np.asarray(counts_2, dtype=np.int64)
         if c1.ndim != 2 or c1.shape != c2.shape:
             raise ValueError(f"counts must be two equal 2-D arrays, got {c1.shape} and {c2.shape}")
@@ -179,7 +197,8 @@ class DetectionTable:
         layer = np.repeat(np.asarray(layers, dtype=np.int64), n_expert)
         expert = np.tile(np.arange(n_expert, dtype=np.int64), len(layers))
         a1, a2 = c1.reshape(-1), c2.reshape(-1)
-        return cls(layer, expert, a1, n_tokens_1 - a1, a2, n_tokens_2 - a2, dict(meta or {}))
+        ci = {} if intervals is None else {"rd_lo": intervals.lo, "rd_hi": intervals.hi, "rd_conf": intervals.conf}
+        return cls(layer, expert, a1, n_tokens_1 - a1, a2, n_tokens_2 - a2, dict(meta or {}), **ci)
 
     # ---- shape -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -219,15 +238,17 @@ class DetectionTable:
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write atomically: an error or Ctrl-C never leaves a partial table."""
         causal, greedy = self.effect_on is not None, self.greedy_on is not None
-        header = CSV_COLUMNS + ((*EFFECT_COLUMNS, "effect") if causal else ()) + (GREEDY_COLUMNS if greedy else ())
+        floats = [c for c in RD_CI_COLUMNS + EFFECT_COLUMNS + EFFECT_CI_COLUMNS if getattr(self, c) is not None]
+        if causal:
+            floats.insert(floats.index("effect_off") + 1, "effect")
+        header = CSV_COLUMNS + tuple(floats) + (GREEDY_COLUMNS if greedy else ())
         lines = _meta_line(self.meta) + [",".join(header)]
-        eff = self.effect
+        cells = [self.effect if c == "effect" else getattr(self, c) for c in floats]
         for i in range(len(self)):
             line = (f"{self.layer[i]},{self.expert[i]},{self.a1[i]},{self.d1[i]},{self.a2[i]},{self.d2[i]},"
                     f"{self.p1[i]:.6f},{self.p2[i]:.6f},{self.risk_diff[i]:.6f}")
-            if causal:  # unmeasured: empty cells
-                line += "".join("," + ("" if np.isnan(v) else f"{v:.6f}")
-                                for v in (self.effect_on[i], self.effect_off[i], eff[i]))
+            # not measured / not computed: empty cells
+            line += "".join("," + ("" if np.isnan(col[i]) else f"{col[i]:.6f}") for col in cells)
             if greedy:
                 line += f",{self.greedy_on[i]},{self.greedy_off[i]}"
             lines.append(line)
@@ -265,7 +286,7 @@ class DetectionTable:
             raise SteerError(f"{path}:{hline}: missing column(s) {', '.join(missing)} "
                              f"(a detection table needs {', '.join(COUNT_COLUMNS)})")
         values: dict[str, list[int]] = {c: [] for c in COUNT_COLUMNS}
-        extra = [c for c in EFFECT_COLUMNS + GREEDY_COLUMNS if c in index]
+        extra = [c for group in OPTIONAL_GROUPS for c in group if c in index]
         for group in (EFFECT_COLUMNS, GREEDY_COLUMNS):
             have = [c for c in group if c in index]
             if have and len(have) != len(group):
@@ -313,9 +334,12 @@ class DetectionTable:
             layer, expert = next((layer, e) for layer in layers for e in range(n_expert) if (layer, e) not in seen)
             raise SteerError(f"{path}: missing row for layer {layer} expert {expert} ({n_missing} missing in all: "
                              f"the table needs experts 0..{n_expert - 1} for each of its {len(layers)} layers)")
-        cols = {c: np.asarray(v, dtype=np.float64 if c in EFFECT_COLUMNS else np.int64)
+        cols = {c: np.asarray(v, dtype=np.float64 if c in FLOAT_COLUMNS else np.int64)
                 for c, v in extra_values.items()}
-        return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path}, **cols)
+        try:
+            return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path}, **cols)
+        except ValueError as e:  # a partial group of optional columns
+            raise SteerError(f"{path}:{hline}: {str(e).replace('a DetectionTable', 'a table')}") from None
 
     # ---- profile rule ------------------------------------------------------------------
     def make_profile(self, info_or_k: ModelInfo | int, activate: int, deactivate: int = 0, reverse: bool = False,
@@ -467,19 +491,33 @@ class DetectionTable:
 
 # ---- what `steer-gguf detect` shows ----------------------------------------------------------
 def summary(table: DetectionTable, output: str, seconds: float, n_top: int) -> str:
-    """A risk-difference table's summary: its size, its concentration, its top rows."""
+    """A risk-difference table's summary: its size, its concentration, its top rows with their
+    intervals, the null and stability, and the verdict last, where it is read."""
     lines = [f"{table.meta.get('pairs')} pairs, {len(table)} (layer, expert) rows -> {output} ({seconds:.1f} s)",
              f"signal concentration: {table.concentration()} experts hold half of the total |risk_diff|"]
+    ci = table.rd_lo is not None
     if n_top:
-        lines.append("  rank layer expert   p1      p2      risk_diff")
+        lines.append("  rank layer expert   p1      p2      risk_diff" + ("  95% interval       conf" if ci else ""))
         for i, r in enumerate(table.top(n_top)):
-            lines.append(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
+            line = f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}"
+            if ci:
+                line += f"    [{table.rd_lo[i]:+.3f}, {table.rd_hi[i]:+.3f}]  {table.rd_conf[i]:.3f}"
+            lines.append(line)
+    trust = table.meta.get("trust")
+    if trust:
+        null, stab = trust["null"], trust["stability"]
+        lines.append(f"permutation null ({null['permutations']} pair swaps): per-layer max |risk_diff| observed "
+                     + ", ".join(f"{o:.3f}" for o in null["observed_max"]) + f" vs null {int(100 * null['quantile'])}th "
+                     f"pct " + ", ".join(f"{t:.3f}" for t in null["threshold"]) + f"; {null['beyond']} experts beyond")
+        lines.append(f"split-half stability ({stab['splits']} splits): "
+                     + ", ".join(f"top-{n} {v:.1f}/{n}" for n, v in stab["overlap"].items()))
+        lines.append(f"verdict: {trust['verdict']}")
     return "\n".join(lines)
 
 
 def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
     """An effect (empty: not measured, NaN) or a greedy step (an integer)."""
-    if column in EFFECT_COLUMNS:
+    if column in FLOAT_COLUMNS:
         if not cell:
             return math.nan
         try:
@@ -500,7 +538,7 @@ def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
 # the table with comment="#"); SteerMoE's count CSVs have none
 META_PREFIX = "# steer-gguf.detect/1 "
 _META_TYPES = {"architecture": str, "fingerprint": str, "n_layer": int, "n_expert": int, "n_expert_used": int,
-               "dataset": str, "pairs": int}
+               "dataset": str, "pairs": int, "trust": dict}
 
 
 def _meta_line(meta: dict[str, Any]) -> list[str]:
@@ -568,13 +606,29 @@ def target_rows(llm, messages: list[dict], target: str) -> tuple[list[int], tupl
     return toks, locate_target_text(text, target.encode("utf-8").decode("latin-1"), offsets)
 
 
-def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
-           on_progress=None) -> DetectionTable:
+def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False, on_progress=None,
+           bootstrap: int = DEFAULT_BOOTSTRAP,
+           permutations: int = DEFAULT_PERMUTATIONS, splits: int = DEFAULT_SPLITS, seed: int = 0) -> DetectionTable:
     """Risk-difference table of a model on a PairSet: prefill both conversations of every
     pair (many per batch; never generation) and count, per MoE layer and expert, how often
-    the target tokens of behavior 1 and of behavior 2 were routed to it.
+    the target tokens of behavior 1 and of behavior 2 were routed to it. With bootstrap > 0
+    the table carries per-expert 95% intervals over pairs and meta["trust"] the permutation
+    null, split-half stability and the verdict (detect/confidence.py); bootstrap=0: neither.
 
     on_progress(done_conversations, total_conversations, target_tokens) is called per batch."""
+    pc, meta = pair_counts(llm, pairs, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=on_progress)
+    c1, c2, n1, n2 = pc.totals()
+    if not bootstrap:
+        return DetectionTable.from_counts(c1, c2, n1, n2, pc.layers, meta)
+    trust = assess(pc, llm.info.n_expert_used, bootstrap, permutations, splits, seed)
+    return DetectionTable.from_counts(c1, c2, n1, n2, pc.layers, dict(meta, trust=trust.to_meta()),
+                                      intervals=trust.intervals)
+
+
+def pair_counts(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False, on_progress=None):
+    """The routing counts of every usable pair, kept per pair (confidence.PairCounts) so that
+    intervals, the null and stability can resample pairs; and the table's metadata."""
+
     info = llm.info
     seqs, rows, sides = [], [], []
     for pair in pairs:
@@ -597,19 +651,20 @@ def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
     if not seqs:
         raise SteerError(f"{pairs.source}: no usable pairs")
     n_moe = len(info.moe_layers)
-    counts = np.zeros((2, n_moe, info.n_expert), dtype=np.int64)
-    n_tok = [0, 0]
+    # int32: 400 pairs of a 48 x 128-expert model take 39 MB; a count never nears 2^31
+    counts = np.zeros((len(seqs) // 2, 2, n_moe, info.n_expert), dtype=np.int32)
+    n_tok = np.zeros((len(seqs) // 2, 2), dtype=np.int64)
     # chunks of conversations, so progress shows and Ctrl-C lands between batches
     chunk = 64
     for start in range(0, len(seqs), chunk):
         stop = min(len(seqs), start + chunk)
-        for side, ex in zip(sides[start:stop], llm.trace_many(seqs[start:stop], rows[start:stop],
-                                                                batch_tokens=batch_tokens)):
-            accumulate(counts[side], ex)
-            n_tok[side] += ex.shape[0]
+        for j, ex in zip(range(start, stop), llm.trace_many(seqs[start:stop], rows[start:stop],
+                                                            batch_tokens=batch_tokens)):
+            accumulate(counts[j // 2, sides[j]], ex)
+            n_tok[j // 2, sides[j]] += ex.shape[0]
         if on_progress is not None:
             on_progress(stop, len(seqs), sum(len(r) for r in rows[start:stop]))
     meta = {"architecture": info.architecture, "fingerprint": info.fingerprint, "n_layer": info.n_layer,
             "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "dataset": pairs.source,
             "pairs": len(seqs) // 2}
-    return DetectionTable.from_counts(counts[0], counts[1], n_tok[0], n_tok[1], list(info.moe_layers), meta)
+    return PairCounts(counts, n_tok, list(info.moe_layers)), meta
