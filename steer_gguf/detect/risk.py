@@ -344,7 +344,7 @@ class DetectionTable:
     # ---- profile rule ------------------------------------------------------------------
     def make_profile(self, info_or_k: ModelInfo | int, activate: int, deactivate: int = 0, reverse: bool = False,
                      eps: float = 0.01, name: str = "profile", provenance: dict[str, Any] | None = None,
-                     deactivate_per_layer: int = 0) -> Profile:
+                     deactivate_per_layer: int = 0, min_confidence: float | None = None) -> Profile:
         """design.md's rule. activate N: walk the ranking, take experts with risk_diff > 0,
         at most k per layer (an expert over the cap is skipped, the walk goes on), until N.
         deactivate M: the first M experts with risk_diff < 0; each layer must keep >= k.
@@ -354,8 +354,12 @@ class DetectionTable:
         info_or_k: a ModelInfo binds the profile to that model; a bare k gives a profile
         that carries only the table's shape (n_expert) and k.
         deactivate_per_layer N (instead of deactivate): the N best-ranked experts to deactivate in
-        every MoE layer, the uniform form that `bake --method prune` can write into a file."""
+        every MoE layer, the uniform form that `bake --method prune` can write into a file.
+        min_confidence C: skip experts whose bootstrap confidence (the share of resamples of the
+        pairs in which the statistic the rule uses has the estimate's sign) is below C; 0.975
+        is about "the 95% interval excludes 0". The walk goes on past them."""
         k, ref = self._model_ref(info_or_k)
+        min_conf = self._check_min_confidence(min_confidence)
         for what, v in (("activate", activate), ("deactivate", deactivate),
                         ("deactivate_per_layer", deactivate_per_layer)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -372,7 +376,7 @@ class DetectionTable:
         rules: list[ExpertRule] = []
         per_layer: dict[int, int] = {}
         if activate:
-            for i in self._walk("activate", reverse):
+            for i in self._walk("activate", reverse, min_conf):
                 layer = int(self.layer[i])
                 if per_layer.get(layer, 0) >= k:
                     continue
@@ -381,17 +385,17 @@ class DetectionTable:
                 if len(rules) == activate:
                     break
             if len(rules) < activate:
-                raise SteerError(f"activate {activate}: only {len(rules)} experts with {self._why('activate')} toward "
-                                 f"{direction} can be activated (at most k={k} per layer)")
+                raise SteerError(f"activate {activate}: only {len(rules)} experts with {self._why('activate', min_conf)} "
+                                 f"toward {direction} can be activated (at most k={k} per layer)")
         if deactivate:
             # a causal table can show an expert helping both when forced on and forced off
             # (effects are measured one at a time): one taken to activate is not deactivated too
             taken = {(r.layer, r.expert) for r in rules}
-            neg = [i for i in self._walk("deactivate", reverse)
+            neg = [i for i in self._walk("deactivate", reverse, min_conf)
                    if (int(self.layer[i]), int(self.expert[i])) not in taken]
             if len(neg) < deactivate:
-                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have {self._why('deactivate')} "
-                                 f"toward {direction}")
+                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have "
+                                 f"{self._why('deactivate', min_conf)} toward {direction}")
             n_expert = ref.n_expert if ref.n_expert is not None else self.n_expert
             off: dict[int, int] = {}
             for i in neg[:deactivate]:
@@ -403,7 +407,7 @@ class DetectionTable:
                     raise SteerError(f"deactivate {deactivate}: layer {layer} would lose {c} of its {n_expert} experts, "
                                      f"leaving {n_expert - c}, fewer than k={k}")
         if deactivate_per_layer:
-            rules += self._per_layer_off(info_or_k, deactivate_per_layer, reverse, rd, k, rules)
+            rules += self._per_layer_off(info_or_k, deactivate_per_layer, reverse, rd, k, rules, min_conf)
         prov: dict[str, Any] = {"method": self.method, "dataset": self.meta.get("dataset"),
                                 "pairs": self.meta.get("pairs"), "activate": int(activate),
                                 "deactivate": int(deactivate), "reverse": bool(reverse)}
@@ -411,11 +415,15 @@ class DetectionTable:
             prov["deactivate_per_layer"] = int(deactivate_per_layer)
         if self.meta.get("table"):
             prov["table"] = self.meta["table"]
+        if min_confidence is not None:
+            prov["min_confidence"] = float(min_confidence)
+        if self.verdict:
+            prov["verdict"] = self.verdict
         prov.update(provenance or {})
         return Profile(model=ref, experts=rules, eps=float(eps), name=name, provenance=prov)
 
     def _per_layer_off(self, info_or_k: ModelInfo | int, n: int, reverse: bool, rd: np.ndarray, k: int,
-                       taken_rules: list[ExpertRule]) -> list[ExpertRule]:
+                       taken_rules: list[ExpertRule], min_conf: float | None = None) -> list[ExpertRule]:
         layers = list(info_or_k.moe_layers) if isinstance(info_or_k, ModelInfo) else sorted({int(x) for x in self.layer})
         n_expert = info_or_k.n_expert if isinstance(info_or_k, ModelInfo) else self.n_expert
         if n_expert - n < k:
@@ -423,43 +431,97 @@ class DetectionTable:
                              f"fewer than k={k}")
         taken = {(r.layer, r.expert) for r in taken_rules}
         by_layer: dict[int, list[int]] = {il: [] for il in layers}
-        for i in self._walk("deactivate", reverse):
+        for i in self._walk("deactivate", reverse, min_conf):
             il = int(self.layer[i])
             if il in by_layer and len(by_layer[il]) < n and (il, int(self.expert[i])) not in taken:
                 by_layer[il].append(int(i))
         short = [il for il, rows in by_layer.items() if len(rows) < n]
         if short:
             raise SteerError(f"deactivate_per_layer {n}: layers {','.join(map(str, short))} have fewer than {n} "
-                             f"experts with {self._why('deactivate')}")
+                             f"experts with {self._why('deactivate', min_conf)}")
         return [ExpertRule(il, int(self.expert[i]), "deactivate", float(rd[i]))
                 for il in layers for i in by_layer[il]]
 
-    def _walk(self, action: str, reverse: bool) -> np.ndarray:
+    def _walk(self, action: str, reverse: bool, min_conf: float | None = None) -> np.ndarray:
         """Row indices eligible for `action` toward the chosen behavior, best first.
         risk_diff: the ranking's rows with risk_diff > 0 (activate) or < 0 (deactivate).
         causal: rows whose own forcing moved the margin toward the behavior, by that move's
         effect (effect_on to activate, effect_off to deactivate): the effect of the action
         taken, not of its opposite. causal-greedy: the moves the greedy search took, in its
-        order."""
+        order. min_conf: only rows whose bootstrap confidence reaches it."""
         sign = -1.0 if reverse else 1.0
         if self.method == "risk_diff":
             rd = sign * self.risk_diff
-            return np.flatnonzero(rd > 0 if action == "activate" else rd < 0)  # keeps ranking order
-        if self.method == "causal-greedy":
+            idx = np.flatnonzero(rd > 0 if action == "activate" else rd < 0)  # keeps ranking order
+        elif self.method == "causal-greedy":
             step = sign * (self.greedy_on if action == "activate" else self.greedy_off)
             idx = np.flatnonzero(step > 0)
-            return idx[np.argsort(step[idx], kind="stable")]
-        v = sign * (self.effect_on if action == "activate" else self.effect_off)
-        idx = np.flatnonzero(np.nan_to_num(v, nan=0.0) > 0)
-        key = np.round(v[idx], _RANK_DECIMALS)
-        return idx[np.lexsort((self.expert[idx], self.layer[idx], -key))]
+            idx = idx[np.argsort(step[idx], kind="stable")]
+        else:
+            v = sign * (self.effect_on if action == "activate" else self.effect_off)
+            idx = np.flatnonzero(np.nan_to_num(v, nan=0.0) > 0)
+            key = np.round(v[idx], _RANK_DECIMALS)
+            idx = idx[np.lexsort((self.expert[idx], self.layer[idx], -key))]
+        if min_conf is not None:
+            conf = self.interval_of(action)[2]
+            idx = idx[np.nan_to_num(conf[idx], nan=0.0) >= min_conf]
+        return idx
 
-    def _why(self, action: str) -> str:
+    # ---- uncertainty -------------------------------------------------------------------
+    @property
+    def verdict(self) -> str | None:
+        """detect's verdict on the table (confidence.Trust.verdict), if it recorded one."""
+        trust = self.meta.get("trust")
+        v = trust.get("verdict") if isinstance(trust, dict) else None
+        return v if isinstance(v, str) else None
+
+    def interval_of(self, action: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lo, hi, conf) of the statistic a rule of `action` is chosen by: risk_diff, or a
+        causal table's effect_on (activate) / effect_off (deactivate). NaN where not computed."""
         if self.method == "risk_diff":
-            return "risk_diff > 0" if action == "activate" else "risk_diff < 0"
+            cols = RD_CI_COLUMNS
+        else:
+            cols = EFFECT_CI_COLUMNS[:3] if action == "activate" else EFFECT_CI_COLUMNS[3:]
+        got = [getattr(self, c) for c in cols]
+        if any(c is None for c in got):
+            nan = np.full(len(self), np.nan)
+            return nan, nan, nan
+        return got[0], got[1], got[2]
+
+    @property
+    def has_intervals(self) -> bool:
+        return not np.isnan(self.interval_of("activate")[2]).all()
+
+    def crossing_zero(self, rules: list[ExpertRule]) -> list[tuple[ExpertRule, float, float]]:
+        """The rules whose expert's 95% interval (of the statistic the rule was chosen by)
+        contains 0, with that interval: the data cannot tell their sign."""
+        where = {(int(la), int(e)): i for i, (la, e) in enumerate(zip(self.layer, self.expert))}
+        out = []
+        for r in rules:
+            lo, hi, _ = self.interval_of(r.action)
+            i = where.get((r.layer, r.expert))
+            if i is not None and not np.isnan(lo[i]) and lo[i] <= 0 <= hi[i]:
+                out.append((r, float(lo[i]), float(hi[i])))
+        return out
+
+    def _check_min_confidence(self, c: float | None) -> float | None:
+        if c is None:
+            return None
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
+            raise SteerError(f"min_confidence: must be a number in 0..1, got {c!r}")
+        if not self.has_intervals:
+            src = self.meta.get("table") or "the detection table"
+            raise SteerError(f"{src}: has no confidence columns (detected without a bootstrap, or before they "
+                             f"existed): run detect again to use a minimum confidence")
+        return float(c)
+
+    def _why(self, action: str, min_conf: float | None = None) -> str:
+        conf = "" if min_conf is None else f" and confidence >= {min_conf:g}"
+        if self.method == "risk_diff":
+            return ("risk_diff > 0" if action == "activate" else "risk_diff < 0") + conf
         if self.method == "causal-greedy":
-            return f"a greedy step ({'on' if action == 'activate' else 'off'})"
-        return f"an effect when forced {'on' if action == 'activate' else 'off'}"
+            return f"a greedy step ({'on' if action == 'activate' else 'off'}){conf}"
+        return f"an effect when forced {'on' if action == 'activate' else 'off'}{conf}"
 
     def _model_ref(self, info_or_k: ModelInfo | int) -> tuple[int, ModelRef]:
         if not len(self):
