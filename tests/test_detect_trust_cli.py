@@ -39,7 +39,7 @@ def test_verdicts_of_the_bundled_models(tables):
     for t, key in ((demo, "demo-stdout"), (natural, "natural-stdout")):
         last = tables[key].strip().splitlines()[-1]
         assert last == f"verdict: {t.verdict}"
-        assert "permutation null (1000 pair swaps)" in tables[key]
+        assert "permutation null (1000 pair swaps), " in tables[key]
         assert ((t.rd_lo <= t.risk_diff + 1e-6) & (t.risk_diff <= t.rd_hi + 1e-6)).all()
     assert demo.meta["trust"]["null"]["beyond"] >= 8
 

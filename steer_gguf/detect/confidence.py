@@ -321,13 +321,10 @@ def assess(pc: PairCounts, n_expert_used: int, bootstrap: int = DEFAULT_BOOTSTRA
     draws from its own seeded stream, so changing one count leaves the others' draws alone."""
     iv = risk_diff_intervals(pc, bootstrap, seed)
     null = permutation_null(pc, permutations, seed + 1)
-    stab = split_half(pc, tune_sizes(n_expert_used, pc.shape[0]), splits, seed + 2)
+    sizes = tune_sizes(n_expert_used, pc.shape[0])
+    # one pair cannot be halved: nothing reproduced (and its null cannot reach SIGNAL_P either)
+    stab = split_half(pc, sizes, splits, seed + 2) if pc.n_pairs >= 2 else Stability(0, {n: 0.0 for n in sizes})
     c1, c2, n1, n2 = pc.totals()
     max_abs = float(np.abs(_ratio(c1, np.float64(n1)) - _ratio(c2, np.float64(n2))).max()) if c1.size else 0.0
     return Trust(iv, null, stab, max_abs, seed, pc.n_pairs)
 
-
-def null_lines(t: Trust, layers: list[int]) -> list[str]:
-    """What `detect` prints of the null, one line per layer."""
-    return [f"  layer {il:3d}: max |risk_diff| {t.null.observed_max[j]:.4f}, null median {t.null.null_median[j]:.4f}, "
-            f"null {int(100 * NULL_QUANTILE)}th pct {t.null.threshold[j]:.4f}" for j, il in enumerate(layers)]

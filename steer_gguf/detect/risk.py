@@ -385,8 +385,8 @@ class DetectionTable:
                 if len(rules) == activate:
                     break
             if len(rules) < activate:
-                raise SteerError(f"activate {activate}: only {len(rules)} experts with {self._why('activate', min_conf)} "
-                                 f"toward {direction} can be activated (at most k={k} per layer)")
+                raise SteerError(f"activate {activate}: only {len(rules)} experts with "
+                                 f"{self._why('activate', min_conf)} toward {direction} can be activated (at most k={k} per layer)")
         if deactivate:
             # a causal table can show an expert helping both when forced on and forced off
             # (effects are measured one at a time): one taken to activate is not deactivated too
@@ -568,9 +568,14 @@ def summary(table: DetectionTable, output: str, seconds: float, n_top: int) -> s
     trust = table.meta.get("trust")
     if trust:
         null, stab = trust["null"], trust["stability"]
-        lines.append(f"permutation null ({null['permutations']} pair swaps): per-layer max |risk_diff| observed "
-                     + ", ".join(f"{o:.3f}" for o in null["observed_max"]) + f" vs null {int(100 * null['quantile'])}th "
-                     f"pct " + ", ".join(f"{t:.3f}" for t in null["threshold"]) + f"; {null['beyond']} experts beyond")
+        # a 48-layer model would fill the screen: the 8 layers furthest beyond their null, the rest in meta
+        ratio = [o / t if t > 0 else float("inf") for o, t in zip(null["observed_max"], null["threshold"])]
+        show = sorted(sorted(range(len(ratio)), key=lambda j: -ratio[j])[:8])
+        layers = table.layers
+        shown = ", ".join(f"layer {layers[j]} {null['observed_max'][j]:.3f}/{null['threshold'][j]:.3f}" for j in show)
+        more = f" (+{len(ratio) - len(show)} layers in the table's metadata)" if len(ratio) > len(show) else ""
+        lines.append(f"permutation null ({null['permutations']} pair swaps), {null['beyond']} experts beyond: max "
+                     f"|risk_diff| / null {int(100 * null['quantile'])}th pct: {shown}{more}")
         lines.append(f"split-half stability ({stab['splits']} splits): "
                      + ", ".join(f"top-{n} {v:.1f}/{n}" for n, v in stab["overlap"].items()))
         lines.append(f"verdict: {trust['verdict']}")
