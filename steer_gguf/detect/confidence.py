@@ -101,9 +101,8 @@ class Intervals:
 def bootstrap_weights(n_pairs: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """[resamples, n_pairs]: how often each pair is drawn in each resample (with replacement)."""
     idx = rng.integers(0, n_pairs, size=(resamples, n_pairs))
-    w = np.zeros((resamples, n_pairs))
-    np.add.at(w, (np.repeat(np.arange(resamples), n_pairs), idx.reshape(-1)), 1.0)
-    return w
+    flat = (np.arange(resamples)[:, None] * n_pairs + idx).reshape(-1)
+    return np.bincount(flat, minlength=resamples * n_pairs).reshape(resamples, n_pairs).astype(np.float64)
 
 
 def percentile_intervals(stat_of, point: np.ndarray, n_pairs: int, resamples: int, seed: int,
