@@ -386,7 +386,8 @@ class DetectionTable:
                     break
             if len(rules) < activate:
                 raise SteerError(f"activate {activate}: only {len(rules)} experts with "
-                                 f"{self._why('activate', min_conf)} toward {direction} can be activated (at most k={k} per layer)")
+                                 f"{self._why('activate', min_conf)} toward {direction} can be activated "
+                                 f"(at most k={k} per layer)")
         if deactivate:
             # a causal table can show an expert helping both when forced on and forced off
             # (effects are measured one at a time): one taken to activate is not deactivated too
