@@ -185,3 +185,30 @@ def test_margin_tokens_scores_only_the_start_of_each_target(llm):
         assert s1 == s[:a + 1]  # nothing after the scored token is prefilled
     with pytest.raises(SteerError, match="margin tokens"):
         causal_detect(llm, pairs, margin_tokens=0)
+
+
+def test_effect_intervals_resample_each_pairs_change_of_margin(llm, results, tmp_path):
+    from steer_gguf.detect.causal import pair_margins_under
+    from steer_gguf.detect.confidence import mean_intervals
+
+    t = results["builtin:demo-numbers"].table
+    assert t.has_intervals and t.rd_lo is not None
+    for lo, v, hi in ((t.effect_on_lo, t.effect_on, t.effect_on_hi), (t.effect_off_lo, t.effect_off, t.effect_off_hi)):
+        assert ((lo <= v + 1e-6) & (v <= hi + 1e-6)).all()
+    # the top row's interval is the bootstrap of its own pairs' margin changes, same seed
+    pt = pair_tokens(llm, load_pairs("builtin:demo-numbers", max_pairs=N_PAIRS))
+    old = llm.profile
+    try:
+        base = pair_margins_under(llm, pt, [])
+        on = pair_margins_under(llm, pt, [ExpertRule(int(t.layer[0]), int(t.expert[0]), "activate")]) - base
+    finally:
+        llm.set_profile(old, force=True)
+    iv = mean_intervals(on[:, None], 1000, seed=3)
+    assert t.effect_on[0] == pytest.approx(on.mean(), abs=1e-6)
+    assert t.effect_on_lo[0] == pytest.approx(iv.lo[0], abs=1e-6)
+    assert t.effect_on_hi[0] == pytest.approx(iv.hi[0], abs=1e-6)
+    path = tmp_path / "c.csv"
+    t.to_csv(path)
+    assert "effect_on_lo,effect_on_hi,on_conf,effect_off_lo,effect_off_hi,off_conf" in path.read_text().splitlines()[1]
+    back = DetectionTable.from_csv(path)
+    np.testing.assert_allclose(back.effect_off_hi, t.effect_off_hi, atol=1e-6)

@@ -80,7 +80,7 @@ def test_cli_detect_and_profile_make(digits_model, tmp_path):
     rows = out.read_text().splitlines()
     meta = json.loads(rows[0].removeprefix("# steer-gguf.detect/1 "))
     assert meta["fingerprint"] == model_info(digits_model).fingerprint and meta["dataset"] == "builtin:digits-words"
-    assert rows[1] == "layer,expert,a1,d1,a2,d2,p1,p2,risk_diff"
+    assert rows[1] == "layer,expert,a1,d1,a2,d2,p1,p2,risk_diff,rd_lo,rd_hi,rd_conf"
     assert rows[2].split(",")[1] == str(DIGIT_EXPERT)
     prof = tmp_path / "p.json"
     r = cli("profile", "make", out, "--model", digits_model, "--activate", "4", "-o", prof)

@@ -302,6 +302,9 @@ def test_tune_writes_the_smallest_profile_with_the_largest_shift(demo, tmp_path)
     assert ctl["beyond_controls_points"] == pytest.approx(c["effect"] - ctl["mean_effect_points"])
     assert ctl["beyond_controls_points"] >= 30 and all(k > 0 for k in ctl["kl"])
     assert "random controls" in r.stdout
+    # the table's verdict travels into the sweep, its output and the profile's provenance
+    assert s["verdict"].startswith("strong signal") and prof["provenance"]["verdict"] == s["verdict"]
+    assert f"detection: {s['verdict']}" in r.stdout
     assert png.stat().st_size > 1000
     assert cli("profile", "validate", out, "--model", DEMO).returncode == 0
 

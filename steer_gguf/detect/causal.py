@@ -24,6 +24,7 @@ import numpy as np
 from ..engine.scoring import continuation_logprob
 from ..errors import SteerError
 from ..profile import ExpertRule, ModelRef, Profile
+from .confidence import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, DEFAULT_SPLITS, mean_intervals
 from .risk import DetectionTable, detect, target_rows
 
 METHODS = ("risk_diff", "causal", "causal-greedy")
@@ -75,10 +76,15 @@ def pair_tokens(llm, pairs, skip_bad: bool = False, margin_tokens: int | None = 
     return PairTokens(seqs, spans)
 
 
+def pair_margins(llm, pt: PairTokens, batch_tokens: int = 1024) -> np.ndarray:
+    """log P(target 1) - log P(target 2) of each pair [P], under llm's current profile."""
+    lp = np.asarray(continuation_logprob(llm, pt.seqs, pt.spans, batch_tokens=batch_tokens), dtype=np.float64)
+    return lp[0::2] - lp[1::2]
+
+
 def margin(llm, pt: PairTokens, batch_tokens: int = 1024) -> float:
     """Mean log P(target 1) - log P(target 2) over the pairs, under llm's current profile."""
-    lp = continuation_logprob(llm, pt.seqs, pt.spans, batch_tokens=batch_tokens)
-    return float(np.mean(lp[0::2] - lp[1::2]))
+    return float(np.mean(pair_margins(llm, pt, batch_tokens)))
 
 
 def probe_profile(llm, rules: Sequence[ExpertRule]) -> Profile | None:
@@ -88,6 +94,11 @@ def probe_profile(llm, rules: Sequence[ExpertRule]) -> Profile | None:
 def margin_under(llm, pt: PairTokens, rules: Sequence[ExpertRule], batch_tokens: int = 1024) -> float:
     llm.set_profile(probe_profile(llm, rules))
     return margin(llm, pt, batch_tokens)
+
+
+def pair_margins_under(llm, pt: PairTokens, rules: Sequence[ExpertRule], batch_tokens: int = 1024) -> np.ndarray:
+    llm.set_profile(probe_profile(llm, rules))
+    return pair_margins(llm, pt, batch_tokens)
 
 
 @dataclass
@@ -117,27 +128,39 @@ def summary(res: CausalResult, output: str, seconds: float, n_top: int) -> str:
              f"({seconds:.1f} s; {res.seconds_per_candidate:.3f} s per candidate)",
              f"unsteered margin log P(target 1) - log P(target 2): {res.baseline:+.4f} nats per pair; "
              f"{table.concentration()} experts hold half of the total |effect|"]
+    ci = table.has_intervals
     if n_top:
-        lines.append("  rank layer expert  risk_diff  effect_on  effect_off   effect")
+        lines.append("  rank layer expert  risk_diff  effect_on  effect_off   effect"
+                     + ("   on 95% interval     off 95% interval" if ci else ""))
         for i, r in enumerate(table.top(n_top)):
             if r.effect is None:
                 break
-            lines.append(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.risk_diff:+.4f}   {r.effect_on:+.4f}    "
-                         f"{r.effect_off:+.4f}  {r.effect:+.4f}")
+            line = (f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.risk_diff:+.4f}   {r.effect_on:+.4f}    "
+                    f"{r.effect_off:+.4f}  {r.effect:+.4f}")
+            if ci:
+                line += (f"   [{table.effect_on_lo[i]:+.3f}, {table.effect_on_hi[i]:+.3f}]"
+                         f"   [{table.effect_off_lo[i]:+.3f}, {table.effect_off_hi[i]:+.3f}]")
+            lines.append(line)
     for g in res.greedy:
         lines.append(f"  greedy toward behavior {1 if g.toward > 0 else 2}, step {g.step}: {g.action} layer {g.layer} "
                      f"expert {g.expert}: margin {g.margin:+.4f} (gain {g.gain:+.4f})")
+    if table.verdict:
+        lines.append(f"routing verdict (risk difference): {table.verdict}")
     return "\n".join(lines)
 
 
 def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: int = 0, greedy_pool: int = 32,
                   batch_tokens: int = 1024, skip_bad: bool = False, margin_tokens: int | None = None,
-                  on_progress: Progress | None = None) -> CausalResult:
+                  on_progress: Progress | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
+                  permutations: int = DEFAULT_PERMUTATIONS, splits: int = DEFAULT_SPLITS,
+                  seed: int = 0) -> CausalResult:
     """Causal detection table on a PairSet. candidates: measure only the top M experts by
     |risk_diff| (None: every expert of every MoE layer). greedy_steps > 0 adds the greedy set
     search, up to that many activations and that many deactivations per direction, over the
     greedy_pool moves with the largest single effect toward it. The model's profile is
-    restored afterwards. margin_tokens=K: the margin counts the first K target tokens only."""
+    restored afterwards. margin_tokens=K: the margin counts the first K target tokens only.
+    bootstrap > 0: 95% intervals of effect_on / effect_off over pairs (each pair's margin
+    change is kept), and the risk-difference part's intervals, null and verdict (detect())."""
     if candidates is not None and candidates < 1:
         raise SteerError(f"candidates: must be at least 1, got {candidates}")
     if greedy_steps < 0 or greedy_pool < 1:
@@ -145,22 +168,28 @@ def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: in
     if margin_tokens is not None and margin_tokens < 1:
         raise SteerError(f"margin tokens: must be at least 1, got {margin_tokens}")
     # the risk-difference pass gives the counts columns and the candidates' order
-    rd = detect(llm, pairs, batch_tokens=batch_tokens, skip_bad=skip_bad)
+    rd = detect(llm, pairs, batch_tokens=batch_tokens, skip_bad=skip_bad, bootstrap=bootstrap,
+                permutations=permutations, splits=splits, seed=seed)
     pt = pair_tokens(llm, pairs, skip_bad=skip_bad, margin_tokens=margin_tokens)
     n = len(rd) if candidates is None else min(candidates, len(rd))
-    on = np.full(len(rd), np.nan)
-    off = np.full(len(rd), np.nan)
+    # each pair's change of margin per candidate: the effects are their means, the intervals
+    # resample them
+    on_pp = np.full((pt.n_pairs, len(rd)), np.nan)
+    off_pp = np.full((pt.n_pairs, len(rd)), np.nan)
     old = llm.profile
     try:
-        base = margin_under(llm, pt, [], batch_tokens)
+        base_pp = pair_margins_under(llm, pt, [], batch_tokens)
+        base = float(np.mean(base_pp))
         t0 = time.perf_counter()
         for i in range(n):
             layer, expert = int(rd.layer[i]), int(rd.expert[i])
-            on[i] = margin_under(llm, pt, [ExpertRule(layer, expert, "activate")], batch_tokens) - base
-            off[i] = margin_under(llm, pt, [ExpertRule(layer, expert, "deactivate")], batch_tokens) - base
+            on_pp[:, i] = pair_margins_under(llm, pt, [ExpertRule(layer, expert, "activate")], batch_tokens) - base_pp
+            off_pp[:, i] = pair_margins_under(llm, pt, [ExpertRule(layer, expert, "deactivate")],
+                                              batch_tokens) - base_pp
             if on_progress is not None:
                 on_progress(i + 1, n, f"layer {layer} expert {expert}")
         per_candidate = (time.perf_counter() - t0) / max(1, n)
+        on, off = on_pp.mean(axis=0), off_pp.mean(axis=0)
         meta = dict(rd.meta, method="causal", margin_unsteered=base, candidates=n, margin_tokens=margin_tokens)
         greedy_log: list[GreedyStep] = []
         g_on = g_off = None
@@ -173,8 +202,14 @@ def causal_detect(llm, pairs, *, candidates: int | None = None, greedy_steps: in
             meta["method"] = "causal-greedy"
     finally:
         llm.set_profile(old, force=True)
+    cis = {}
+    if bootstrap:
+        cis = {"rd_lo": rd.rd_lo, "rd_hi": rd.rd_hi, "rd_conf": rd.rd_conf}
+        for name, pp in (("on", on_pp), ("off", off_pp)):
+            iv = mean_intervals(pp, bootstrap, seed + 3)
+            cis.update({f"effect_{name}_lo": iv.lo, f"effect_{name}_hi": iv.hi, f"{name}_conf": iv.conf})
     table = DetectionTable(rd.layer, rd.expert, rd.a1, rd.d1, rd.a2, rd.d2, meta, effect_on=on, effect_off=off,
-                           greedy_on=g_on, greedy_off=g_off)
+                           greedy_on=g_on, greedy_off=g_off, **cis)
     return CausalResult(table, base, per_candidate, n, greedy_log)
 
 

@@ -20,6 +20,7 @@ from ..fileio import MAX_DATASET_BYTES, decode_text, parse_json, read_bytes
 from ..fileio import atomic_write
 from ..model import ModelInfo
 from ..profile import ExpertRule, ModelRef, Profile
+from .confidence import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, DEFAULT_SPLITS, PairCounts, assess
 
 COUNT_COLUMNS = ("layer", "expert", "a1", "d1", "a2", "d2")
 CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
@@ -27,6 +28,12 @@ CSV_COLUMNS = COUNT_COLUMNS + ("p1", "p2", "risk_diff")
 # off (empty = not measured) and their difference; greedy tables add each chosen move's step
 EFFECT_COLUMNS = ("effect_on", "effect_off")
 GREEDY_COLUMNS = ("greedy_on", "greedy_off")
+# 95% bootstrap intervals over pairs (detect/confidence.py) and the share of resamples with the
+# estimate's sign; any table may carry them (empty = not computed), old tables simply lack them
+RD_CI_COLUMNS = ("rd_lo", "rd_hi", "rd_conf")
+EFFECT_CI_COLUMNS = ("effect_on_lo", "effect_on_hi", "on_conf", "effect_off_lo", "effect_off_hi", "off_conf")
+FLOAT_COLUMNS = EFFECT_COLUMNS + RD_CI_COLUMNS + EFFECT_CI_COLUMNS
+OPTIONAL_GROUPS = (EFFECT_COLUMNS, GREEDY_COLUMNS, RD_CI_COLUMNS, EFFECT_CI_COLUMNS)
 # risk differences that are equal as fractions can differ in the last bits as floats;
 # ranking on a rounded key keeps such ties resolved by (layer, expert), reproducibly
 _RANK_DECIMALS = 12
@@ -88,6 +95,15 @@ class DetectionTable:
     effect_off: np.ndarray | None = None
     greedy_on: np.ndarray | None = None
     greedy_off: np.ndarray | None = None
+    rd_lo: np.ndarray | None = None
+    rd_hi: np.ndarray | None = None
+    rd_conf: np.ndarray | None = None
+    effect_on_lo: np.ndarray | None = None
+    effect_on_hi: np.ndarray | None = None
+    on_conf: np.ndarray | None = None
+    effect_off_lo: np.ndarray | None = None
+    effect_off_hi: np.ndarray | None = None
+    off_conf: np.ndarray | None = None
     p1: np.ndarray = field(init=False)
     p2: np.ndarray = field(init=False)
     risk_diff: np.ndarray = field(init=False)
@@ -123,16 +139,17 @@ class DetectionTable:
 
     def _extra_columns(self, n: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        given = {c: getattr(self, c) for c in EFFECT_COLUMNS + GREEDY_COLUMNS if getattr(self, c) is not None}
-        if given and not all(c in given for c in EFFECT_COLUMNS):
+        given = {c: getattr(self, c) for group in OPTIONAL_GROUPS for c in group if getattr(self, c) is not None}
+        if any(c in given for c in GREEDY_COLUMNS + EFFECT_CI_COLUMNS) and not all(c in given for c in EFFECT_COLUMNS):
             raise ValueError("a causal DetectionTable needs both effect_on and effect_off")
-        if any(c in given for c in GREEDY_COLUMNS) and not all(c in given for c in GREEDY_COLUMNS):
-            raise ValueError("a greedy DetectionTable needs both greedy_on and greedy_off")
+        for group in OPTIONAL_GROUPS:
+            if any(c in given for c in group) and not all(c in given for c in group):
+                raise ValueError(f"a DetectionTable with {group[0]} needs all of {', '.join(group)}")
         for c, v in given.items():
-            a = np.asarray(v, dtype=np.float64 if c in EFFECT_COLUMNS else np.int64).reshape(-1)
+            a = np.asarray(v, dtype=np.float64 if c in FLOAT_COLUMNS else np.int64).reshape(-1)
             if a.shape != (n,):
                 raise ValueError(f"DetectionTable column {c} has {a.size} values for {n} rows")
-            if c in EFFECT_COLUMNS and np.isinf(a).any():
+            if c in FLOAT_COLUMNS and np.isinf(a).any():
                 raise ValueError(f"DetectionTable column {c} must be finite or NaN")
             out[c] = a
         return out
@@ -162,9 +179,10 @@ class DetectionTable:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_counts(cls, counts_1: np.ndarray, counts_2: np.ndarray, n_tokens_1: int, n_tokens_2: int,
-                    layers: list[int], meta: dict[str, Any] | None = None) -> "DetectionTable":
+                    layers: list[int], meta: dict[str, Any] | None = None, intervals=None) -> "DetectionTable":
         """counts_b: int [len(layers), n_expert], how many behavior-b target tokens selected
-        each expert in each layer; n_tokens_b: the number of those tokens (d = n_tokens - a)."""
+        each expert in each layer; n_tokens_b: the number of those tokens (d = n_tokens - a).
+        intervals: a confidence.Intervals of the risk differences, layer-major like counts."""
         c1, c2 = np.asarray(counts_1, dtype=np.int64), np.asarray(counts_2, dtype=np.int64)
         if c1.ndim != 2 or c1.shape != c2.shape:
             raise ValueError(f"counts must be two equal 2-D arrays, got {c1.shape} and {c2.shape}")
@@ -179,7 +197,8 @@ class DetectionTable:
         layer = np.repeat(np.asarray(layers, dtype=np.int64), n_expert)
         expert = np.tile(np.arange(n_expert, dtype=np.int64), len(layers))
         a1, a2 = c1.reshape(-1), c2.reshape(-1)
-        return cls(layer, expert, a1, n_tokens_1 - a1, a2, n_tokens_2 - a2, dict(meta or {}))
+        ci = {} if intervals is None else {"rd_lo": intervals.lo, "rd_hi": intervals.hi, "rd_conf": intervals.conf}
+        return cls(layer, expert, a1, n_tokens_1 - a1, a2, n_tokens_2 - a2, dict(meta or {}), **ci)
 
     # ---- shape -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -219,15 +238,17 @@ class DetectionTable:
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write atomically: an error or Ctrl-C never leaves a partial table."""
         causal, greedy = self.effect_on is not None, self.greedy_on is not None
-        header = CSV_COLUMNS + ((*EFFECT_COLUMNS, "effect") if causal else ()) + (GREEDY_COLUMNS if greedy else ())
+        floats = [c for c in RD_CI_COLUMNS + EFFECT_COLUMNS + EFFECT_CI_COLUMNS if getattr(self, c) is not None]
+        if causal:
+            floats.insert(floats.index("effect_off") + 1, "effect")
+        header = CSV_COLUMNS + tuple(floats) + (GREEDY_COLUMNS if greedy else ())
         lines = _meta_line(self.meta) + [",".join(header)]
-        eff = self.effect
+        cells = [self.effect if c == "effect" else getattr(self, c) for c in floats]
         for i in range(len(self)):
             line = (f"{self.layer[i]},{self.expert[i]},{self.a1[i]},{self.d1[i]},{self.a2[i]},{self.d2[i]},"
                     f"{self.p1[i]:.6f},{self.p2[i]:.6f},{self.risk_diff[i]:.6f}")
-            if causal:  # unmeasured: empty cells
-                line += "".join("," + ("" if np.isnan(v) else f"{v:.6f}")
-                                for v in (self.effect_on[i], self.effect_off[i], eff[i]))
+            # not measured / not computed: empty cells
+            line += "".join("," + ("" if np.isnan(col[i]) else f"{col[i]:.6f}") for col in cells)
             if greedy:
                 line += f",{self.greedy_on[i]},{self.greedy_off[i]}"
             lines.append(line)
@@ -265,7 +286,7 @@ class DetectionTable:
             raise SteerError(f"{path}:{hline}: missing column(s) {', '.join(missing)} "
                              f"(a detection table needs {', '.join(COUNT_COLUMNS)})")
         values: dict[str, list[int]] = {c: [] for c in COUNT_COLUMNS}
-        extra = [c for c in EFFECT_COLUMNS + GREEDY_COLUMNS if c in index]
+        extra = [c for group in OPTIONAL_GROUPS for c in group if c in index]
         for group in (EFFECT_COLUMNS, GREEDY_COLUMNS):
             have = [c for c in group if c in index]
             if have and len(have) != len(group):
@@ -313,14 +334,17 @@ class DetectionTable:
             layer, expert = next((layer, e) for layer in layers for e in range(n_expert) if (layer, e) not in seen)
             raise SteerError(f"{path}: missing row for layer {layer} expert {expert} ({n_missing} missing in all: "
                              f"the table needs experts 0..{n_expert - 1} for each of its {len(layers)} layers)")
-        cols = {c: np.asarray(v, dtype=np.float64 if c in EFFECT_COLUMNS else np.int64)
+        cols = {c: np.asarray(v, dtype=np.float64 if c in FLOAT_COLUMNS else np.int64)
                 for c, v in extra_values.items()}
-        return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path}, **cols)
+        try:
+            return cls(*(np.asarray(values[c], dtype=np.int64) for c in COUNT_COLUMNS), meta={"table": path}, **cols)
+        except ValueError as e:  # a partial group of optional columns
+            raise SteerError(f"{path}:{hline}: {str(e).replace('a DetectionTable', 'a table')}") from None
 
     # ---- profile rule ------------------------------------------------------------------
     def make_profile(self, info_or_k: ModelInfo | int, activate: int, deactivate: int = 0, reverse: bool = False,
                      eps: float = 0.01, name: str = "profile", provenance: dict[str, Any] | None = None,
-                     deactivate_per_layer: int = 0) -> Profile:
+                     deactivate_per_layer: int = 0, min_confidence: float | None = None) -> Profile:
         """design.md's rule. activate N: walk the ranking, take experts with risk_diff > 0,
         at most k per layer (an expert over the cap is skipped, the walk goes on), until N.
         deactivate M: the first M experts with risk_diff < 0; each layer must keep >= k.
@@ -330,8 +354,12 @@ class DetectionTable:
         info_or_k: a ModelInfo binds the profile to that model; a bare k gives a profile
         that carries only the table's shape (n_expert) and k.
         deactivate_per_layer N (instead of deactivate): the N best-ranked experts to deactivate in
-        every MoE layer, the uniform form that `bake --method prune` can write into a file."""
+        every MoE layer, the uniform form that `bake --method prune` can write into a file.
+        min_confidence C: skip experts whose bootstrap confidence (the share of resamples of the
+        pairs in which the statistic the rule uses has the estimate's sign) is below C; 0.975
+        is about "the 95% interval excludes 0". The walk goes on past them."""
         k, ref = self._model_ref(info_or_k)
+        min_conf = self._check_min_confidence(min_confidence)
         for what, v in (("activate", activate), ("deactivate", deactivate),
                         ("deactivate_per_layer", deactivate_per_layer)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -348,7 +376,7 @@ class DetectionTable:
         rules: list[ExpertRule] = []
         per_layer: dict[int, int] = {}
         if activate:
-            for i in self._walk("activate", reverse):
+            for i in self._walk("activate", reverse, min_conf):
                 layer = int(self.layer[i])
                 if per_layer.get(layer, 0) >= k:
                     continue
@@ -357,17 +385,18 @@ class DetectionTable:
                 if len(rules) == activate:
                     break
             if len(rules) < activate:
-                raise SteerError(f"activate {activate}: only {len(rules)} experts with {self._why('activate')} toward "
-                                 f"{direction} can be activated (at most k={k} per layer)")
+                raise SteerError(f"activate {activate}: only {len(rules)} experts with "
+                                 f"{self._why('activate', min_conf)} toward {direction} can be activated "
+                                 f"(at most k={k} per layer)")
         if deactivate:
             # a causal table can show an expert helping both when forced on and forced off
             # (effects are measured one at a time): one taken to activate is not deactivated too
             taken = {(r.layer, r.expert) for r in rules}
-            neg = [i for i in self._walk("deactivate", reverse)
+            neg = [i for i in self._walk("deactivate", reverse, min_conf)
                    if (int(self.layer[i]), int(self.expert[i])) not in taken]
             if len(neg) < deactivate:
-                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have {self._why('deactivate')} "
-                                 f"toward {direction}")
+                raise SteerError(f"deactivate {deactivate}: only {len(neg)} experts have "
+                                 f"{self._why('deactivate', min_conf)} toward {direction}")
             n_expert = ref.n_expert if ref.n_expert is not None else self.n_expert
             off: dict[int, int] = {}
             for i in neg[:deactivate]:
@@ -379,7 +408,7 @@ class DetectionTable:
                     raise SteerError(f"deactivate {deactivate}: layer {layer} would lose {c} of its {n_expert} experts, "
                                      f"leaving {n_expert - c}, fewer than k={k}")
         if deactivate_per_layer:
-            rules += self._per_layer_off(info_or_k, deactivate_per_layer, reverse, rd, k, rules)
+            rules += self._per_layer_off(info_or_k, deactivate_per_layer, reverse, rd, k, rules, min_conf)
         prov: dict[str, Any] = {"method": self.method, "dataset": self.meta.get("dataset"),
                                 "pairs": self.meta.get("pairs"), "activate": int(activate),
                                 "deactivate": int(deactivate), "reverse": bool(reverse)}
@@ -387,11 +416,15 @@ class DetectionTable:
             prov["deactivate_per_layer"] = int(deactivate_per_layer)
         if self.meta.get("table"):
             prov["table"] = self.meta["table"]
+        if min_confidence is not None:
+            prov["min_confidence"] = float(min_confidence)
+        if self.verdict:
+            prov["verdict"] = self.verdict
         prov.update(provenance or {})
         return Profile(model=ref, experts=rules, eps=float(eps), name=name, provenance=prov)
 
     def _per_layer_off(self, info_or_k: ModelInfo | int, n: int, reverse: bool, rd: np.ndarray, k: int,
-                       taken_rules: list[ExpertRule]) -> list[ExpertRule]:
+                       taken_rules: list[ExpertRule], min_conf: float | None = None) -> list[ExpertRule]:
         layers = list(info_or_k.moe_layers) if isinstance(info_or_k, ModelInfo) else sorted({int(x) for x in self.layer})
         n_expert = info_or_k.n_expert if isinstance(info_or_k, ModelInfo) else self.n_expert
         if n_expert - n < k:
@@ -399,43 +432,97 @@ class DetectionTable:
                              f"fewer than k={k}")
         taken = {(r.layer, r.expert) for r in taken_rules}
         by_layer: dict[int, list[int]] = {il: [] for il in layers}
-        for i in self._walk("deactivate", reverse):
+        for i in self._walk("deactivate", reverse, min_conf):
             il = int(self.layer[i])
             if il in by_layer and len(by_layer[il]) < n and (il, int(self.expert[i])) not in taken:
                 by_layer[il].append(int(i))
         short = [il for il, rows in by_layer.items() if len(rows) < n]
         if short:
             raise SteerError(f"deactivate_per_layer {n}: layers {','.join(map(str, short))} have fewer than {n} "
-                             f"experts with {self._why('deactivate')}")
+                             f"experts with {self._why('deactivate', min_conf)}")
         return [ExpertRule(il, int(self.expert[i]), "deactivate", float(rd[i]))
                 for il in layers for i in by_layer[il]]
 
-    def _walk(self, action: str, reverse: bool) -> np.ndarray:
+    def _walk(self, action: str, reverse: bool, min_conf: float | None = None) -> np.ndarray:
         """Row indices eligible for `action` toward the chosen behavior, best first.
         risk_diff: the ranking's rows with risk_diff > 0 (activate) or < 0 (deactivate).
         causal: rows whose own forcing moved the margin toward the behavior, by that move's
         effect (effect_on to activate, effect_off to deactivate): the effect of the action
         taken, not of its opposite. causal-greedy: the moves the greedy search took, in its
-        order."""
+        order. min_conf: only rows whose bootstrap confidence reaches it."""
         sign = -1.0 if reverse else 1.0
         if self.method == "risk_diff":
             rd = sign * self.risk_diff
-            return np.flatnonzero(rd > 0 if action == "activate" else rd < 0)  # keeps ranking order
-        if self.method == "causal-greedy":
+            idx = np.flatnonzero(rd > 0 if action == "activate" else rd < 0)  # keeps ranking order
+        elif self.method == "causal-greedy":
             step = sign * (self.greedy_on if action == "activate" else self.greedy_off)
             idx = np.flatnonzero(step > 0)
-            return idx[np.argsort(step[idx], kind="stable")]
-        v = sign * (self.effect_on if action == "activate" else self.effect_off)
-        idx = np.flatnonzero(np.nan_to_num(v, nan=0.0) > 0)
-        key = np.round(v[idx], _RANK_DECIMALS)
-        return idx[np.lexsort((self.expert[idx], self.layer[idx], -key))]
+            idx = idx[np.argsort(step[idx], kind="stable")]
+        else:
+            v = sign * (self.effect_on if action == "activate" else self.effect_off)
+            idx = np.flatnonzero(np.nan_to_num(v, nan=0.0) > 0)
+            key = np.round(v[idx], _RANK_DECIMALS)
+            idx = idx[np.lexsort((self.expert[idx], self.layer[idx], -key))]
+        if min_conf is not None:
+            conf = self.interval_of(action)[2]
+            idx = idx[np.nan_to_num(conf[idx], nan=0.0) >= min_conf]
+        return idx
 
-    def _why(self, action: str) -> str:
+    # ---- uncertainty -------------------------------------------------------------------
+    @property
+    def verdict(self) -> str | None:
+        """detect's verdict on the table (confidence.Trust.verdict), if it recorded one."""
+        trust = self.meta.get("trust")
+        v = trust.get("verdict") if isinstance(trust, dict) else None
+        return v if isinstance(v, str) else None
+
+    def interval_of(self, action: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lo, hi, conf) of the statistic a rule of `action` is chosen by: risk_diff, or a
+        causal table's effect_on (activate) / effect_off (deactivate). NaN where not computed."""
         if self.method == "risk_diff":
-            return "risk_diff > 0" if action == "activate" else "risk_diff < 0"
+            cols = RD_CI_COLUMNS
+        else:
+            cols = EFFECT_CI_COLUMNS[:3] if action == "activate" else EFFECT_CI_COLUMNS[3:]
+        got = [getattr(self, c) for c in cols]
+        if any(c is None for c in got):
+            nan = np.full(len(self), np.nan)
+            return nan, nan, nan
+        return got[0], got[1], got[2]
+
+    @property
+    def has_intervals(self) -> bool:
+        return not np.isnan(self.interval_of("activate")[2]).all()
+
+    def crossing_zero(self, rules: list[ExpertRule]) -> list[tuple[ExpertRule, float, float]]:
+        """The rules whose expert's 95% interval (of the statistic the rule was chosen by)
+        contains 0, with that interval: the data cannot tell their sign."""
+        where = {(int(la), int(e)): i for i, (la, e) in enumerate(zip(self.layer, self.expert))}
+        out = []
+        for r in rules:
+            lo, hi, _ = self.interval_of(r.action)
+            i = where.get((r.layer, r.expert))
+            if i is not None and not np.isnan(lo[i]) and lo[i] <= 0 <= hi[i]:
+                out.append((r, float(lo[i]), float(hi[i])))
+        return out
+
+    def _check_min_confidence(self, c: float | None) -> float | None:
+        if c is None:
+            return None
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
+            raise SteerError(f"min_confidence: must be a number in 0..1, got {c!r}")
+        if not self.has_intervals:
+            src = self.meta.get("table") or "the detection table"
+            raise SteerError(f"{src}: has no confidence columns (detected without a bootstrap, or before they "
+                             f"existed): run detect again to use a minimum confidence")
+        return float(c)
+
+    def _why(self, action: str, min_conf: float | None = None) -> str:
+        conf = "" if min_conf is None else f" and confidence >= {min_conf:g}"
+        if self.method == "risk_diff":
+            return ("risk_diff > 0" if action == "activate" else "risk_diff < 0") + conf
         if self.method == "causal-greedy":
-            return f"a greedy step ({'on' if action == 'activate' else 'off'})"
-        return f"an effect when forced {'on' if action == 'activate' else 'off'}"
+            return f"a greedy step ({'on' if action == 'activate' else 'off'}){conf}"
+        return f"an effect when forced {'on' if action == 'activate' else 'off'}{conf}"
 
     def _model_ref(self, info_or_k: ModelInfo | int) -> tuple[int, ModelRef]:
         if not len(self):
@@ -467,19 +554,38 @@ class DetectionTable:
 
 # ---- what `steer-gguf detect` shows ----------------------------------------------------------
 def summary(table: DetectionTable, output: str, seconds: float, n_top: int) -> str:
-    """A risk-difference table's summary: its size, its concentration, its top rows."""
+    """A risk-difference table's summary: its size, its concentration, its top rows with their
+    intervals, the null and stability, and the verdict last, where it is read."""
     lines = [f"{table.meta.get('pairs')} pairs, {len(table)} (layer, expert) rows -> {output} ({seconds:.1f} s)",
              f"signal concentration: {table.concentration()} experts hold half of the total |risk_diff|"]
+    ci = table.rd_lo is not None
     if n_top:
-        lines.append("  rank layer expert   p1      p2      risk_diff")
+        lines.append("  rank layer expert   p1      p2      risk_diff" + ("  95% interval       conf" if ci else ""))
         for i, r in enumerate(table.top(n_top)):
-            lines.append(f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}")
+            line = f"  {i + 1:4d} {r.layer:5d} {r.expert:6d}   {r.p1:.4f}  {r.p2:.4f}  {r.risk_diff:+.4f}"
+            if ci:
+                line += f"    [{table.rd_lo[i]:+.3f}, {table.rd_hi[i]:+.3f}]  {table.rd_conf[i]:.3f}"
+            lines.append(line)
+    trust = table.meta.get("trust")
+    if trust:
+        null, stab = trust["null"], trust["stability"]
+        # a 48-layer model would fill the screen: the 8 layers furthest beyond their null, the rest in meta
+        ratio = [o / t if t > 0 else float("inf") for o, t in zip(null["observed_max"], null["threshold"])]
+        show = sorted(sorted(range(len(ratio)), key=lambda j: -ratio[j])[:8])
+        layers = table.layers
+        shown = ", ".join(f"layer {layers[j]} {null['observed_max'][j]:.3f}/{null['threshold'][j]:.3f}" for j in show)
+        more = f" (+{len(ratio) - len(show)} layers in the table's metadata)" if len(ratio) > len(show) else ""
+        lines.append(f"permutation null ({null['permutations']} pair swaps), {null['beyond']} experts beyond: max "
+                     f"|risk_diff| / null {int(100 * null['quantile'])}th pct: {shown}{more}")
+        lines.append(f"split-half stability ({stab['splits']} splits): "
+                     + ", ".join(f"top-{n} {v:.1f}/{n}" for n, v in stab["overlap"].items()))
+        lines.append(f"verdict: {trust['verdict']}")
     return "\n".join(lines)
 
 
 def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
     """An effect (empty: not measured, NaN) or a greedy step (an integer)."""
-    if column in EFFECT_COLUMNS:
+    if column in FLOAT_COLUMNS:
         if not cell:
             return math.nan
         try:
@@ -500,7 +606,7 @@ def _parse_extra(path: str, line: int, column: str, cell: str) -> float:
 # the table with comment="#"); SteerMoE's count CSVs have none
 META_PREFIX = "# steer-gguf.detect/1 "
 _META_TYPES = {"architecture": str, "fingerprint": str, "n_layer": int, "n_expert": int, "n_expert_used": int,
-               "dataset": str, "pairs": int}
+               "dataset": str, "pairs": int, "trust": dict}
 
 
 def _meta_line(meta: dict[str, Any]) -> list[str]:
@@ -568,13 +674,29 @@ def target_rows(llm, messages: list[dict], target: str) -> tuple[list[int], tupl
     return toks, locate_target_text(text, target.encode("utf-8").decode("latin-1"), offsets)
 
 
-def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
-           on_progress=None) -> DetectionTable:
+def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False, on_progress=None,
+           bootstrap: int = DEFAULT_BOOTSTRAP,
+           permutations: int = DEFAULT_PERMUTATIONS, splits: int = DEFAULT_SPLITS, seed: int = 0) -> DetectionTable:
     """Risk-difference table of a model on a PairSet: prefill both conversations of every
     pair (many per batch; never generation) and count, per MoE layer and expert, how often
-    the target tokens of behavior 1 and of behavior 2 were routed to it.
+    the target tokens of behavior 1 and of behavior 2 were routed to it. With bootstrap > 0
+    the table carries per-expert 95% intervals over pairs and meta["trust"] the permutation
+    null, split-half stability and the verdict (detect/confidence.py); bootstrap=0: neither.
 
     on_progress(done_conversations, total_conversations, target_tokens) is called per batch."""
+    pc, meta = pair_counts(llm, pairs, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=on_progress)
+    c1, c2, n1, n2 = pc.totals()
+    if not bootstrap:
+        return DetectionTable.from_counts(c1, c2, n1, n2, pc.layers, meta)
+    trust = assess(pc, llm.info.n_expert_used, bootstrap, permutations, splits, seed)
+    return DetectionTable.from_counts(c1, c2, n1, n2, pc.layers, dict(meta, trust=trust.to_meta()),
+                                      intervals=trust.intervals)
+
+
+def pair_counts(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False, on_progress=None):
+    """The routing counts of every usable pair, kept per pair (confidence.PairCounts) so that
+    intervals, the null and stability can resample pairs; and the table's metadata."""
+
     info = llm.info
     seqs, rows, sides = [], [], []
     for pair in pairs:
@@ -597,19 +719,20 @@ def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
     if not seqs:
         raise SteerError(f"{pairs.source}: no usable pairs")
     n_moe = len(info.moe_layers)
-    counts = np.zeros((2, n_moe, info.n_expert), dtype=np.int64)
-    n_tok = [0, 0]
+    # int32: 400 pairs of a 48 x 128-expert model take 39 MB; a count never nears 2^31
+    counts = np.zeros((len(seqs) // 2, 2, n_moe, info.n_expert), dtype=np.int32)
+    n_tok = np.zeros((len(seqs) // 2, 2), dtype=np.int64)
     # chunks of conversations, so progress shows and Ctrl-C lands between batches
     chunk = 64
     for start in range(0, len(seqs), chunk):
         stop = min(len(seqs), start + chunk)
-        for side, ex in zip(sides[start:stop], llm.trace_many(seqs[start:stop], rows[start:stop],
-                                                                batch_tokens=batch_tokens)):
-            accumulate(counts[side], ex)
-            n_tok[side] += ex.shape[0]
+        for j, ex in zip(range(start, stop), llm.trace_many(seqs[start:stop], rows[start:stop],
+                                                            batch_tokens=batch_tokens)):
+            accumulate(counts[j // 2, sides[j]], ex)
+            n_tok[j // 2, sides[j]] += ex.shape[0]
         if on_progress is not None:
             on_progress(stop, len(seqs), sum(len(r) for r in rows[start:stop]))
     meta = {"architecture": info.architecture, "fingerprint": info.fingerprint, "n_layer": info.n_layer,
             "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "dataset": pairs.source,
             "pairs": len(seqs) // 2}
-    return DetectionTable.from_counts(counts[0], counts[1], n_tok[0], n_tok[1], list(info.moe_layers), meta)
+    return PairCounts(counts, n_tok, list(info.moe_layers)), meta

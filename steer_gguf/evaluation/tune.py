@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..detect.confidence import tune_sizes
 from ..errors import SteerError
 from ..profile import Profile
 from .evalsets import EvalSet
@@ -30,12 +31,7 @@ ARMS = ("activate", "deactivate", "both")
 
 
 def default_sizes(info) -> list[int]:
-    top = info.n_expert_used * len(info.moe_layers)
-    sizes, n = [], 1
-    while n < top:
-        sizes.append(n)
-        n *= 2
-    return sizes + [top]
+    return tune_sizes(info.n_expert_used, len(info.moe_layers))
 
 
 @dataclass
@@ -45,6 +41,7 @@ class TuneResult:
     report: EvalReport
     chosen: Profile | None = None
     target: str = ""
+    verdict: str | None = None  # detect's on the table (also in every profile's provenance)
 
 
 def sweep_profiles(table, info, reverse: bool, sizes: list[int], arms: tuple[str, ...] = ARMS,
@@ -103,7 +100,7 @@ def tune(llm, table, eval_set: EvalSet, behavior: Behavior, *, reverse: bool = F
                      "significant": bool(s.effect > 0 and s.p < alpha),
                      "within_kl": max_kl is None or c.kl <= max_kl, "chosen": False})
     ok = [i for i, r in enumerate(rows) if r["significant"] and r["within_kl"]]
-    res = TuneResult(rows, skipped, report, target=target)
+    res = TuneResult(rows, skipped, report, target=target, verdict=table.verdict)
     if ok:
         top = max(rows[i]["effect"] for i in ok)
         reach = [i for i in ok if rows[i]["effect"] >= top - tolerance]
@@ -153,6 +150,7 @@ def sweep_table(res: TuneResult) -> str:
     lines = [f"{res.report.behavior}: toward {res.target}, {res.report.n_items} held-out prompts x "
              f"{res.report.sampling.samples} samples; unsteered {res.target} rate "
              f"{100 * base.counts.get(res.target, 0) / max(1, base.n):.0f}%",
+             *([f"detection: {res.verdict}"] if res.verdict else []),
              f"{'point':<22} {'on/off':>7} {res.target + ' rate':>14} {'effect':>7} {'p':>9} {'KL':>8}  "]
     for r in res.points:
         mark = "  <- chosen" if r["chosen"] else ("" if r["within_kl"] else "  (over KL budget)")
@@ -177,7 +175,7 @@ def work_units(table, info, eval_set: EvalSet, sampling: Sampling, reverse: bool
 def to_json(res: TuneResult, alpha: float, max_kl: float | None) -> str:
     """The sweep, every point, as `tune --json` writes it."""
     return json.dumps({"format": "steer-gguf.tune/1", "target": res.target, "alpha": alpha, "max_kl": max_kl,
-                       "points": res.points, "skipped": res.skipped, "report": res.report.to_dict()}, indent=1) + "\n"
+                       "verdict": res.verdict, "points": res.points, "skipped": res.skipped, "report": res.report.to_dict()}, indent=1) + "\n"
 
 
 def chosen_summary(res: TuneResult, output: str) -> str:

@@ -29,6 +29,13 @@ class _Group(click.Group):
         except BrokenPipeError:
             sys.exit(1)
 
+    def resolve_command(self, ctx, args):
+        # `detect compare A B` is a command of its own, while `detect MODEL ...` stays as it was
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name == "detect" and rest[:1] == ["compare"]:
+            return "detect compare", detect_compare, rest[1:]
+        return name, cmd, rest
+
 
 def llama_options(f):
     """The llama.cpp options every model-loading command takes."""
@@ -264,7 +271,11 @@ def profile_validate(path, model, force):
 @click.option("--eps", type=float, default=0.01, show_default=True)
 @click.option("--name", help="profile name (default: the output file's name)")
 @click.option("--output", "-o", required=True, type=click.Path(), help="profile JSON to write")
-def profile_make(table, model, k, activate, deactivate, deactivate_per_layer, reverse, eps, name, output):
+@click.option("--min-confidence", type=float, default=None,
+              help="skip experts whose bootstrap confidence in their sign is below C (0.975: about 'the 95%% "
+                   "interval excludes 0')")
+def profile_make(table, model, k, activate, deactivate, deactivate_per_layer, reverse, eps, name, output,
+                 min_confidence):
     """Make a profile from a detection table (ours, or SteerMoE's count columns)."""
     from ..detect.risk import DetectionTable
     from ..model import model_info
@@ -275,10 +286,27 @@ def profile_make(table, model, k, activate, deactivate, deactivate_per_layer, re
     t = DetectionTable.from_csv(table)
     target = model_info(model) if model else k
     name = name or os.path.splitext(os.path.basename(output))[0]
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise SteerError(f"--min-confidence must lie in 0..1, got {min_confidence}")
     p = t.make_profile(target, activate=activate, deactivate=deactivate, reverse=reverse, eps=eps, name=name,
-                       provenance={"table": os.path.basename(table)}, deactivate_per_layer=deactivate_per_layer)
+                       provenance={"table": os.path.basename(table)}, deactivate_per_layer=deactivate_per_layer,
+                       min_confidence=min_confidence)
     p.save(output)
     click.echo(f"{output}: {p.summary()}")
+    _warn_uncertain(t, p)
+
+
+def _warn_uncertain(t, p) -> None:
+    """What the table says about the profile's experts: the verdict, and those whose
+    interval crosses 0."""
+    if t.verdict:
+        click.echo(f"detection: {t.verdict}")
+    weak = t.crossing_zero(p.experts)
+    if weak:
+        shown = ", ".join(f"layer {r.layer} expert {r.expert} [{lo:+.3f}, {hi:+.3f}]" for r, lo, hi in weak[:5])
+        more = f" and {len(weak) - 5} more" if len(weak) > 5 else ""
+        click.echo(f"warning: {len(weak)} of the {len(p.experts)} experts have a 95% interval that crosses 0: "
+                   f"{shown}{more}; --min-confidence 0.975 refuses them", err=True)
 
 
 # ---- bake ------------------------------------------------------------------------------------------
@@ -329,6 +357,19 @@ def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out
 
 
 # ---- detection and statistics ----------------------------------------------------------------------
+def _trust_options(f):
+    """How detect measures its own uncertainty (detect/confidence.py)."""
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="seed of the bootstrap, the permutations and the splits")(f)
+    f = click.option("--splits", type=int, default=20, show_default=True,
+                     help="random halvings of the pairs for split-half stability")(f)
+    f = click.option("--permutations", type=int, default=1000, show_default=True,
+                     help="pair swaps for the permutation null")(f)
+    f = click.option("--bootstrap", type=int, default=1000, show_default=True,
+                     help="resamples of the pairs for each expert's 95%% interval")(f)
+    return f
+
+
 @main.command()
 @_model_arg()
 @click.option("--pairs", required=True, help="pair dataset: a JSONL file or builtin:NAME")
@@ -354,11 +395,15 @@ def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out
 @click.option("--plot", type=click.Path(), help="also draw the table as a layers x experts heatmap (PNG)")
 @click.option("--plot-pick", type=click.IntRange(min=0), default=10, show_default=True,
               help="outline the experts `profile make --activate N` would pick")
+@_trust_options
 @llama_options
 def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, method, candidates, greedy_steps,
-           greedy_pool, margin_tokens, plot, plot_pick, **kw):
+           greedy_pool, margin_tokens, plot, plot_pick, bootstrap, permutations, splits, seed, **kw):
     """Find behavior-linked experts: risk difference of routing on paired examples, or the
-    measured effect of forcing each expert (--method causal)."""
+    measured effect of forcing each expert (--method causal). Each expert gets a 95% interval
+    over pairs; a permutation null and split-half stability give the verdict printed last.
+
+    `steer-gguf detect compare A.csv B.csv [--plot OUT.png]`: how far tables agree."""
     import time
 
     from ..detect.causal import causal_detect
@@ -380,12 +425,15 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
         raise SteerError("--candidates and --margin-tokens need --method causal or causal-greedy")
     if method != "causal-greedy" and (greedy_steps is not None or greedy_pool is not None):
         raise SteerError("--greedy-steps and --greedy-pool need --method causal-greedy")
+    for name, v in (("bootstrap", bootstrap), ("permutations", permutations), ("splits", splits)):
+        _nonneg(name, v, 1)
+    trust = {"bootstrap": bootstrap, "permutations": permutations, "splits": splits, "seed": seed}
     ps = load_pairs(pairs, skip_bad=skip_bad, max_pairs=max_pairs)
     llm = open_model(model, None, **kw)
     t0 = time.perf_counter()
     if method == "risk_diff":
         with prefill_bar(2 * len(ps)) as progress:
-            table = run_detect(llm, ps, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress)
+            table = run_detect(llm, ps, batch_tokens=batch_tokens, skip_bad=skip_bad, on_progress=progress, **trust)
         _warn_skipped(ps.skipped)
         if ps.skipped:
             click.echo(f"warning: {len(ps.skipped)} bad lines or pairs skipped", err=True)
@@ -396,7 +444,7 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
             res = causal_detect(llm, ps, candidates=candidates,
                                 greedy_steps=(greedy_steps or 8) if method == "causal-greedy" else 0,
                                 greedy_pool=greedy_pool or 32, batch_tokens=batch_tokens, skip_bad=skip_bad,
-                                margin_tokens=margin_tokens, on_progress=progress)
+                                margin_tokens=margin_tokens, on_progress=progress, **trust)
         _warn_skipped(ps.skipped)
         res.table.to_csv(output)
         click.echo(causal_summary(res, output, time.perf_counter() - t0, n_top))
@@ -405,6 +453,32 @@ def detect(model, pairs, output, max_pairs, batch_tokens, skip_bad, n_top, metho
 
         detection_plot(output, plot, plot_pick, llm.info)
         click.echo(f"heatmap -> {plot}")
+
+
+@click.command("detect compare", context_settings=CONTEXT)
+@click.argument("table_a", type=click.Path())
+@click.argument("tables", nargs=-1, required=True, type=click.Path())
+@click.option("--sizes", help="top-N sizes to compare, e.g. 1,2,4,8  [default: the sizes tune sweeps]")
+@click.option("--plot", type=click.Path(), help="scatter of risk differences and the top-N overlap (PNG)")
+def detect_compare(table_a, tables, sizes, plot):
+    """Agreement of detection tables of one model: A against each of B...: two quantizations,
+    two pair sets, or a SteerMoE count CSV (layer, expert, a1, a2, d1, d2) against ours."""
+    from ..detect.compare import compare
+    from ..detect.risk import DetectionTable
+
+    size_list = _int_list("sizes", sizes) if sizes else None
+    _outputs(plot=plot)
+    a = DetectionTable.from_csv(table_a)
+    results = [compare(a, DetectionTable.from_csv(b), table_a, b, size_list) for b in tables]
+    for i, c in enumerate(results):
+        if i:
+            click.echo("")
+        click.echo("\n".join(c.lines()))
+    if plot:
+        from .plots import compare_plot
+
+        compare_plot(results, plot)
+        click.echo(f"plot -> {plot}")
 
 
 def _warn_skipped(skipped: list[str]) -> None:

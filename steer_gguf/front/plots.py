@@ -200,3 +200,42 @@ def usage_plot(stats: dict, path: str) -> None:
     ax.set_title(f"expert usage share: {stats['model']}")
     fig.colorbar(im, ax=ax)
     save(fig, path)
+
+
+def compare_plot(comparisons: list, path: str) -> None:
+    """`detect compare --plot`: each pair of tables as a scatter of risk differences (one point
+    per expert; filled where significant in both, hollow otherwise), the diagonal of perfect
+    agreement, and the top-N overlap beside it. Several comparisons: one panel each."""
+    plt = pyplot()
+    n = len(comparisons)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.2 * cols, 6.2 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.1] * rows})
+    for j in range(n, rows * cols):  # empty cells of the last row
+        axes[2 * (j // cols)][j % cols].set_visible(False)
+        axes[2 * (j // cols) + 1][j % cols].set_visible(False)
+    for j, c in enumerate(comparisons):
+        row, col = 2 * (j // cols), j % cols
+        ax = axes[row][col]
+        lim = max(0.05, float(np.abs(np.r_[c.a, c.b]).max()) * 1.08)
+        ax.plot([-lim, lim], [-lim, lim], color="#999999", lw=0.8, zorder=0)
+        both = c.sig_a & c.sig_b if c.sig_a is not None and c.sig_b is not None else np.zeros(c.a.size, bool)
+        ax.scatter(c.a[~both], c.b[~both], s=14, facecolors="none", edgecolors="#1f77b4", lw=0.8,
+                   label="not significant in both")
+        ax.scatter(c.a[both], c.b[both], s=14, color="#d62728", label="significant in both")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"risk_diff, {c.names[0]}")
+        ax.set_ylabel(f"risk_diff, {c.names[1]}")
+        ax.set_title(f"Spearman {c.spearman:+.3f}", fontsize=10)
+        if j == 0:
+            ax.legend(fontsize=7, loc="upper left")
+        bx = axes[row + 1][col]
+        sizes = list(c.overlap)
+        bx.bar(range(len(sizes)), [c.overlap[s] / s for s in sizes], color="#2ca02c")
+        bx.set_xticks(range(len(sizes)), [f"top-{s}" for s in sizes], fontsize=8)
+        bx.set_ylim(0, 1.05)
+        bx.set_ylabel("overlap share")
+    save(fig, path)
