@@ -254,6 +254,7 @@ class BatchEngine:
             last[sid] = n - 1
         b.n_tokens = n
         self._record(any(s.req.trace for s in active.values()))
+        self.llm.govern(self.ctx.ctx)
         rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise SteerError(f"llama_decode failed while generating (code {rc})")

@@ -14,6 +14,7 @@ from ..model import DIFFUSION, ModelInfo, model_info
 from ..profile import Profile, as_profile
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
+from .threads import ThreadGovernor, physical_cores
 from .tracing import Tracing
 
 ENGINES = ("graph", "hook")
@@ -38,6 +39,13 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
             raise SteerError(f"{model_path}: {self.info.architecture} is a diffusion language model, which llama.cpp "
                              f"runs without KV memory; steer-gguf's generation and tracing need it (not supported)")
         llama_kwargs.setdefault("verbose", False)
+        # no thread count given: as many as the cores other processes leave free, per decode
+        # (engine/threads.py); a count given is kept as given
+        self.governor: ThreadGovernor | None = None
+        if llama_kwargs.get("n_threads") is None and llama_kwargs.get("n_threads_batch") is None:
+            n = physical_cores()
+            llama_kwargs["n_threads"] = llama_kwargs["n_threads_batch"] = n
+            self.governor = ThreadGovernor(n, n)
         if "n_ctx" in llama_kwargs and llama_kwargs["n_ctx"] is None:
             # None: the model's own training context, capped where the KV cache gets large
             llama_kwargs["n_ctx"] = min(4096, self.info.n_ctx_train or 4096)
@@ -103,6 +111,15 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
 
     def _locked(self, make):
         return self.lock.hold_while(make)
+
+    def eval(self, tokens) -> None:
+        self.govern(self._ctx.ctx)
+        super().eval(tokens)
+
+    def govern(self, ctx) -> None:
+        """Before a decode on any context of this model: the thread counts for now."""
+        if self.governor is not None:
+            self.governor.apply(ctx)
 
     def _init_sampler(self, *args, **kwargs):
         # llama.cpp hands back NULL for a grammar it cannot parse, and llama-cpp-python puts

@@ -64,6 +64,7 @@ class Tracing:
                     chunk = toks[i:i + self.n_batch]
                     # every traced token is an output, so the last layer computes all rows
                     self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+                    self.govern(self._ctx.ctx)
                     self._ctx.decode(self._batch)
                 rec = self._observer.take()
                 err = self._observer.error
@@ -208,6 +209,7 @@ class _TraceContext:
         if detach:
             self.obs.detach(self.ptr)
         try:
+            self.llm.govern(self.ctx.ctx)
             rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         finally:
             self.obs.record = True

@@ -44,7 +44,8 @@ def llama_options(f):
     f = click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="layers to offload to the GPU (-1: all)")(f)
     f = click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads (default: llama.cpp's choice)")(f)
+                     help="CPU threads, kept fixed  [default: the physical cores other processes leave "
+                          "free, re-measured while it runs]")(f)
     f = click.option("--engine", type=click.Choice(["graph", "hook"]), default="graph", show_default=True,
                      help="graph: steering inside llama.cpp's gating; hook: eval-callback oracle")(f)
     f = click.option("--force", is_flag=True, help="apply a profile made for another model of the same shape")(f)
