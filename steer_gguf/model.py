@@ -13,14 +13,25 @@ from .errors import SteerError, printable
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NAMES = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax-after-topk", 4: "sqrt-softplus"}
-# architectures whose gating is fixed in code rather than stored in the file
-GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk", "nemotron_h_moe": "sigmoid"}
+# architectures whose graph fixes the gating function in code (src/models/*.cpp, the gating
+# argument of build_moe_ffn), whatever the file's expert_gating_func says
+GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk", "nemotron_h_moe": "sigmoid",
+                  "nemotron_h": "sigmoid", "mimo2": "sigmoid",
+                  **{a: "softmax" for a in (
+                      "arctic", "bailingmoe", "dbrx", "deepseek", "ernie4_5-moe", "gemma4", "granite", "granite_swa",
+                      "granitehybrid", "granitemoe", "grok", "grovemoe", "hunyuan-moe", "jamba", "llada-moe", "llama",
+                      "llama-embed", "maple", "mellum", "minimax-01", "mistral3", "nomic-bert-moe", "olmoe", "phimoe",
+                      "qwen2moe", "qwen35moe", "qwen3moe", "qwen3next", "qwen3vlmoe", "qwen4exp", "rnd1")}}
 # architectures whose graph takes the gating function from the file with no default: llama.cpp
 # aborts the process (llama-graph.cpp, build_moe_ffn) on such a file without the key
 GATING_KEY_REQUIRED = {"dots1", "minimax-m2", "smallthinker"}
 # diffusion language models: llama.cpp runs them without KV memory, which tracing and
 # generation here need
 DIFFUSION = {"llada-moe", "rnd1"}
+# architectures whose graph calls build_moe_ffn twice per layer on one router's logits (grovemoe:
+# its experts, then their groups' adjugate experts): a profile steers those logits, so both calls
+# follow it, and the routing recorder sees every token twice per layer
+ROUTES_TWICE = {"grovemoe"}
 
 
 @dataclass
@@ -37,6 +48,9 @@ class ModelInfo:
     n_shared_expert: int = 0
     has_selection_bias: bool = False     # exp_probs_b (DeepSeek-V3 style)
     has_router_bias: bool = False        # ffn_gate_inp.bias (gpt-oss)
+    # MoE layers whose experts come from a fixed per-token table, not the router (DeepSeek V4's
+    # hash-routed layers, blk.N.ffn_gate_tid2eid): a profile cannot change them
+    fixed_layers: list[int] = field(default_factory=list)
     n_embd: int = 0
     n_ctx_train: int = 0
     fingerprint: str = ""
@@ -72,6 +86,9 @@ class ModelInfo:
                  f"layers        {self.n_layer} ({len(self.moe_layers)} MoE: {layer_ranges(self.moe_layers)})",
                  f"experts       {self.n_expert}, {self.n_expert_used} per token"
                  + (f", {self.n_shared_expert} shared" if self.n_shared_expert else "")]
+        if self.fixed_layers:
+            lines.append(f"hash-routed   layers {layer_ranges(self.fixed_layers)}: experts from a fixed per-token table, "
+                         f"not steerable")
         if self.n_expert_groups > 1:
             lines.append(f"groups        {self.n_expert_groups}, {self.n_group_used} used per token")
         lines += [f"gating        {self.gating}" + (" + selection bias" if self.has_selection_bias else "")
@@ -87,7 +104,7 @@ class ModelInfo:
 
 def layer_ranges(xs: list[int]) -> str:
     """"3..7" for a run of consecutive layers, else "1,4,9"."""
-    if xs and xs == list(range(xs[0], xs[-1] + 1)):
+    if len(xs) > 1 and xs == list(range(xs[0], xs[-1] + 1)):
         return f"{xs[0]}..{xs[-1]}"
     return ",".join(map(str, xs))
 
@@ -247,14 +264,18 @@ def _read_info(path: str, r) -> ModelInfo:
         raise SteerError(f"{path}: truncated GGUF (tensor data needs {end} bytes, file has {size})")
 
     routers: dict[int, object] = {}
+    fixed: set[int] = set()
     sel_bias = router_bias = False
     for t in r.tensors:
         # the selection bias is exp_probs_b.bias in most converters, bare exp_probs_b in hy_v3's
-        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b(?:\.bias)?|ffn_gate_inp\.bias)", t.name)
+        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b(?:\.bias)?|ffn_gate_inp\.bias|"
+                         r"ffn_gate_tid2eid\.weight)", t.name)
         if not m:
             continue
         il = int(m.group(1))
-        if m.group(2) == "ffn_gate_inp.weight":
+        if m.group(2) == "ffn_gate_tid2eid.weight":
+            fixed.add(il)
+        elif m.group(2) == "ffn_gate_inp.weight":
             routers[il] = t
         elif m.group(2).startswith("exp_probs_b"):
             sel_bias = True
@@ -292,6 +313,7 @@ def _read_info(path: str, r) -> ModelInfo:
         n_shared_expert=_int_field(r, path, f"{arch}.expert_shared_count"),
         has_selection_bias=sel_bias,
         has_router_bias=router_bias,
+        fixed_layers=sorted(il for il in fixed if il in routers and il < n_layer),
         n_embd=_int_field(r, path, f"{arch}.embedding_length"),
         n_ctx_train=_int_field(r, path, f"{arch}.context_length"),
         fingerprint=h.hexdigest()[:32],

@@ -612,4 +612,7 @@ def detect(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
     meta = {"architecture": info.architecture, "fingerprint": info.fingerprint, "n_layer": info.n_layer,
             "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "dataset": pairs.source,
             "pairs": len(seqs) // 2}
-    return DetectionTable.from_counts(counts[0], counts[1], n_tok[0], n_tok[1], list(info.moe_layers), meta)
+    # layers routed by a fixed table (hash routing) cannot be steered: left out of the table
+    keep = [j for j, il in enumerate(info.moe_layers) if il not in info.fixed_layers]
+    return DetectionTable.from_counts(counts[0][keep], counts[1][keep], n_tok[0], n_tok[1],
+                                      [info.moe_layers[j] for j in keep], meta)

@@ -47,6 +47,13 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
             super().__init__(model_path=os.fspath(model_path), **llama_kwargs)
         except ValueError as e:
             raise SteerError(f"{model_path}: llama.cpp could not load the model ({e})") from None
+        if not llama_cpp.llama_get_memory(self._ctx.ctx):
+            # encoders (nomic-bert-moe) and diffusion models: no KV cache, which tracing and
+            # generation here need
+            arch = self.info.architecture
+            super().close()
+            raise SteerError(f"{model_path}: llama.cpp runs {arch} without KV memory (an encoder or embedding "
+                             f"model); steer-gguf's generation and tracing need it (not supported)")
         self._fit_arrays_to_context()
         self.engine = engine
         self.force = force

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import SteerError
+from ..model import ROUTES_TWICE
 from ..trace import RoutingTrace
 from .contexts import _native, install_steering, llama_cpp, secondary_context
 
@@ -60,8 +61,11 @@ class Tracing:
             self._observer.record = True
             self._sync_observer()
             try:
-                for i in range(0, len(toks), self.n_batch):
-                    chunk = toks[i:i + self.n_batch]
+                step = self.n_batch
+                if self.info.architecture in ROUTES_TWICE:  # one micro-batch per decode: see _once
+                    step = min(step, self.context_params.n_ubatch)
+                for i in range(0, len(toks), step):
+                    chunk = toks[i:i + step]
                     # every traced token is an output, so the last layer computes all rows
                     self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
                     self._ctx.decode(self._batch)
@@ -117,6 +121,10 @@ class Tracing:
         layers = self.info.moe_layers
         if err:
             raise SteerError(f"routing recorder: {err}")
+        if self.info.architecture in ROUTES_TWICE:
+            step = min(self.n_batch, self.context_params.n_ubatch)
+            sizes = [min(step, len(toks) - i) for i in range(0, len(toks), step)]
+            rec = {il: _once(rec[il], sizes, il) for il in rec}
         missing = [il for il in layers if il not in rec or rec[il][0].shape[0] != len(toks)]
         if missing:
             got = {il: rec[il][0].shape[0] for il in rec}
@@ -126,6 +134,24 @@ class Tracing:
         weights = np.stack([rec[il][1] for il in layers], axis=1).astype(np.float32)
         pieces = [self.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
         return RoutingTrace(np.asarray(toks, dtype=np.int32), list(layers), experts, weights, pieces)
+
+
+def _once(rec: tuple[np.ndarray, np.ndarray], sizes: list[int], il: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer that routes twice on one router's logits (ROUTES_TWICE) records each micro-batch
+    of `sizes` rows twice in a row: keep the first, and hold the second to the same experts
+    (it selects from the same steered logits, so a profile governs both)."""
+    experts, weights = rec
+    if experts.shape[0] != 2 * sum(sizes):
+        return rec  # not the doubled count: left to the caller's row check
+    keep, pos = [], 0
+    for n in sizes:
+        a, b = experts[pos:pos + n], experts[pos + n:pos + 2 * n]
+        if not np.array_equal(np.sort(a, -1), np.sort(b, -1)):
+            raise SteerError(f"routing recorder: layer {il} routes twice and the two selections differ")
+        keep.append(np.arange(pos, pos + n))
+        pos += 2 * n
+    idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    return experts[idx], weights[idx] if weights.shape[0] == experts.shape[0] else weights
 
 
 class RoutingLog:
@@ -157,6 +183,7 @@ class _TraceContext:
         self.n_tok = n_tok
         self.n_seq = max(1, min(64, llama_cpp.llama_max_parallel_sequences()))
         self.ctx, self.ptr = secondary_context(llm, n_tok, self.n_seq, "tracing")
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
         self.obs = _native.Observer(llm.info.n_layer)
         self.obs.record = True
@@ -230,6 +257,8 @@ class _TraceContext:
         if self.obs.error:
             raise SteerError(f"routing recorder: {self.obs.error}")
         layers = self.llm.info.moe_layers
+        if self.llm.info.architecture in ROUTES_TWICE:
+            rec = self._once(rec, b, n)
         per_layer = []
         for il in layers:
             if il not in rec:
@@ -248,6 +277,19 @@ class _TraceContext:
             out_rows = np.asarray([o for _, o in idx], dtype=np.int64)
             result.append(np.stack([e[tok_rows] if kind == "all" else e[out_rows] for kind, e in per_layer], axis=1))
         return result
+
+    def _once(self, rec: dict, b, n: int) -> dict:
+        """Doubled rows (ROUTES_TWICE) back to one per token: llama.cpp splits the batch into
+        consecutive micro-batches of n_ubatch tokens; the last layer records outputs only."""
+        u = self.n_ubatch
+        bounds = [(i, min(n, i + u)) for i in range(0, n, u)]
+        all_rows = [e - s for s, e in bounds]
+        out_rows = [sum(1 for j in range(s, e) if b.logits[j]) for s, e in bounds]
+        fixed = {}
+        for il, r in rec.items():
+            sizes = all_rows if r[0].shape[0] == 2 * n else out_rows
+            fixed[il] = _once(r, sizes, il)
+        return fixed
 
     def close(self) -> None:
         if self.ctx is not None and self.ctx.ctx:
