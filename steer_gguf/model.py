@@ -25,9 +25,21 @@ GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk
 # architectures whose graph takes the gating function from the file with no default: llama.cpp
 # aborts the process (llama-graph.cpp, build_moe_ffn) on such a file without the key
 GATING_KEY_REQUIRED = {"dots1", "minimax-m2", "smallthinker"}
-# diffusion language models: llama.cpp runs them without KV memory, which tracing and
-# generation here need
-DIFFUSION = {"llada-moe", "rnd1"}
+# architectures llama.cpp cannot run the way steer-gguf runs a model (prefill, then decode, on
+# its own): refused before loading, with the reason
+NOT_RUNNABLE = {
+    **{a: "is a diffusion language model, which llama.cpp runs without KV memory; steer-gguf's generation "
+          "and tracing need it" for a in ("llada-moe", "rnd1")},
+    "llama-embed": "is an embedding model with no language-model head, so llama.cpp computes no logits; "
+                   "steer-gguf's generation, scoring and evaluation need them",
+    # decoded alone it aborts in llama.cpp (its inputs come from the target model)
+    "dflash": "is a speculative-decoding draft model (DeepSeek-V4 DSpark), which llama.cpp runs only beside "
+              "its target model, fed the target's hidden states; steer-gguf runs a model on its own",
+}
+# architectures whose graph routes only every interleave_moe_layer_step-th layer past the dense
+# lead, while the loader loads a router in each of them (models/ernie4-5*.cpp): the others run
+# their dense FFN, and model_info leaves them out
+ROUTES_EVERY_STEP = {"ernie4_5-moe"}
 # architectures whose graph calls build_moe_ffn twice per layer on one router's logits (grovemoe:
 # its experts, then their groups' adjugate experts): a profile steers those logits, so both calls
 # follow it, and the routing recorder sees every token twice per layer
@@ -284,6 +296,11 @@ def _read_info(path: str, r) -> ModelInfo:
     if not routers:
         raise SteerError(f"{path}: not a Mixture-of-Experts model (no router tensors blk.N.ffn_gate_inp)")
     moe_layers = sorted(il for il in routers if il < n_layer)
+    if arch in ROUTES_EVERY_STEP:
+        step = _int_field(r, path, f"{arch}.interleave_moe_layer_step")
+        moe_layers = [il for il in moe_layers if step and (il + 1) % step == 0]
+        if not moe_layers:
+            raise SteerError(f"{path}: no layer routes: {arch}.interleave_moe_layer_step is {step}")
 
     gating_id = _int_field(r, path, f"{arch}.expert_gating_func")
     if gating_id not in GATING_NAMES:  # llama.cpp aborts on a gating function it does not know

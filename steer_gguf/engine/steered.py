@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import SteerError
 from ..grammar import check_grammar
-from ..model import DIFFUSION, ModelInfo, model_info
+from ..model import NOT_RUNNABLE, ModelInfo, model_info
 from ..profile import Profile, as_profile
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
@@ -34,9 +34,9 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
         if engine not in ENGINES:
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.info: ModelInfo = model_info(model_path)
-        if self.info.architecture in DIFFUSION:
-            raise SteerError(f"{model_path}: {self.info.architecture} is a diffusion language model, which llama.cpp "
-                             f"runs without KV memory; steer-gguf's generation and tracing need it (not supported)")
+        if self.info.architecture in NOT_RUNNABLE:
+            raise SteerError(f"{model_path}: {self.info.architecture} {NOT_RUNNABLE[self.info.architecture]} "
+                             f"(not supported)")
         llama_kwargs.setdefault("verbose", False)
         if "n_ctx" in llama_kwargs and llama_kwargs["n_ctx"] is None:
             # None: the model's own training context, capped where the KV cache gets large

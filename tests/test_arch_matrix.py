@@ -1,0 +1,295 @@
+"""Every MoE architecture of the vendored llama.cpp, built by llama.cpp's own model builder
+(fixtures/any_arch.py) and checked the same way: read, traced, a profile honoured on every MoE
+layer and token, cleared back to the unsteered routing exactly, graph engine == hook engine,
+unsteered logits bit for bit, detection and `profile make`, a bias rule, the portable GPU op
+chain and profile slots. Architectures steer-gguf cannot steer are asserted refused, each with
+its one-line reason; models.txt must say exactly what this module proves."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clitools import assert_one_line_error, cli
+from fixtures.any_arch import REAL_LAYOUTS, Layout
+from steer_gguf import BiasRule, ExpertRule, ModelRef, Profile, SteeredLlama, SteerError, model_info
+from steer_gguf.detect.datasets import load_pairs
+from steer_gguf.detect.risk import detect
+from steer_gguf.engine.contexts import _native
+from steer_gguf.model import GATING_NAMES, routing_architectures, verification
+
+LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1)
+TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
+N_TOK = 16
+OK = _native.STATUS["OK"]
+
+# what steer-gguf does with each architecture it cannot steer: where it refuses (model_info, or
+# SteeredLlama before/after loading) and the words its one-line error must hold
+REFUSED = {
+    "llada-moe": ("load", "diffusion language model"),
+    "rnd1": ("load", "diffusion language model"),
+    "dflash": ("load", "speculative-decoding draft model"),
+    "nomic-bert-moe": ("load", "without KV memory"),
+    "llama-embed": ("load", "embedding model with no language-model head"),
+    # llama.cpp's lfm2 loader makes every layer dense (n_layer_dense_lead = n_layer); MoE LFM2
+    # files are lfm2moe
+    "lfm2": ("info", "not a Mixture-of-Experts model"),
+}
+# graphs that share build_moe_ffn code with a MoE sibling, but whose loaders never load a router
+# (csrc/moe_archs.py leaves them out): a file claiming experts is refused before llama.cpp sees it
+DENSE_LOADERS = ("bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert", "phi3")
+ARCHS = sorted(routing_architectures())
+STEERED = [a for a in ARCHS if a not in REFUSED]
+# the matrix layout: 3 layers, a dense lead layer, a shared expert; DeepSeek V4 with one
+# hash-routed layer (llama.cpp raises its layer count to 4)
+LAYOUT = Layout(n_layer=3)
+LAYOUTS = {"deepseek4": Layout(n_layer=4, hash_layers=1)}
+
+
+def _profile(info, rules, bias=()) -> Profile:
+    return Profile(ModelRef.of(info), [ExpertRule(l, e, a) for l, e, a in rules], list(bias), name="m")
+
+
+def _steerable(info) -> list[int]:
+    return [il for il in info.moe_layers if il not in info.fixed_layers]
+
+
+def _every_layer(info, base) -> tuple[Profile, dict[int, tuple[int, int]]]:
+    """In every steerable MoE layer, the least-chosen expert on, the most-chosen off."""
+    rules, chosen = [], {}
+    for j, il in enumerate(info.moe_layers):
+        if il in info.fixed_layers:
+            continue
+        counts = np.bincount(base.experts[:, j, :].ravel(), minlength=info.n_expert)
+        on, off = int(np.argmin(counts)), int(np.argmax(counts))
+        chosen[j] = (on, off)
+        rules += [(il, on, "activate"), (il, off, "deactivate")]
+    return _profile(info, rules), chosen
+
+
+def _sorted(a: np.ndarray) -> np.ndarray:
+    return np.sort(a, axis=-1)
+
+
+@pytest.fixture(scope="module", params=STEERED)
+def m(request, make_arch):
+    arch = request.param
+    path = make_arch(arch, LAYOUTS.get(arch, LAYOUT))
+    info = model_info(path)
+    graph = SteeredLlama(path, **LLAMA)
+    hook = SteeredLlama(path, engine="hook", **LLAMA)
+    toks = graph.tokenize(TEXT.encode(), add_bos=True, special=True)[:N_TOK]
+    base = graph.trace(tokens=toks)
+    profile, chosen = _every_layer(info, base)
+    graph.set_profile(profile)
+    steered = graph.trace(tokens=toks)
+    graph.set_profile(None)
+    yield dict(arch=arch, path=path, info=info, graph=graph, hook=hook, toks=toks, base=base,
+               profile=profile, chosen=chosen, steered=steered)
+    graph.close()
+    hook.close()
+
+
+def test_read(m):
+    info = m["info"]
+    assert info.architecture == m["arch"]
+    assert info.moe_layers and _steerable(info)
+    assert (info.n_expert, info.n_expert_used) == (8, 2)
+    assert info.gating in set(GATING_NAMES.values()) | {"sigmoid-after-topk"}
+
+
+def test_trace_covers_every_token_and_moe_layer(m):
+    info, tr = m["info"], m["base"]
+    assert tr.layers == info.moe_layers
+    assert tr.experts.shape == (N_TOK, len(info.moe_layers), info.n_expert_used)
+    assert (np.diff(_sorted(tr.experts), axis=-1) > 0).all(), "k distinct experts per token"
+    assert np.isfinite(tr.weights).all()
+    assert len({tuple(r) for r in _sorted(tr.experts[:, -1])}) > 1, "routing varies across tokens"
+
+
+def test_profile_is_honoured_on_every_moe_layer_and_token(m):
+    info, st = m["info"], m["steered"]
+    for j, (on, off) in m["chosen"].items():
+        il = info.moe_layers[j]
+        assert (st.experts[:, j] == on).any(axis=1).all(), f"layer {il}: activated expert {on} missing"
+        assert not (st.experts[:, j] == off).any(), f"layer {il}: deactivated expert {off} still chosen"
+    for j, il in enumerate(info.moe_layers):
+        if il in info.fixed_layers:  # a token table routes it: the same tokens, the same experts
+            np.testing.assert_array_equal(st.experts[:, j], m["base"].experts[:, j])
+
+
+def test_clearing_restores_unsteered_routing_exactly(m):
+    g = m["graph"]
+    g.set_profile(m["profile"])
+    g.trace(tokens=m["toks"])
+    g.set_profile(None)
+    back = g.trace(tokens=m["toks"])
+    np.testing.assert_array_equal(back.experts, m["base"].experts)
+    np.testing.assert_array_equal(back.weights, m["base"].weights)
+
+
+def _routes_as_the_graph_engine(m, llm: SteeredLlama, rtol: float) -> None:
+    """`llm` under the matrix profile routes as the graph engine did (experts exactly, weights
+    to rtol)."""
+    llm.set_profile(m["profile"])
+    try:
+        tr = llm.trace(tokens=m["toks"])
+    finally:
+        llm.set_profile(None)
+    np.testing.assert_array_equal(_sorted(tr.experts), _sorted(m["steered"].experts))
+    np.testing.assert_allclose(_sorted(tr.weights), _sorted(m["steered"].weights), rtol=rtol, atol=rtol / 10)
+
+
+def test_graph_and_hook_engines_route_alike(m):
+    _routes_as_the_graph_engine(m, m["hook"], 1e-4)
+
+
+def test_unsteered_logits_are_bit_identical(m):
+    """Logits before any profile, after one was set and cleared, and under a table that changes
+    nothing (no action, zero bias) are the same bits."""
+    g, info, toks = m["graph"], m["info"], m["toks"]
+    tc = g._trace_context(256)
+    rows = [list(range(len(toks)))]
+    plain = tc.run([toks], rows, logits=True)[0]
+    none = np.full((info.n_layer, info.n_expert), _native.ACTIONS["none"], np.int8)
+    assert _native.set_table(tc.ptr, none, np.zeros((info.n_layer, info.n_expert), np.float32), 0.01)[0] == OK
+    try:
+        zeroed = tc.run([toks], rows, logits=True)[0]
+    finally:
+        _native.clear_table(tc.ptr)
+    with g.steering(m["profile"]):
+        tc.sync_profile()
+        steered = tc.run([toks], rows, logits=True)[0]
+    tc.sync_profile()
+    cleared = tc.run([toks], rows, logits=True)[0]
+    assert np.array_equal(plain, cleared) and np.array_equal(plain, zeroed)
+    assert not np.array_equal(plain, steered)
+
+
+def test_detection_and_profile_make(m):
+    g, info = m["graph"], m["info"]
+    table = detect(g, load_pairs("builtin:digits-words", max_pairs=3))
+    assert table.layers == _steerable(info), "detection covers the steerable layers, and only them"
+    p = table.make_profile(info, activate=2, deactivate=1)
+    p.check(info)
+    assert len(p.experts) == 3
+    with g.steering(p):
+        tr = g.trace(tokens=m["toks"])
+    for r in p.experts:
+        picked = (tr.experts[:, info.moe_layers.index(r.layer)] == r.expert).any(axis=1)
+        assert picked.all() if r.action == "activate" else not picked.any(), r
+
+
+def test_a_bias_rule_shifts_routing(m):
+    g, info, base = m["graph"], m["info"], m["base"]
+    il = _steerable(info)[-1]
+    j = info.moe_layers.index(il)
+    on = m["chosen"][j][0]
+    with g.steering(_profile(info, [], [BiasRule(il, on, 1e3)])):
+        tr = g.trace(tokens=m["toks"])
+    before = (base.experts[:, j] == on).any(axis=1).mean()
+    after = (tr.experts[:, j] == on).any(axis=1).mean()
+    assert after >= 0.6 and after - before >= 0.4, (before, after)
+
+
+def test_portable_op_chain_steers_alike(m, monkeypatch):
+    monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")  # read when the table is set
+    _routes_as_the_graph_engine(m, m["graph"], 1e-5)
+
+
+def test_profile_slots_steer_their_sequence_only(m):
+    g, info, toks = m["graph"], m["info"], m["toks"]
+    tc = g._trace_context(256)
+    actions, bias = m["profile"].to_arrays(info, _native.ACTIONS)
+    assert _native.slot_set(tc.ptr, 3, actions, bias, float(m["profile"].eps))[0] == OK
+    assert _native.seq_bind(tc.ptr, 0, 3)[0] == OK
+    try:
+        bound, unbound = tc.run([toks, toks], [list(range(len(toks)))] * 2)
+    finally:
+        _native.seq_bind(tc.ptr, 0, -1)
+        _native.slot_clear(tc.ptr, 3)
+    np.testing.assert_array_equal(_sorted(bound), _sorted(m["steered"].experts))
+    np.testing.assert_array_equal(_sorted(unbound), _sorted(m["base"].experts))
+
+
+# ---- what is refused ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(REFUSED))
+def test_refused_with_its_reason(arch, make_arch):
+    where, reason = REFUSED[arch]
+    path = make_arch(arch, LAYOUT)
+    if where == "info":
+        with pytest.raises(SteerError, match=reason):
+            model_info(path)
+        assert_one_line_error(cli("info", path), reason)
+    else:
+        assert model_info(path).architecture == arch  # `info` still describes the file
+        with pytest.raises(SteerError, match=reason):
+            SteeredLlama(path, **LLAMA)
+
+
+@pytest.mark.parametrize("arch", DENSE_LOADERS)
+def test_an_architecture_whose_loader_never_routes_is_refused(arch, tmp_path):
+    from test_architectures import _moe_file
+
+    assert arch not in routing_architectures()
+    with pytest.raises(SteerError, match="never routes"):
+        model_info(_moe_file(tmp_path / f"{arch}.gguf", arch))
+
+
+def test_a_profile_touching_hash_routed_layers_is_refused(make_arch):
+    """DeepSeek V4's hash-routed layers take experts from a token table: a profile there is
+    refused naming them; the matrix steers the other layers and detection leaves them out."""
+    path = make_arch("deepseek4", LAYOUTS["deepseek4"])
+    info = model_info(path)
+    assert info.fixed_layers == [0] and 0 in info.moe_layers
+    with pytest.raises(SteerError, match=r"touches layers 0 .*fixed per-token table.*steerable: 1\.\.3"):
+        _profile(info, [(0, 1, "activate"), (2, 1, "activate")]).check(info)
+    assert "hash-routed   layers 0" in info.report()
+
+
+def test_gating_fixed_in_code_is_reported_as_llama_cpp_runs_it(tmp_path):
+    from test_architectures import _moe_file
+
+    # Gemma 4's graph passes softmax to build_moe_ffn whatever the file says
+    assert model_info(_moe_file(tmp_path / "g.gguf", "gemma4", gating=2)).gating == "softmax"
+    assert model_info(_moe_file(tmp_path / "c.gguf", "cohere2moe", gating=2)).gating == "sigmoid"
+
+
+# ---- models.txt says what this module proves ------------------------------------------------
+
+def test_models_txt_states_what_the_matrix_proves():
+    for arch in ARCHS:
+        want = "refused" if arch in REFUSED else "verified"
+        assert verification(arch) == want, f"models.txt: {arch} should be {want}"
+    for arch in DENSE_LOADERS:
+        assert verification(arch) == "refused", f"models.txt: {arch} should be refused"
+
+
+# ---- real models' layouts at tiny width -------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(REAL_LAYOUTS))
+def test_real_layouts_steer_on_every_layer(name, make_arch):
+    arch, layout = REAL_LAYOUTS[name]
+    path = make_arch(arch, layout)
+    info = model_info(path)
+    assert (info.n_layer, info.n_expert, info.n_expert_used) == (layout.n_layer, layout.n_expert,
+                                                                 layout.n_expert_used)
+    assert info.n_expert_groups == layout.n_expert_groups
+    graph, hook = SteeredLlama(path, **LLAMA), SteeredLlama(path, engine="hook", **LLAMA)
+    try:
+        toks = graph.tokenize(TEXT.encode(), add_bos=True, special=True)[:N_TOK]
+        base = graph.trace(tokens=toks)
+        profile, chosen = _every_layer(info, base)
+        graph.set_profile(profile)
+        hook.set_profile(profile)
+        st, sh = graph.trace(tokens=toks), hook.trace(tokens=toks)
+        graph.set_profile(None)
+        back = graph.trace(tokens=toks)
+    finally:
+        graph.close()
+        hook.close()
+    assert len(chosen) == len(info.moe_layers)
+    for j, (on, off) in chosen.items():
+        assert (st.experts[:, j] == on).any(axis=1).all() and not (st.experts[:, j] == off).any(), j
+    np.testing.assert_array_equal(_sorted(st.experts), _sorted(sh.experts))
+    np.testing.assert_array_equal(back.experts, base.experts)
