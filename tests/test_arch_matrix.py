@@ -139,6 +139,50 @@ def _routes_as_the_graph_engine(m, llm: SteeredLlama, rtol: float) -> None:
     np.testing.assert_allclose(_sorted(tr.weights), _sorted(m["steered"].weights), rtol=rtol, atol=rtol / 10)
 
 
+def test_generation_is_steered_and_recorded(m):
+    """Decoding one token at a time (the recorder's per-decode path, grovemoe's two routings
+    included) follows the profile on every steerable layer."""
+    g, info = m["graph"], m["info"]
+    # random weights may pick end-of-text at once: forbid the specials so tokens get generated
+    special = {t: -1e4 for t in range(g.n_vocab()) if g.detokenize([t], special=True).startswith(b"<|")}
+    with g.steering(m["profile"]), g.recording() as log:
+        out = g.create_completion("Once upon a time", max_tokens=4, temperature=0.0, logit_bias=special)
+    n = out["usage"]["completion_tokens"] - 1  # the last sampled token is never decoded
+    assert n >= 1
+    rows = log.tail(n)
+    # one row per decoded token (the prompt's, then each generated one) in every layer but the
+    # model's last, which computes output rows only
+    for il in info.moe_layers:
+        if il != info.n_layer - 1:
+            assert log.per_layer[il].shape[0] == out["usage"]["prompt_tokens"] + n, il
+    for j, (on, off) in m["chosen"].items():
+        assert (rows[:, j] == on).any(axis=1).all() and not (rows[:, j] == off).any(), info.moe_layers[j]
+
+
+def test_batched_generation_steers_its_request_only(m):
+    """Two requests decoded together (BatchEngine: profile slots, per-request routing traces):
+    the steered one follows the profile on every steerable layer, in every sampled token."""
+    from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
+
+    g, info = m["graph"], m["info"]
+    special = {t: -1e4 for t in range(g.n_vocab()) if g.detokenize([t], special=True).startswith(b"<|")}
+    greedy = SamplerSpec(temperature=0, logit_bias=special)
+    pending = [(i, Request(list(m["toks"]), profile=p, max_tokens=3, sampling=greedy, trace=True))
+               for i, p in enumerate((m["profile"], None))]
+    out: dict = {}
+    eng = BatchEngine(g, 2, 128)
+    try:
+        eng.run(lambda idle: pending.pop(0) if pending else None, out.__setitem__)
+    finally:
+        eng.close()
+    steered = out[0].experts
+    assert steered.shape == (len(out[0].tokens), len(info.moe_layers), info.n_expert_used)
+    for j, (on, off) in m["chosen"].items():
+        assert (steered[:, j] == on).any(axis=1).all() and not (steered[:, j] == off).any(), info.moe_layers[j]
+    # row 0 of the unsteered request comes from the prompt's last token: upstream routing
+    np.testing.assert_array_equal(_sorted(out[1].experts[0]), _sorted(m["base"].experts[-1]))
+
+
 def test_graph_and_hook_engines_route_alike(m):
     _routes_as_the_graph_engine(m, m["hook"], 1e-4)
 

@@ -26,10 +26,25 @@ class Tracing:
             self._observer.clear_records()
             self._observer.record = True
             self._sync_observer()
+            twice = self.info.architecture in ROUTES_TWICE
+            parts: list[dict] = []
+            if twice:  # each decode's rows are undoubled as it ends, while its batch is known
+                decode = self._ctx.decode
+
+                def undoubling_decode(batch):
+                    rc = decode(batch)
+                    b = batch.batch
+                    parts.append(undouble(self._observer.take(), [bool(b.logits[i]) for i in range(b.n_tokens)],
+                                          self.context_params.n_ubatch))
+                    return rc
+
+                self._ctx.decode = undoubling_decode
             try:
                 yield log
             finally:
-                rec = self._observer.take()
+                if twice:
+                    del self._ctx.decode
+                rec = _concat(parts + [self._observer.take()])
                 self._observer.record = False
                 self._sync_observer()
                 log.per_layer = {il: rec[il][0] for il in rec}
@@ -61,15 +76,17 @@ class Tracing:
             self._observer.record = True
             self._sync_observer()
             try:
-                step = self.n_batch
-                if self.info.architecture in ROUTES_TWICE:  # one micro-batch per decode: see _once
-                    step = min(step, self.context_params.n_ubatch)
-                for i in range(0, len(toks), step):
-                    chunk = toks[i:i + step]
+                twice = self.info.architecture in ROUTES_TWICE
+                parts = []
+                for i in range(0, len(toks), self.n_batch):
+                    chunk = toks[i:i + self.n_batch]
                     # every traced token is an output, so the last layer computes all rows
                     self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
                     self._ctx.decode(self._batch)
-                rec = self._observer.take()
+                    if twice:
+                        parts.append(undouble(self._observer.take(), [True] * len(chunk),
+                                              self.context_params.n_ubatch))
+                rec = _concat(parts + [self._observer.take()])
                 err = self._observer.error
             finally:
                 self._observer.record = False
@@ -121,10 +138,6 @@ class Tracing:
         layers = self.info.moe_layers
         if err:
             raise SteerError(f"routing recorder: {err}")
-        if self.info.architecture in ROUTES_TWICE:
-            step = min(self.n_batch, self.context_params.n_ubatch)
-            sizes = [min(step, len(toks) - i) for i in range(0, len(toks), step)]
-            rec = {il: _once(rec[il], sizes, il) for il in rec}
         missing = [il for il in layers if il not in rec or rec[il][0].shape[0] != len(toks)]
         if missing:
             got = {il: rec[il][0].shape[0] for il in rec}
@@ -136,13 +149,39 @@ class Tracing:
         return RoutingTrace(np.asarray(toks, dtype=np.int32), list(layers), experts, weights, pieces)
 
 
+def undouble(rec: dict, outputs: Sequence[bool], n_ubatch: int) -> dict:
+    """The recorder's rows of one decode of len(outputs) tokens, for an architecture that routes
+    twice per layer on one router's logits (ROUTES_TWICE), back to one row per token. llama.cpp
+    splits the batch into consecutive micro-batches of n_ubatch tokens, and within each a layer
+    records its rows twice in a row (the last layer: the output rows only)."""
+    n = len(outputs)
+    bounds = [(i, min(n, i + n_ubatch)) for i in range(0, n, n_ubatch)]
+    every = [e - b for b, e in bounds]
+    outs = [sum(outputs[b:e]) for b, e in bounds]
+    fixed = {}
+    for il, r in rec.items():
+        rows = r[0].shape[0]
+        fixed[il] = _once(r, every if rows == 2 * n else outs, il) if rows in (2 * n, 2 * sum(outs)) else r
+    return fixed
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Per-layer (experts, weights) of consecutive recordings, joined in order."""
+    out: dict = {}
+    for p in parts:
+        for il, (e, w) in p.items():
+            if il in out:
+                out[il] = (np.concatenate([out[il][0], e]), np.concatenate([out[il][1], w]))
+            else:
+                out[il] = (e, w)
+    return out
+
+
 def _once(rec: tuple[np.ndarray, np.ndarray], sizes: list[int], il: int) -> tuple[np.ndarray, np.ndarray]:
-    """A layer that routes twice on one router's logits (ROUTES_TWICE) records each micro-batch
-    of `sizes` rows twice in a row: keep the first, and hold the second to the same experts
-    (it selects from the same steered logits, so a profile governs both)."""
+    """Keep the first of each micro-batch's two recordings (`sizes` rows each), and hold the
+    second to the same experts: it selects from the same steered logits, so a profile governs
+    both."""
     experts, weights = rec
-    if experts.shape[0] != 2 * sum(sizes):
-        return rec  # not the doubled count: left to the caller's row check
     keep, pos = [], 0
     for n in sizes:
         a, b = experts[pos:pos + n], experts[pos + n:pos + 2 * n]
@@ -258,7 +297,7 @@ class _TraceContext:
             raise SteerError(f"routing recorder: {self.obs.error}")
         layers = self.llm.info.moe_layers
         if self.llm.info.architecture in ROUTES_TWICE:
-            rec = self._once(rec, b, n)
+            rec = undouble(rec, [bool(b.logits[i]) for i in range(n)], self.n_ubatch)
         per_layer = []
         for il in layers:
             if il not in rec:
@@ -277,19 +316,6 @@ class _TraceContext:
             out_rows = np.asarray([o for _, o in idx], dtype=np.int64)
             result.append(np.stack([e[tok_rows] if kind == "all" else e[out_rows] for kind, e in per_layer], axis=1))
         return result
-
-    def _once(self, rec: dict, b, n: int) -> dict:
-        """Doubled rows (ROUTES_TWICE) back to one per token: llama.cpp splits the batch into
-        consecutive micro-batches of n_ubatch tokens; the last layer records outputs only."""
-        u = self.n_ubatch
-        bounds = [(i, min(n, i + u)) for i in range(0, n, u)]
-        all_rows = [e - s for s, e in bounds]
-        out_rows = [sum(1 for j in range(s, e) if b.logits[j]) for s, e in bounds]
-        fixed = {}
-        for il, r in rec.items():
-            sizes = all_rows if r[0].shape[0] == 2 * n else out_rows
-            fixed[il] = _once(r, sizes, il)
-        return fixed
 
     def close(self) -> None:
         if self.ctx is not None and self.ctx.ctx:
