@@ -15,7 +15,7 @@ from steer_gguf import BiasRule, ExpertRule, ModelRef, Profile, SteeredLlama, St
 from steer_gguf.detect.datasets import load_pairs
 from steer_gguf.detect.risk import detect
 from steer_gguf.engine.contexts import _native
-from steer_gguf.model import GATING_NAMES, routing_architectures, verification
+from steer_gguf.model import GATING_BY_ARCH, GATING_NAMES, routing_architectures, verification
 
 LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1)
 TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
@@ -309,16 +309,24 @@ def test_models_txt_states_what_the_matrix_proves():
         assert verification(arch) == "refused", f"models.txt: {arch} should be refused"
 
 
-# ---- real models' layouts at tiny width -------------------------------------------------------
+# ---- gating read from the file: the other gating functions -------------------------------------
 
-@pytest.mark.parametrize("name", sorted(REAL_LAYOUTS))
-def test_real_layouts_steer_on_every_layer(name, make_arch):
-    arch, layout = REAL_LAYOUTS[name]
-    path = make_arch(arch, layout)
+FILE_GATED = [a for a in STEERED if a not in GATING_BY_ARCH and a != "deepseek4"]  # deepseek4: sqrt-softplus
+
+
+@pytest.mark.parametrize("arch", FILE_GATED)
+def test_softmax_gating_from_the_file_is_steered(arch, make_arch):
+    """The matrix's models gate by sigmoid where the file chooses; the same architectures with
+    softmax (DeepSeek-V2 style) are read as such and steered alike by both engines."""
+    path = make_arch(arch, Layout(n_layer=3, gating=1))
     info = model_info(path)
-    assert (info.n_layer, info.n_expert, info.n_expert_used) == (layout.n_layer, layout.n_expert,
-                                                                 layout.n_expert_used)
-    assert info.n_expert_groups == layout.n_expert_groups
+    assert info.gating == "softmax"
+    _steered_on_every_layer(path, info)
+
+
+def _steered_on_every_layer(path, info) -> None:
+    """One expert on and one off in every steerable MoE layer: honoured on every token, by
+    both engines alike, and cleared back exactly."""
     graph, hook = SteeredLlama(path, **LLAMA), SteeredLlama(path, engine="hook", **LLAMA)
     try:
         toks = graph.tokenize(TEXT.encode(), add_bos=True, special=True)[:N_TOK]
@@ -332,8 +340,21 @@ def test_real_layouts_steer_on_every_layer(name, make_arch):
     finally:
         graph.close()
         hook.close()
-    assert len(chosen) == len(info.moe_layers)
+    assert len(chosen) == len(_steerable(info))
     for j, (on, off) in chosen.items():
         assert (st.experts[:, j] == on).any(axis=1).all() and not (st.experts[:, j] == off).any(), j
     np.testing.assert_array_equal(_sorted(st.experts), _sorted(sh.experts))
     np.testing.assert_array_equal(back.experts, base.experts)
+
+
+# ---- real models' layouts at tiny width -------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(REAL_LAYOUTS))
+def test_real_layouts_steer_on_every_layer(name, make_arch):
+    arch, layout = REAL_LAYOUTS[name]
+    path = make_arch(arch, layout)
+    info = model_info(path)
+    assert (info.n_layer, info.n_expert, info.n_expert_used) == (layout.n_layer, layout.n_expert,
+                                                                 layout.n_expert_used)
+    assert info.n_expert_groups == layout.n_expert_groups
+    _steered_on_every_layer(path, info)
