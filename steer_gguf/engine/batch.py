@@ -17,7 +17,7 @@ from ..errors import SteerError
 from ..model import ROUTES_TWICE
 from ..profile import Profile
 from .slots import ContextSlots, check_phase, steered_in
-from .tracing import undouble
+from .rows import undouble
 
 # llama-cpp-python's create_completion defaults, so both paths sample alike
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
