@@ -223,6 +223,21 @@ def test_detection_and_profile_make(m):
         assert picked.all() if r.action == "activate" else not picked.any(), r
 
 
+@pytest.mark.parametrize("arch", ["deepseek4", "grovemoe", "gemma4"])
+def test_detect_and_profile_make_from_the_cli(arch, make_arch, tmp_path):
+    """The commands a user runs, on the architectures with a special case (hash-routed layers,
+    two routings per layer, logits computed outside build_moe_ffn)."""
+    path = make_arch(arch, LAYOUTS.get(arch, LAYOUT))
+    table, prof = tmp_path / "t.csv", tmp_path / "p.json"
+    r = cli("detect", path, "--pairs", "builtin:digits-words", "--max-pairs", "3", "-o", table, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    r = cli("profile", "make", table, "--model", path, "--activate", "2", "--deactivate", "1", "-o", prof)
+    assert r.returncode == 0, r.stderr
+    info, p = model_info(path), Profile.load(prof)
+    p.check(info)
+    assert len(p.experts) == 3 and not {x.layer for x in p.experts} & set(info.fixed_layers)
+
+
 def test_a_bias_rule_shifts_routing(m):
     g, info, base = m["graph"], m["info"], m["base"]
     il = _steerable(info)[-1]
@@ -269,6 +284,13 @@ def test_refused_with_its_reason(arch, make_arch):
         assert model_info(path).architecture == arch  # `info` still describes the file
         with pytest.raises(SteerError, match=reason):
             SteeredLlama(path, **LLAMA)
+
+
+def test_info_warns_once_on_a_refused_architecture_and_not_on_a_verified_one(make_arch):
+    r = cli("info", make_arch("rnd1", LAYOUT))
+    assert r.returncode == 0 and r.stderr.count("warning:") == 1 and "refuses to run rnd1" in r.stderr
+    r = cli("info", make_arch("qwen35moe", LAYOUT))
+    assert r.returncode == 0 and "warning" not in r.stderr and "qwen35moe" in r.stdout
 
 
 @pytest.mark.parametrize("arch", DENSE_LOADERS)
