@@ -346,6 +346,17 @@ def test_softmax_gating_from_the_file_is_steered(arch, make_arch):
     _steered_on_every_layer(path, info)
 
 
+@pytest.mark.parametrize("arch", STEERED)
+def test_expert_groups_are_steered(arch, make_arch):
+    """Group-limited selection (DeepSeek-V3 style: 4 groups of 2 experts, 2 groups per token;
+    llama.cpp applies it in build_moe_ffn to any architecture whose file has the keys): an
+    activated expert's group is kept, a deactivated expert never chosen, by both engines."""
+    path = make_arch(arch, Layout(n_layer=3, n_expert_groups=4, n_group_used=2))
+    info = model_info(path)
+    assert (info.n_expert_groups, info.n_group_used) == (4, 2)
+    _steered_on_every_layer(path, info)
+
+
 def _steered_on_every_layer(path, info) -> None:
     """One expert on and one off in every steerable MoE layer: honoured on every token, by
     both engines alike, and cleared back exactly."""
