@@ -313,6 +313,16 @@ def test_a_profile_touching_hash_routed_layers_is_refused(make_arch):
     assert "hash-routed   layers 0" in info.report()
 
 
+@pytest.mark.parametrize("arch, why", [("deepseek4", "hash routing"), ("grovemoe", "adjugate expert")])
+def test_pruning_is_refused_where_experts_are_named_by_number(arch, why, make_arch):
+    from steer_gguf.bake.plan import plan_bake
+
+    info = model_info(make_arch(arch, LAYOUTS.get(arch, LAYOUT)))
+    p = _profile(info, [(info.moe_layers[-1], 1, "deactivate")])
+    with pytest.raises(SteerError, match=f"cannot bake by prune: .*{why}"):
+        plan_bake(info, p, method="prune")
+
+
 def test_gating_fixed_in_code_is_reported_as_llama_cpp_runs_it(tmp_path):
     from test_architectures import _moe_file
 
