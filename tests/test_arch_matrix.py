@@ -435,6 +435,18 @@ def _steered_on_every_layer(path, info) -> None:
     np.testing.assert_array_equal(back.experts, base.experts)
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "glm4moe", "gpt-oss"])
+def test_nvfp4_style_scales_are_steered(arch, make_arch):
+    """Files that carry per-expert weight and input scales (NVFP4 checkpoints): build_moe_ffn's
+    scaled path is steered like the plain one."""
+    import gguf
+
+    path = make_arch(arch, Layout(n_layer=3, quant_scales=True))
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert any(n.endswith("_exps.scale") for n in names) and any(n.endswith(".input_scale") for n in names)
+    _steered_on_every_layer(path, model_info(path))
+
+
 # ---- real models' layouts at tiny width -------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(REAL_LAYOUTS))
