@@ -123,10 +123,13 @@ def layer_ranges(xs: list[int]) -> str:
 
 def supported_models() -> str:
     """models.txt: the architectures we support and how far each is verified. Installed next
-    to the package; in a source tree it is at the top."""
+    to the package; in a source tree it is at the top, and that one wins (the copy beside the
+    package is a build output, stale until the next build)."""
     from .fileio import PACKAGE_DIR
 
-    for p in (PACKAGE_DIR / "models.txt", PACKAGE_DIR.parent / "models.txt"):
+    top = PACKAGE_DIR.parent
+    in_tree = (top / "pyproject.toml").is_file()
+    for p in ((top / "models.txt", PACKAGE_DIR / "models.txt") if in_tree else (PACKAGE_DIR / "models.txt",)):
         if p.is_file():
             return p.read_text()
     raise SteerError("models.txt is missing from the installation")
