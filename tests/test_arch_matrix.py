@@ -66,6 +66,11 @@ def _every_layer(info, base) -> tuple[Profile, dict[int, tuple[int, int]]]:
     return _profile(info, rules), chosen
 
 
+def _no_specials(g: SteeredLlama) -> dict[int, float]:
+    """A logit bias forbidding the special tokens: random weights may pick end-of-text at once."""
+    return {t: -1e4 for t in range(g.n_vocab()) if g.detokenize([t], special=True).startswith(b"<|")}
+
+
 def _sorted(a: np.ndarray) -> np.ndarray:
     return np.sort(a, axis=-1)
 
@@ -143,10 +148,8 @@ def test_generation_is_steered_and_recorded(m):
     """Decoding one token at a time (the recorder's per-decode path, grovemoe's two routings
     included) follows the profile on every steerable layer."""
     g, info = m["graph"], m["info"]
-    # random weights may pick end-of-text at once: forbid the specials so tokens get generated
-    special = {t: -1e4 for t in range(g.n_vocab()) if g.detokenize([t], special=True).startswith(b"<|")}
     with g.steering(m["profile"]), g.recording() as log:
-        out = g.create_completion("Once upon a time", max_tokens=4, temperature=0.0, logit_bias=special)
+        out = g.create_completion("Once upon a time", max_tokens=4, temperature=0.0, logit_bias=_no_specials(g))
     n = out["usage"]["completion_tokens"] - 1  # the last sampled token is never decoded
     assert n >= 1
     rows = log.tail(n)
@@ -161,26 +164,33 @@ def test_generation_is_steered_and_recorded(m):
 
 def test_batched_generation_steers_its_request_only(m):
     """Two requests decoded together (BatchEngine: profile slots, per-request routing traces):
-    the steered one follows the profile on every steerable layer, in every sampled token."""
+    the steered one follows the profile on every steerable layer, in every sampled token; its
+    unsteered neighbour routes, token for token, as in a batch where neither is steered."""
+    g, info = m["graph"], m["info"]
+    steered, neighbour = _batch(g, m["toks"], (m["profile"], None))
+    _, alone = _batch(g, m["toks"], (None, None))
+    assert steered.experts.shape == (len(steered.tokens), len(info.moe_layers), info.n_expert_used)
+    for j, (on, off) in m["chosen"].items():
+        rows = steered.experts[:, j]
+        assert (rows == on).any(axis=1).all() and not (rows == off).any(), info.moe_layers[j]
+    assert neighbour.tokens == alone.tokens
+    np.testing.assert_array_equal(_sorted(neighbour.experts), _sorted(alone.experts))
+
+
+def _batch(g: SteeredLlama, toks: list[int], profiles: tuple) -> list:
+    """The results of one BatchEngine run: one greedy request of `toks` per profile, 3 tokens."""
     from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
 
-    g, info = m["graph"], m["info"]
-    special = {t: -1e4 for t in range(g.n_vocab()) if g.detokenize([t], special=True).startswith(b"<|")}
-    greedy = SamplerSpec(temperature=0, logit_bias=special)
-    pending = [(i, Request(list(m["toks"]), profile=p, max_tokens=3, sampling=greedy, trace=True))
-               for i, p in enumerate((m["profile"], None))]
+    greedy = SamplerSpec(temperature=0, logit_bias=_no_specials(g))
+    pending = [(i, Request(list(toks), profile=p, max_tokens=3, sampling=greedy, trace=True))
+               for i, p in enumerate(profiles)]
     out: dict = {}
-    eng = BatchEngine(g, 2, 128)
+    eng = BatchEngine(g, len(profiles), 128)
     try:
         eng.run(lambda idle: pending.pop(0) if pending else None, out.__setitem__)
     finally:
         eng.close()
-    steered = out[0].experts
-    assert steered.shape == (len(out[0].tokens), len(info.moe_layers), info.n_expert_used)
-    for j, (on, off) in m["chosen"].items():
-        assert (steered[:, j] == on).any(axis=1).all() and not (steered[:, j] == off).any(), info.moe_layers[j]
-    # row 0 of the unsteered request comes from the prompt's last token: upstream routing
-    np.testing.assert_array_equal(_sorted(out[1].experts[0]), _sorted(m["base"].experts[-1]))
+    return [out[i] for i in range(len(profiles))]
 
 
 def test_graph_and_hook_engines_route_alike(m):
