@@ -378,6 +378,19 @@ def test_pruning_is_refused_where_experts_are_named_by_number(arch, why, make_ar
         plan_bake(info, p, method="prune")
 
 
+def test_pruning_refuses_experts_in_a_layer_the_graph_never_routes(make_arch, tmp_path):
+    """ernie4_5-moe with interleave_moe_layer_step 2: layer 2 has a router and experts that its
+    graph never uses."""
+    from steer_gguf.bake.write import bake_profile
+
+    src = make_arch("ernie4_5-moe", LAYOUT)
+    info = model_info(src)
+    assert info.moe_layers == [1]
+    with pytest.raises(SteerError, match="layer 2 holds experts that llama.cpp's ernie4_5-moe graph never routes"):
+        bake_profile(src, _profile(info, [(1, 3, "deactivate")]), tmp_path / "b.gguf", method="prune")
+    assert not (tmp_path / "b.gguf").exists()
+
+
 def test_gating_fixed_in_code_is_reported_as_llama_cpp_runs_it(tmp_path):
     from test_architectures import _moe_file
 

@@ -160,6 +160,10 @@ def write_baked(plan: BakePlan, output: str, version: str, progress: bool = Fals
                     writer.tensors[-1][t.name].tensor = lazy
                     edited.append(t.name)
                     continue
+                if kept and m and m.group(2).endswith("_exps"):
+                    raise SteerError(f"{src}: {t.name}: layer {m.group(1)} holds experts that llama.cpp's "
+                                     f"{plan.info.architecture} graph never routes to, so pruning cannot renumber "
+                                     f"them consistently")
                 # one slice per expert under a name bake does not know: refused rather than
                 # copied whole into a file with fewer experts (arctic's ffn_norm_exps is a norm)
                 if kept and "_exps" in t.name and data.shape and data.shape[0] == plan.info.n_expert:
