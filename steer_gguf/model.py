@@ -305,6 +305,11 @@ def _read_info(path: str, r) -> ModelInfo:
         if not moe_layers:
             raise SteerError(f"{path}: no layer routes: {arch}.interleave_moe_layer_step is {step}")
 
+    if arch == "llama4" and n_layer < 4 and _field(r, f"{arch}.attention.sliding_window", 1) != 0:
+        # every 4th layer attends without RoPE and takes a temperature input; with none of them
+        # the input is left out of the graph and llama.cpp aborts setting it (llama-graph.cpp)
+        raise SteerError(f"{path}: a llama4 file with {n_layer} layers: llama.cpp aborts on fewer than 4 (its "
+                         f"every-4th-layer attention without RoPE needs one)")
     gating_id = _int_field(r, path, f"{arch}.expert_gating_func")
     if gating_id not in GATING_NAMES:  # llama.cpp aborts on a gating function it does not know
         raise SteerError(f"{path}: metadata {arch}.expert_gating_func is {gating_id}, not a gating function "

@@ -391,6 +391,12 @@ def test_pruning_refuses_experts_in_a_layer_the_graph_never_routes(make_arch, tm
     assert not (tmp_path / "b.gguf").exists()
 
 
+def test_a_llama4_file_llama_cpp_would_abort_on_is_refused(make_arch):
+    path = make_arch("llama4", Layout(n_layer=4, n_dense_lead=0, extra={"%s.block_count": 2}))
+    with pytest.raises(SteerError, match="llama4 file with 2 layers: llama.cpp aborts on fewer than 4"):
+        model_info(path)
+
+
 def test_gating_fixed_in_code_is_reported_as_llama_cpp_runs_it(tmp_path):
     from test_architectures import _moe_file
 
