@@ -13,14 +13,37 @@ from .errors import SteerError, printable
 
 # llama.cpp's llama_expert_gating_func_type
 GATING_NAMES = {0: "softmax", 1: "softmax", 2: "sigmoid", 3: "softmax-after-topk", 4: "sqrt-softplus"}
-# architectures whose gating is fixed in code rather than stored in the file
-GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk", "nemotron_h_moe": "sigmoid"}
+# architectures whose graph fixes the gating function in code (src/models/*.cpp, the gating
+# argument of build_moe_ffn), whatever the file's expert_gating_func says
+GATING_BY_ARCH = {"gpt-oss": "softmax-after-topk", "llama4": "sigmoid-after-topk", "nemotron_h_moe": "sigmoid",
+                  "nemotron_h": "sigmoid", "mimo2": "sigmoid",
+                  **{a: "softmax" for a in (
+                      "arctic", "bailingmoe", "dbrx", "deepseek", "ernie4_5-moe", "gemma4", "granite", "granite_swa",
+                      "granitehybrid", "granitemoe", "grok", "grovemoe", "hunyuan-moe", "jamba", "llada-moe", "llama",
+                      "llama-embed", "maple", "mellum", "minimax-01", "mistral3", "nomic-bert-moe", "olmoe", "phimoe",
+                      "qwen2moe", "qwen35moe", "qwen3moe", "qwen3next", "qwen3vlmoe", "qwen4exp", "rnd1")}}
 # architectures whose graph takes the gating function from the file with no default: llama.cpp
 # aborts the process (llama-graph.cpp, build_moe_ffn) on such a file without the key
 GATING_KEY_REQUIRED = {"dots1", "minimax-m2", "smallthinker"}
-# diffusion language models: llama.cpp runs them without KV memory, which tracing and
-# generation here need
-DIFFUSION = {"llada-moe", "rnd1"}
+# architectures llama.cpp cannot run the way steer-gguf runs a model (prefill, then decode, on
+# its own): refused before loading, with the reason
+NOT_RUNNABLE = {
+    **{a: "is a diffusion language model, which llama.cpp runs without KV memory; steer-gguf's generation "
+          "and tracing need it" for a in ("llada-moe", "rnd1")},
+    "llama-embed": "is an embedding model with no language-model head, so llama.cpp computes no logits; "
+                   "steer-gguf's generation, scoring and evaluation need them",
+    # decoded alone it aborts in llama.cpp (its inputs come from the target model)
+    "dflash": "is a speculative-decoding draft model (DeepSeek-V4 DSpark), which llama.cpp runs only beside "
+              "its target model, fed the target's hidden states; steer-gguf runs a model on its own",
+}
+# architectures whose graph routes only every interleave_moe_layer_step-th layer past the dense
+# lead, while the loader loads a router in each of them (models/ernie4-5*.cpp): the others run
+# their dense FFN, and model_info leaves them out
+ROUTES_EVERY_STEP = {"ernie4_5-moe"}
+# architectures whose graph calls build_moe_ffn twice per layer on one router's logits (grovemoe:
+# its experts, then their groups' adjugate experts): a profile steers those logits, so both calls
+# follow it, and the routing recorder sees every token twice per layer
+ROUTES_TWICE = {"grovemoe"}
 
 
 @dataclass
@@ -37,6 +60,9 @@ class ModelInfo:
     n_shared_expert: int = 0
     has_selection_bias: bool = False     # exp_probs_b (DeepSeek-V3 style)
     has_router_bias: bool = False        # ffn_gate_inp.bias (gpt-oss)
+    # MoE layers whose experts come from a fixed per-token table, not the router (DeepSeek V4's
+    # hash-routed layers, blk.N.ffn_gate_tid2eid): a profile cannot change them
+    fixed_layers: list[int] = field(default_factory=list)
     n_embd: int = 0
     n_ctx_train: int = 0
     fingerprint: str = ""
@@ -74,6 +100,9 @@ class ModelInfo:
                  f"layers        {self.n_layer} ({len(self.moe_layers)} MoE: {layer_ranges(self.moe_layers)})",
                  f"experts       {self.n_expert}, {self.n_expert_used} per token"
                  + (f", {self.n_shared_expert} shared" if self.n_shared_expert else "")]
+        if self.fixed_layers:
+            lines.append(f"hash-routed   layers {layer_ranges(self.fixed_layers)}: experts from a fixed per-token table, "
+                         f"not steerable")
         if self.n_expert_groups > 1:
             lines.append(f"groups        {self.n_expert_groups}, {self.n_group_used} used per token")
         lines += [f"gating        {self.gating}" + (" + selection bias" if self.has_selection_bias else "")
@@ -89,17 +118,20 @@ class ModelInfo:
 
 def layer_ranges(xs: list[int]) -> str:
     """"3..7" for a run of consecutive layers, else "1,4,9"."""
-    if xs and xs == list(range(xs[0], xs[-1] + 1)):
+    if len(xs) > 1 and xs == list(range(xs[0], xs[-1] + 1)):
         return f"{xs[0]}..{xs[-1]}"
     return ",".join(map(str, xs))
 
 
 def supported_models() -> str:
     """models.txt: the architectures we support and how far each is verified. Installed next
-    to the package; in a source tree it is at the top."""
+    to the package; in a source tree it is at the top, and that one wins (the copy beside the
+    package is a build output, stale until the next build)."""
     from .fileio import PACKAGE_DIR
 
-    for p in (PACKAGE_DIR / "models.txt", PACKAGE_DIR.parent / "models.txt"):
+    top = PACKAGE_DIR.parent
+    in_tree = (top / "pyproject.toml").is_file()
+    for p in ((top / "models.txt", PACKAGE_DIR / "models.txt") if in_tree else (PACKAGE_DIR / "models.txt",)):
         if p.is_file():
             return p.read_text()
     raise SteerError("models.txt is missing from the installation")
@@ -290,14 +322,18 @@ def _read_info(parts: list[tuple[str, object]]) -> ModelInfo:
     _check_layout(path, arch, n_layer, n_expert, n_used, n_groups, n_group_used,
                   _int_field(r, path, f"{arch}.nextn_predict_layers"))
     routers: dict[int, object] = {}
+    fixed: set[int] = set()
     sel_bias = router_bias = False
     for t in (t for _, ri in parts for t in ri.tensors):
         # the selection bias is exp_probs_b.bias in most converters, bare exp_probs_b in hy_v3's
-        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b(?:\.bias)?|ffn_gate_inp\.bias)", t.name)
+        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate_inp\.weight|exp_probs_b(?:\.bias)?|ffn_gate_inp\.bias|"
+                         r"ffn_gate_tid2eid\.weight)", t.name)
         if not m:
             continue
         il = int(m.group(1))
-        if m.group(2) == "ffn_gate_inp.weight":
+        if m.group(2) == "ffn_gate_tid2eid.weight":
+            fixed.add(il)
+        elif m.group(2) == "ffn_gate_inp.weight":
             routers[il] = t
         elif m.group(2).startswith("exp_probs_b"):
             sel_bias = True
@@ -306,7 +342,17 @@ def _read_info(parts: list[tuple[str, object]]) -> ModelInfo:
     if not routers:
         raise SteerError(f"{path}: not a Mixture-of-Experts model (no router tensors blk.N.ffn_gate_inp)")
     moe_layers = sorted(il for il in routers if il < n_layer)
+    if arch in ROUTES_EVERY_STEP:
+        step = _int_field(r, path, f"{arch}.interleave_moe_layer_step")
+        moe_layers = [il for il in moe_layers if step and (il + 1) % step == 0]
+        if not moe_layers:
+            raise SteerError(f"{path}: no layer routes: {arch}.interleave_moe_layer_step is {step}")
 
+    if arch == "llama4" and n_layer < 4 and _field(r, f"{arch}.attention.sliding_window", 1) != 0:
+        # every 4th layer attends without RoPE and takes a temperature input; with none of them
+        # the input is left out of the graph and llama.cpp aborts setting it (llama-graph.cpp)
+        raise SteerError(f"{path}: a llama4 file with {n_layer} layers: llama.cpp aborts on fewer than 4 (its "
+                         f"every-4th-layer attention without RoPE needs one)")
     gating_id = _int_field(r, path, f"{arch}.expert_gating_func")
     if gating_id not in GATING_NAMES:  # llama.cpp aborts on a gating function it does not know
         raise SteerError(f"{path}: metadata {arch}.expert_gating_func is {gating_id}, not a gating function "
@@ -335,6 +381,7 @@ def _read_info(parts: list[tuple[str, object]]) -> ModelInfo:
         n_shared_expert=_int_field(r, path, f"{arch}.expert_shared_count"),
         has_selection_bias=sel_bias,
         has_router_bias=router_bias,
+        fixed_layers=sorted(il for il in fixed if il in routers and il < n_layer),
         n_embd=_int_field(r, path, f"{arch}.embedding_length"),
         n_ctx_train=_int_field(r, path, f"{arch}.context_length"),
         fingerprint=h.hexdigest()[:32],

@@ -203,6 +203,12 @@ class Profile:
                 raise SteerError(f"{src}: model.fingerprint does not match {os.path.basename(info.path)}: "
                                  f"made for another model (use --force to apply anyway)")
         moe = set(info.moe_layers)
+        fixed = sorted({r.layer for r in [*self.experts, *self.bias]} & set(info.fixed_layers))
+        if fixed:
+            raise SteerError(f"{src}: touches layers {layer_ranges(fixed)} of {os.path.basename(info.path)}, whose "
+                             f"experts {info.architecture} takes from a fixed per-token table (hash routing), not "
+                             f"the router: a profile cannot change them (steerable: "
+                             f"{layer_ranges([il for il in info.moe_layers if il not in info.fixed_layers])})")
         for kind, rules in (("experts", self.experts), ("bias", self.bias)):
             for i, r in enumerate(rules):
                 if r.layer >= info.n_layer:

@@ -34,3 +34,22 @@ def make(model_dir):
 def moe_path(request, make) -> pathlib.Path:
     # 4 layers so that a DeepSeek-V3 model (1 dense lead layer) still has 3 MoE layers
     return make(request.param, n_layer=4)
+
+
+@pytest.fixture(scope="session")
+def make_arch(model_dir):
+    """make_arch(arch, layout=Layout(), **build_kw) -> path: a tiny model of any architecture,
+    built by llama.cpp's own model builder (fixtures/any_arch.py), cached for the session."""
+    from fixtures.any_arch import Layout, build
+
+    cache: dict = {}
+
+    def _make(arch: str, layout: "Layout | None" = None, **kw) -> pathlib.Path:
+        layout = layout or Layout()
+        key = (arch, layout.key, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = build(arch, model_dir / f"arch-{arch}-{layout.key}.gguf", layout, **kw)
+        return cache[key]
+
+    return _make
+

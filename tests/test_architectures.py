@@ -31,8 +31,10 @@ def test_models_txt_lists_every_architecture_that_routes():
     rows = listed()
     missing = sorted(archs - rows.keys())
     assert not missing, f"models.txt does not list {missing}: llama.cpp routes them (csrc/moe_archs.py)"
-    assert not sorted(rows.keys() - archs), "models.txt lists an architecture llama.cpp does not route"
-    assert {a for a, s in rows.items() if s == "verified"} == FIXTURE_ARCHS
+    # listed but never routing: only as refused, saying why (test_arch_matrix checks each refusal)
+    assert all(rows[a] == "refused" for a in rows.keys() - archs), "models.txt verifies an architecture that never routes"
+    assert set(rows.values()) <= {"verified", "refused"}
+    assert FIXTURE_ARCHS <= {a for a, s in rows.items() if s == "verified"}
     assert cli("models").stdout.splitlines() == (ROOT / "models.txt").read_text().splitlines()
 
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import SteerError
-from ..model import ModelInfo, layer_ranges
+from ..model import ROUTES_TWICE, ModelInfo, layer_ranges
 from ..profile import Profile
 
 METHODS = ("auto", "bias", "prune")
@@ -148,6 +148,8 @@ def plan_bake(info: ModelInfo, profile: Profile, method: str = "auto", drop_unba
     if method == "bias" and not kind:
         raise SteerError(f"{os.path.basename(info.path)} ({info.architecture}, {info.gating} gating) has no router "
                          f"or selection bias to edit: only --method prune (deactivation) can be baked")
+    if method == "prune":
+        _check_prunable(info)
     plan = BakePlan(method, info, profile)
     unbakeable: list[str] = []
 
@@ -179,6 +181,18 @@ def plan_bake(info: ModelInfo, profile: Profile, method: str = "auto", drop_unba
     if not any(a.grade != "dropped" for a in plan.actions):
         raise SteerError(f"{src}: nothing left to bake once the unbakeable actions are dropped")
     return plan
+
+
+def _check_prunable(info: ModelInfo) -> None:
+    """Pruning renumbers the experts; a file that names experts by number elsewhere breaks."""
+    name = os.path.basename(info.path)
+    if info.fixed_layers:
+        raise SteerError(f"{name}: cannot bake by prune: layers {layer_ranges(info.fixed_layers)} take their experts "
+                         f"from a fixed per-token table (hash routing) that names experts by number, which removing "
+                         f"experts would break")
+    if info.architecture in ROUTES_TWICE:
+        raise SteerError(f"{name}: cannot bake by prune: {info.architecture} maps each expert to its group's "
+                         f"adjugate expert by number, which removing experts would break")
 
 
 def _what_can(info: ModelInfo, kind: str) -> str:

@@ -18,7 +18,9 @@ from ..model import BAKED_PREFIX, SPLIT_NAME, open_parts
 from .plan import ROUTER_FORCE, SELECTION_MARGIN, BakePlan, bias_kind, plan_bake
 
 # per-expert tensors of a MoE layer: the expert is the outermost ggml dimension (numpy axis 0)
-PER_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate_inp|exp_probs_b|ffn_(?:gate|up|down|gate_up)_exps)(?:\.(weight|bias|scale))?")
+# the tensors that hold one slice per expert; a router's .scale (gemma4) is per input dimension
+PER_EXPERT = re.compile(r"blk\.(\d+)\.(?!ffn_gate_inp\.scale$)(ffn_gate_inp|exp_probs_b|ffn_(?:gate|up|down|gate_up)_exps)"
+                        r"(?:\.(weight|bias|scale))?")
 SKIP_KEYS = {"general.architecture", "general.alignment"}  # the writer sets these itself
 
 
@@ -217,7 +219,13 @@ def _add_tensor(writer, t, plan: BakePlan, kept: dict[int, list[int]], src: str,
         writer.tensors[-1][t.name].tensor = lazy
         edited.append(t.name)
         return
-    if kept and "_exps" in t.name:
+    if kept and m and m.group(2).endswith("_exps"):
+        raise SteerError(f"{src}: {t.name}: layer {m.group(1)} holds experts that llama.cpp's "
+                         f"{plan.info.architecture} graph never routes to, so pruning cannot renumber "
+                         f"them consistently")
+    # one slice per expert under a name bake does not know: refused rather than
+    # copied whole into a file with fewer experts (arctic's ffn_norm_exps is a norm)
+    if kept and "_exps" in t.name and data.shape and data.shape[0] == plan.info.n_expert:
         raise SteerError(f"{src}: {t.name}: a per-expert tensor that bake does not know how to slice")
     writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
 

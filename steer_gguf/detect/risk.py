@@ -735,4 +735,6 @@ def pair_counts(llm, pairs, *, batch_tokens: int = 2048, skip_bad: bool = False,
     meta = {"architecture": info.architecture, "fingerprint": info.fingerprint, "n_layer": info.n_layer,
             "n_expert": info.n_expert, "n_expert_used": info.n_expert_used, "dataset": pairs.source,
             "pairs": len(seqs) // 2}
-    return PairCounts(counts, n_tok, list(info.moe_layers)), meta
+    # layers routed by a fixed table (hash routing) cannot be steered: left out of the table
+    keep = [j for j, il in enumerate(info.moe_layers) if il not in info.fixed_layers]
+    return PairCounts(counts[:, :, keep], n_tok, [info.moe_layers[j] for j in keep]), meta

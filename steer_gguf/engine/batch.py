@@ -14,8 +14,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import SteerError
+from ..model import ROUTES_TWICE
 from ..profile import Profile
 from .slots import ContextSlots, check_phase, steered_in
+from .rows import undouble
 
 # llama-cpp-python's create_completion defaults, so both paths sample alike
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
@@ -97,6 +99,7 @@ class BatchEngine:
         self.recording = False
         self.vocab = llm._model.vocab
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx.ctx)
 
     # ---- one conversation ----------------------------------------------------------------
     def _sampler(self, s: SamplerSpec):
@@ -298,6 +301,8 @@ class BatchEngine:
         rec = self.obs.take()
         if self.obs.error:
             raise SteerError(f"routing recorder: {self.obs.error}")
+        if self.llm.info.architecture in ROUTES_TWICE:
+            rec = undouble(rec, [bool(self.batch.logits[i]) for i in range(n)], self.n_ubatch)
         n_out = len(last)
         out_rank = {i: r for r, i in enumerate(sorted(last.values()))}
         layers = self.llm.info.moe_layers

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import SteerError
 from ..grammar import check_grammar
-from ..model import DIFFUSION, ModelInfo, model_info
+from ..model import NOT_RUNNABLE, ModelInfo, model_info
 from ..profile import Profile, as_profile
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
@@ -35,9 +35,9 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
         if engine not in ENGINES:
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.info: ModelInfo = model_info(model_path)
-        if self.info.architecture in DIFFUSION:
-            raise SteerError(f"{model_path}: {self.info.architecture} is a diffusion language model, which llama.cpp "
-                             f"runs without KV memory; steer-gguf's generation and tracing need it (not supported)")
+        if self.info.architecture in NOT_RUNNABLE:
+            raise SteerError(f"{model_path}: {self.info.architecture} {NOT_RUNNABLE[self.info.architecture]} "
+                             f"(not supported)")
         llama_kwargs.setdefault("verbose", False)
         # no thread count given: as many as the cores other processes leave free, per decode
         # (engine/threads.py); a count given is kept as given
@@ -56,6 +56,13 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
             super().__init__(model_path=self.info.path, **llama_kwargs)
         except ValueError as e:
             raise SteerError(f"{model_path}: llama.cpp could not load the model ({e})") from None
+        if not llama_cpp.llama_get_memory(self._ctx.ctx):
+            # encoders (nomic-bert-moe) and diffusion models: no KV cache, which tracing and
+            # generation here need
+            arch = self.info.architecture
+            super().close()
+            raise SteerError(f"{model_path}: llama.cpp runs {arch} without KV memory (an encoder or embedding "
+                             f"model); steer-gguf's generation and tracing need it (not supported)")
         self._fit_arrays_to_context()
         self.engine = engine
         self.force = force

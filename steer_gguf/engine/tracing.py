@@ -9,8 +9,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import SteerError
+from ..model import ROUTES_TWICE
 from ..trace import RoutingTrace
 from .contexts import _native, install_steering, llama_cpp, secondary_context
+from .rows import concat, undouble
 
 
 class Tracing:
@@ -25,10 +27,25 @@ class Tracing:
             self._observer.clear_records()
             self._observer.record = True
             self._sync_observer()
+            twice = self.info.architecture in ROUTES_TWICE
+            parts: list[dict] = []
+            if twice:  # each decode's rows are undoubled as it ends, while its batch is known
+                decode = self._ctx.decode
+
+                def undoubling_decode(batch):
+                    rc = decode(batch)
+                    b = batch.batch
+                    parts.append(undouble(self._observer.take(), [bool(b.logits[i]) for i in range(b.n_tokens)],
+                                          self.context_params.n_ubatch))
+                    return rc
+
+                self._ctx.decode = undoubling_decode
             try:
                 yield log
             finally:
-                rec = self._observer.take()
+                if twice:
+                    del self._ctx.decode
+                rec = concat(parts + [self._observer.take()])
                 self._observer.record = False
                 self._sync_observer()
                 log.per_layer = {il: rec[il][0] for il in rec}
@@ -60,13 +77,18 @@ class Tracing:
             self._observer.record = True
             self._sync_observer()
             try:
+                twice = self.info.architecture in ROUTES_TWICE
+                parts = []
                 for i in range(0, len(toks), self.n_batch):
                     chunk = toks[i:i + self.n_batch]
                     # every traced token is an output, so the last layer computes all rows
                     self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
                     self.govern(self._ctx.ctx)
                     self._ctx.decode(self._batch)
-                rec = self._observer.take()
+                    if twice:
+                        parts.append(undouble(self._observer.take(), [True] * len(chunk),
+                                              self.context_params.n_ubatch))
+                rec = concat(parts + [self._observer.take()])
                 err = self._observer.error
             finally:
                 self._observer.record = False
@@ -158,6 +180,7 @@ class _TraceContext:
         self.n_tok = n_tok
         self.n_seq = max(1, min(64, llama_cpp.llama_max_parallel_sequences()))
         self.ctx, self.ptr = secondary_context(llm, n_tok, self.n_seq, "tracing")
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
         self.obs = _native.Observer(llm.info.n_layer)
         self.obs.record = True
@@ -232,6 +255,8 @@ class _TraceContext:
         if self.obs.error:
             raise SteerError(f"routing recorder: {self.obs.error}")
         layers = self.llm.info.moe_layers
+        if self.llm.info.architecture in ROUTES_TWICE:
+            rec = undouble(rec, [bool(b.logits[i]) for i in range(n)], self.n_ubatch)
         per_layer = []
         for il in layers:
             if il not in rec:

@@ -115,7 +115,10 @@ def info(model, as_json):
 
     i = model_info(model)
     status = verification(i.architecture)
-    if status != "verified":
+    if status == "refused":
+        click.echo(f"steer-gguf: warning: steer-gguf refuses to run {printable(i.architecture)} models "
+                   f"(`steer-gguf models` says why)", err=True)
+    elif status != "verified":
         click.echo(f"steer-gguf: warning: {printable(i.architecture)} is {status or 'not listed'} in models.txt: "
                    f"steer-gguf's tests do not check it; trace a profile before trusting it", err=True)
     if as_json:
