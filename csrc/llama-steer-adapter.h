@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 struct llama_model;
@@ -24,13 +25,41 @@ struct llama_steer_binds {
     std::vector<int32_t> seq_table; // by sequence id
 };
 
-// one graph build's token -> table inputs, made on first use (llama-steer.cpp)
+// Routing recorded by the graph (API version 3): one layer of one micro-batch, copied from the
+// graph's outputs into host memory. The copy may still be in flight (an async get on a GPU
+// backend) until the context synchronizes, so a chunk's buffers are allocated once, never
+// resized; moving a chunk keeps them where they are.
+struct llama_steer_route_chunk {
+    int32_t n_rows = 0;
+    int32_t k      = 0;
+    size_t ids_row = 0;                     // bytes between rows in `ids`
+    size_t w_elem = 0, w_row = 0;           // bytes between a row's weights, and between rows
+    std::vector<char> ids;                  // int32 rows of the top-k tensor, as laid out there
+    std::vector<char> w;                    // the final expert weights, as laid out there (or empty)
+    std::vector<int32_t> batch_idx;         // each row's token: its index in its llama_decode batch
+};
+
+// what a context records (llama_steer_route_record) and has recorded since the last clear
+struct llama_steer_route {
+    int32_t flags = 0;                      // LLAMA_STEER_ROUTE_* (steer.h); 0: the upstream graph
+    std::vector<char> copy_layer;           // by layer: keep through a copy node (layer off the CPU)
+    std::vector<std::vector<llama_steer_route_chunk>> layers; // by layer, in decode order
+    std::string error;                      // the first problem seen since the last clear
+};
+
+// one graph build's token -> table inputs, made on first use (llama-steer.cpp), and the
+// routing tensors it keeps as outputs while the context records
 struct llama_steer_graph {
     llm_graph_result * res = nullptr;
     int64_t n_tokens  = 0;
     int64_t n_outputs = 0;
+    const llama_steer_route * route = nullptr; // non-null: keep every MoE layer's routing
     ggml_tensor * tok = nullptr; // I32 [n_tokens]
     ggml_tensor * out = nullptr; // I32 [n_outputs]: the last layer computes output rows only
+
+    // build_moe_ffn, after the weights are in the graph: mark the layer's top-k (and weights)
+    // as graph outputs, so the allocator keeps them for the host copy after the graph ran
+    void keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ids, ggml_tensor * weights, int il);
 };
 
 struct llama_adapter_steer {

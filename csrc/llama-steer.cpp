@@ -302,6 +302,131 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
     return true;
 }
 
+// ---- routing as graph outputs ---------------------------------------------------------------
+
+// holds the routing tensors of one graph; an input only so that the graph result owns it and
+// graph reuse keeps it (nothing to set: the tensors are outputs, not inputs)
+class llm_graph_input_steer_route : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ub) override { GGML_UNUSED(ub); }
+    bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return true; }
+
+    struct kept {
+        int il;
+        ggml_tensor * ids; // I32 [k, n_rows], rows with their stride
+        ggml_tensor * w;   // F32 [1, k, n_rows] or [k, n_rows], or null
+    };
+    std::vector<kept> layers;
+};
+
+// mark t and every tensor it views as outputs: the allocator frees a view's source when the
+// view's last reader is done, unless the source itself is an output
+static void keep_chain(ggml_tensor * t) {
+    for (; t; t = t->view_src) {
+        ggml_set_output(t);
+    }
+}
+
+void llama_steer_graph::keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ids, ggml_tensor * weights,
+                                   int il) {
+    if (!route || !res || il < 0) {
+        return;
+    }
+    const bool want_w = (route->flags & LLAMA_STEER_ROUTE_WEIGHTS) != 0;
+    const bool copy = (size_t) il < route->copy_layer.size() && route->copy_layer[il];
+    if (copy) {
+        // Off the CPU, a backend fuses gating -> argsort -> view -> get_rows (-> norm) into one
+        // kernel only while none of the nodes inside is an output: copy the two results out
+        // instead (two small nodes after the fused ones, which stay consecutive)
+        ids = ggml_cont(ctx, ids);
+        ggml_set_name(ids, ("steer_route_topk-" + std::to_string(il)).c_str());
+        if (want_w) {
+            weights = ggml_cont(ctx, weights);
+            ggml_set_name(weights, ("steer_route_weights-" + std::to_string(il)).c_str());
+        }
+    }
+    keep_chain(ids);
+    ggml_build_forward_expand(gf, ids);
+    if (want_w) {
+        keep_chain(weights);
+        ggml_build_forward_expand(gf, weights);
+    }
+    llm_graph_input_steer_route * inp = nullptr;
+    for (auto & i : res->inputs) {
+        if ((inp = dynamic_cast<llm_graph_input_steer_route *>(i.get()))) {
+            break;
+        }
+    }
+    if (!inp) {
+        inp = static_cast<llm_graph_input_steer_route *>(res->add_input(std::make_unique<llm_graph_input_steer_route>()));
+    }
+    inp->layers.push_back({il, ids, want_w ? weights : nullptr});
+}
+
+// queue one tensor's bytes for the host: asynchronously where its backend can
+static void route_get(ggml_backend_sched_t sched, ggml_tensor * t, std::vector<char> & dst) {
+    dst.resize(ggml_nbytes(t));
+    if (dst.empty()) {
+        return;
+    }
+    ggml_backend_t b = ggml_backend_sched_get_tensor_backend(sched, t);
+    if (b) {
+        ggml_backend_tensor_get_async(b, t, dst.data(), 0, dst.size());
+    } else {
+        ggml_backend_tensor_get(t, dst.data(), 0, dst.size());
+    }
+}
+
+void llama_context::steer_route_extract(const llm_graph_result * res, const llama_ubatch & ubatch) {
+    const llm_graph_input_steer_route * inp = nullptr;
+    for (const auto & i : res->inputs) {
+        if ((inp = dynamic_cast<const llm_graph_input_steer_route *>(i.get()))) {
+            break;
+        }
+    }
+    if (!inp) {
+        return;  // the model routes nothing through build_moe_ffn
+    }
+    // a row's token: every token of the micro-batch, or (the last layer computes output rows
+    // only) its output tokens, in micro-batch order as the out_ids input lists them
+    const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
+    std::vector<int32_t> all(ubatch.n_tokens), outs;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        all[i] = have_idx ? ubatch.data->batch_idxs[i] : (int32_t) i;
+        if (!ubatch.output || ubatch.output[i]) {
+            outs.push_back(all[i]);
+        }
+    }
+    for (const auto & kl : inp->layers) {
+        const int64_t n_rows = kl.ids->ne[1];
+        if ((size_t) kl.il >= steer_route.layers.size()) {
+            steer_route.layers.resize(kl.il + 1);
+        }
+        if (n_rows != (int64_t) all.size() && n_rows != (int64_t) outs.size()) {
+            if (steer_route.error.empty()) {
+                steer_route.error = "layer " + std::to_string(kl.il) + " routed " + std::to_string(n_rows) +
+                    " rows of a micro-batch of " + std::to_string(all.size()) + " tokens with " +
+                    std::to_string(outs.size()) + " outputs";
+            }
+            continue;
+        }
+        llama_steer_route_chunk c;
+        c.n_rows = (int32_t) n_rows;
+        c.k = (int32_t) kl.ids->ne[0];
+        c.ids_row = kl.ids->nb[1];
+        c.batch_idx = n_rows == (int64_t) all.size() ? all : outs;
+        route_get(sched.get(), kl.ids, c.ids);
+        if (kl.w) {
+            // [1, k, n] before normalization, [k, n] after
+            const bool lead1 = kl.w->ne[0] == 1;
+            c.w_elem = lead1 ? kl.w->nb[1] : kl.w->nb[0];
+            c.w_row  = lead1 ? kl.w->nb[2] : kl.w->nb[1];
+            route_get(sched.get(), kl.w, c.w);
+        }
+        steer_route.layers[kl.il].push_back(std::move(c));
+    }
+}
+
 // ---- context side -------------------------------------------------------------------------
 
 void llama_context::steer_replace(std::shared_ptr<llama_adapter_steer> s) {
@@ -312,6 +437,11 @@ void llama_context::steer_replace(std::shared_ptr<llama_adapter_steer> s) {
     ggml_backend_sched_synchronize(sched.get());
     steer = std::move(s);
     steer_gen++;  // the next decode rebuilds its graph instead of reusing a stale one
+    sched_need_reserve = true;
+}
+
+void llama_context::steer_route_changed() {
+    steer_gen++;  // no graph built with the other routing outputs is reused
     sched_need_reserve = true;
 }
 
@@ -537,6 +667,118 @@ int32_t llama_steer_seq_bind(llama_context * ctx, llama_seq_id seq_id, int32_t s
     st.binds->seq_table[seq_id] = table_of(st, seq_id);
     g_last_error.clear();
     return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_record(llama_context * ctx, int32_t flags) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    if (flags != 0 && (flags & ~(LLAMA_STEER_ROUTE_EXPERTS | LLAMA_STEER_ROUTE_WEIGHTS) ||
+                       !(flags & LLAMA_STEER_ROUTE_EXPERTS))) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "routing flags " + std::to_string(flags) +
+                    ": LLAMA_STEER_ROUTE_EXPERTS, optionally | LLAMA_STEER_ROUTE_WEIGHTS, or 0");
+    }
+    llama_steer_route & r = ctx->steer_route;
+    if (r.flags == flags) {
+        g_last_error.clear();
+        return LLAMA_STEER_OK;  // same graph: nothing to rebuild
+    }
+    const llama_model & model = ctx->get_model();
+    const int32_t n_layer = (int32_t) model.hparams.n_layer();
+    const char * env = std::getenv("STEER_GGUF_PORTABLE_OPS");
+    const bool portable = env && env[0] == '1';
+    r.copy_layer.assign(n_layer, 0);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        // as the steering op decides (llama_adapter_steer::init): a layer whose buffers are the
+        // CPU backend's runs no fused kernels, so its routing tensors can be outputs in place;
+        // STEER_GGUF_PORTABLE_OPS=1 takes the copy path on the CPU too, so CPU machines test it
+        ggml_backend_buffer_type_t buft = model.select_buft(il);
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        const bool cpu = ggml_backend_buft_is_host(buft) && (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU);
+        r.copy_layer[il] = !cpu || portable;
+    }
+    // the graph changes: let a running decode finish, rebuild the next graph, re-reserve
+    ggml_backend_sched_synchronize(ctx->get_sched());
+    r.flags = flags;
+    ctx->steer_route_changed();
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_rows(llama_context * ctx, int32_t il, int32_t * k) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    llama_synchronize(ctx);  // the host copies of the last decode have landed
+    const llama_steer_route & r = ctx->steer_route;
+    if (!r.error.empty()) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "routing recorder: " + r.error);
+    }
+    if (il < 0 || (int32_t) ctx->get_model().hparams.n_layer() <= il) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) + " is outside the model's layers");
+    }
+    int32_t n = 0, kk = 0;
+    if ((size_t) il < r.layers.size()) {
+        for (const auto & c : r.layers[il]) {
+            n += c.n_rows;
+            kk = c.k;
+        }
+    }
+    if (k) {
+        *k = kk;
+    }
+    g_last_error.clear();
+    return n;
+}
+
+int32_t llama_steer_route_read(llama_context * ctx, int32_t il, int32_t * experts, float * weights,
+                               int32_t * batch_idx, int32_t n_rows) {
+    int32_t k = 0;
+    const int32_t n = llama_steer_route_rows(ctx, il, &k);
+    if (n < 0) {
+        return n;
+    }
+    if (n != n_rows) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) + " holds " + std::to_string(n) +
+                    " rows, " + std::to_string(n_rows) + " asked for");
+    }
+    if (n == 0) {
+        return LLAMA_STEER_OK;
+    }
+    const auto & chunks = ctx->steer_route.layers[il];
+    if (weights && chunks.front().w.empty()) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "weights were not recorded (LLAMA_STEER_ROUTE_WEIGHTS)");
+    }
+    int64_t row = 0;
+    for (const auto & c : chunks) {
+        if (c.k != k || (weights && c.w.empty())) {
+            return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
+                        ": recorded with different settings since the last clear");
+        }
+        for (int32_t i = 0; i < c.n_rows; ++i, ++row) {
+            std::memcpy(experts + row * k, c.ids.data() + i * c.ids_row, k * sizeof(int32_t));
+            if (weights) {
+                for (int32_t j = 0; j < k; ++j) {
+                    std::memcpy(weights + row * k + j, c.w.data() + i * c.w_row + j * c.w_elem, sizeof(float));
+                }
+            }
+            if (batch_idx) {
+                batch_idx[row] = c.batch_idx[i];
+            }
+        }
+    }
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+void llama_steer_route_clear(llama_context * ctx) {
+    if (ctx) {
+        llama_synchronize(ctx);  // no host copy may still be writing into what goes
+        for (auto & l : ctx->steer_route.layers) {
+            l.clear();
+        }
+        ctx->steer_route.error.clear();
+    }
 }
 
 const char * llama_steer_last_error(void) {

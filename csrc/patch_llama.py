@@ -37,11 +37,14 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.h",
      "    llm_graph_result * res;\n\n    // return true if the \"other\" params",
      "    const llama_adapter_steer * steer = nullptr; // steer-gguf\n"
-     "    uint64_t steer_gen = 0;                       // steer-gguf\n",
+     "    uint64_t steer_gen = 0;                       // steer-gguf\n"
+     "    const llama_steer_route * steer_route = nullptr; // steer-gguf: non-null while the context records routing\n"
+     "    int32_t steer_route_flags = 0;                // steer-gguf\n",
      "after_first_line"),
     ("src/llama-graph.h",
      "        if (n_outputs != other.n_outputs) {\n",
-     "        if (steer != other.steer || steer_gen != other.steer_gen) { // steer-gguf\n"
+     "        if (steer != other.steer || steer_gen != other.steer_gen || // steer-gguf\n"
+     "            steer_route != other.steer_route || steer_route_flags != other.steer_route_flags) {\n"
      "            return false;\n"
      "        }\n\n",
      "before"),
@@ -53,7 +56,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "    res              (params.res),\n",
      "    steer            (params.steer), // steer-gguf\n"
-     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs}, // steer-gguf\n",
+     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route}, // steer-gguf\n",
      "after"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits
@@ -92,6 +95,20 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        cb(selection_probs, \"ffn_moe_probs_steered\", il);\n"
      "    }\n\n",
      "before"),
+    # Routing recorded by the graph (steer.h, API version 3): the top-k as the router chose it
+    # (GroveMoE divides it afterwards; the eval-callback recorder sees it before) and the final
+    # weights become graph outputs, kept only once the weights are in the graph, so the nodes
+    # that backends fuse into one top-k-MoE kernel stay consecutive
+    ("src/llama-graph.cpp",
+     "    cb(selected_experts, \"ffn_moe_topk\", il);\n",
+     "    ggml_tensor * steer_topk = selected_experts; // steer-gguf\n",
+     "after"),
+    ("src/llama-graph.cpp",
+     "    //call early so that topk-moe can be used\n    ggml_build_forward_expand(gf, weights);\n",
+     "    if (steer_graph.route) { // steer-gguf\n"
+     "        steer_graph.keep_route(ctx0, gf, steer_topk, weights, il);\n"
+     "    }\n",
+     "after"),
     # the context owns the table; graph_params hands it to the graph builder
     ("src/llama-context.h",
      "    llama_adapter_cvec_ptr  cvec;\n",
@@ -103,7 +120,10 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    // steer-gguf: defined in llama-steer.cpp\n"
      "    void steer_replace(std::shared_ptr<llama_adapter_steer> s);\n"
      "    void steer_set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data);\n"
-     "    llama_steer_state steer_state; // tables, slots and sequence bindings\n\n",
+     "    llama_steer_state steer_state; // tables, slots and sequence bindings\n"
+     "    llama_steer_route steer_route; // routing recorded by the graph, until taken\n"
+     "    void steer_route_extract(const llm_graph_result * res, const llama_ubatch & ubatch);\n"
+     "    void steer_route_changed();\n\n",
      "before"),
     ("src/llama-context.h",
      "struct llama_context {\n",
@@ -113,8 +133,18 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        /*.res         =*/ res,\n    };\n",
      "        /*.res         =*/ res,\n"
      "        /*.steer       =*/ steer.get(), // steer-gguf\n"
-     "        /*.steer_gen   =*/ steer_gen,\n    };\n",
+     "        /*.steer_gen   =*/ steer_gen,\n"
+     "        /*.steer_route =*/ steer_route.flags ? &steer_route : nullptr,\n"
+     "        /*.steer_route_flags =*/ steer_route.flags,\n    };\n",
      "replace"),
+    # after each micro-batch's graph: queue the host copies of its routing (one sync per decode,
+    # when the routing is read, as for logits)
+    ("src/llama-context.cpp",
+     "        n_outputs_prev += n_outputs;\n        n_tokens_prev  += ubatch.n_tokens;\n",
+     "        if (steer_route.flags) { // steer-gguf\n"
+     "            steer_route_extract(res, ubatch);\n"
+     "        }\n\n",
+     "before"),
     # Backend fusion made visible: STEER_GGUF_LOG_FUSION=1 prints one line per fused top-k-MoE
     # dispatch, naming the layer's top-k tensor (benchmarks/gpu_check.py, tests/test_vulkan.py)
     ("ggml/src/ggml-cuda/topk-moe.cu",
