@@ -410,6 +410,9 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
             }
             continue;
         }
+        if (n_rows == 0) {
+            continue;  // the last layer of a micro-batch without outputs
+        }
         llama_steer_route_chunk c;
         c.n_rows = (int32_t) n_rows;
         c.k = (int32_t) kl.ids->ne[0];
@@ -746,14 +749,15 @@ int32_t llama_steer_route_read(llama_context * ctx, int32_t il, int32_t * expert
         return LLAMA_STEER_OK;
     }
     const auto & chunks = ctx->steer_route.layers[il];
-    if (weights && chunks.front().w.empty()) {
-        return fail(LLAMA_STEER_ERR_ROUTE, "weights were not recorded (LLAMA_STEER_ROUTE_WEIGHTS)");
-    }
     int64_t row = 0;
     for (const auto & c : chunks) {
-        if (c.k != k || (weights && c.w.empty())) {
+        if (c.k != k) {
             return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
-                        ": recorded with different settings since the last clear");
+                        ": experts per token changed since the last clear");
+        }
+        if (weights && c.w.empty()) {
+            return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
+                        ": weights were not recorded (LLAMA_STEER_ROUTE_WEIGHTS) in every decode since the last clear");
         }
         for (int32_t i = 0; i < c.n_rows; ++i, ++row) {
             std::memcpy(experts + row * k, c.ids.data() + i * c.ids_row, k * sizeof(int32_t));

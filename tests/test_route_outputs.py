@@ -1,0 +1,203 @@
+"""Routing recorded by the graph (steer.h API version 3) against the eval-callback recorder,
+its oracle: the same experts and weights, row for row, on every MoE architecture family and
+engine configuration (graph or hook engine, the CPU op or the portable op chain, slots),
+through every consumer (trace, trace_many, recording, the batch engine's traces)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fixtures.backend import TEST_NGL
+from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
+from steer_gguf.engine.contexts import _native, llama_cpp
+from steer_gguf.errors import SteerError
+
+# n_batch > n_ubatch: one decode of the trace runs as several micro-batches
+LLAMA = dict(n_ctx=256, n_batch=32, n_ubatch=16, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
+TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
+
+
+def _forcing(info, base) -> Profile:
+    """Forces on, in every MoE layer, the expert the unsteered trace picks least (a real change)."""
+    rules = []
+    for j, il in enumerate(info.moe_layers):
+        rules.append(ExpertRule(il, int(np.argmin(np.bincount(base.experts[:, j, :].ravel(),
+                                                              minlength=info.n_expert))), "activate"))
+    return Profile(ModelRef.of(info), rules, [], name="forced")
+
+
+@pytest.fixture(scope="module")
+def pair(moe_path):
+    """(graph-recorded, callback-recorded) models of each engine, and a forcing profile."""
+    out = {}
+    for engine in ("graph", "hook"):
+        out[engine] = (SteeredLlama(moe_path, engine=engine, **LLAMA),
+                       SteeredLlama(moe_path, engine=engine, recorder="callback", **LLAMA))
+    g, _ = out["graph"]
+    out["profile"] = _forcing(g.info, g.trace(text=TEXT))
+    yield out
+    for engine in ("graph", "hook"):
+        for m in out[engine]:
+            m.close()
+
+
+def _same_trace(a, b):
+    np.testing.assert_array_equal(a.experts, b.experts)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("engine", ["graph", "hook"])
+@pytest.mark.parametrize("portable", [False, True])
+def test_trace_equals_the_callback_recorder(pair, engine, portable, monkeypatch):
+    if portable:
+        # the copy nodes that GPU backends need (and the GPU steering op chain), on the CPU
+        monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")
+    new, old = pair[engine]
+    base_new = None
+    for prof in (None, pair["profile"]):
+        new.set_profile(prof)
+        old.set_profile(prof)
+        a, b = new.trace(text=TEXT), old.trace(text=TEXT)
+        _same_trace(a, b)
+        assert a.experts.shape[0] > LLAMA["n_batch"]  # several decodes of several micro-batches
+        if prof is None:
+            base_new = a
+    new.set_profile(None)
+    old.set_profile(None)
+    # the profile changed the recorded routing: the comparison saw real differences
+    assert not np.array_equal(a.experts, base_new.experts)
+
+
+def test_trace_many_equals_the_callback_recorder(pair):
+    new, old = pair["graph"]
+    toks = new.tokenize(TEXT.encode(), add_bos=True, special=True)
+    seqs = [toks, toks[:20], toks[5:40], toks[:9]]
+    rows = [list(range(len(toks))), [3, 7, 19], list(range(10, 35)), [8]]  # the last row: an output only
+    for prof in (None, pair["profile"]):
+        new.set_profile(prof)
+        old.set_profile(prof)
+        got = new.trace_many(seqs, rows, batch_tokens=64)
+        want = old.trace_many(seqs, rows, batch_tokens=64)
+        for g, w, r in zip(got, want, rows):
+            assert g.shape == (len(r), len(new.info.moe_layers), new.info.n_expert_used)
+            np.testing.assert_array_equal(g, w)
+    new.set_profile(None)
+    old.set_profile(None)
+    # and they are the rows a one-sequence trace records
+    full = new.trace(tokens=seqs[2]).experts
+    np.testing.assert_array_equal(new.trace_many([seqs[2]], [rows[2]])[0], full[rows[2]])
+
+
+def test_recording_during_generation_equals_the_callback_recorder(pair):
+    new, old = pair["graph"]
+    logs = []
+    for m in (new, old):
+        m.reset()
+        with m.lock, m.recording() as log:
+            m.create_completion(TEXT, max_tokens=6, temperature=0)
+        logs.append(log)
+    a, b = logs
+    for il in new.info.moe_layers:
+        np.testing.assert_array_equal(a.per_layer[il], b.per_layer[il])
+    # every decode of the prompt and of the 5 tokens after the first is in it
+    assert a.per_layer[new.info.moe_layers[0]].shape[0] == len(new.tokenize(TEXT.encode())) + 5
+    np.testing.assert_array_equal(a.tail(5), b.tail(5))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_batch_engine_traces_equal_the_callback_recorder(pair, portable, monkeypatch):
+    """Several conversations per decode, each under its own slot (or none)."""
+    if portable:
+        monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")
+    prof = pair["profile"]
+    results = []
+    for m in pair["graph"]:
+        prompts = [m.tokenize(t.encode(), add_bos=True, special=True)
+                   for t in (TEXT, "How many apples?", "Zebra 42 quartz", TEXT[10:])]
+        reqs = [Request(p, profile=prof if i % 2 else None, max_tokens=6, sampling=SamplerSpec(temperature=0),
+                        trace=i != 2) for i, p in enumerate(prompts)]
+        out: list = [None] * len(reqs)
+        pending = list(enumerate(reqs))
+        eng = BatchEngine(m, 3, 128)  # fewer sequences than requests: one joins mid-run
+        try:
+            eng.run(lambda idle: pending.pop(0) if pending else None, lambda i, r: out.__setitem__(i, r))
+        finally:
+            eng.close()
+        results.append(out)
+    for a, b in zip(*results):
+        assert not isinstance(a, Exception), a
+        assert a.tokens == b.tokens
+        if b.experts is None:
+            assert a.experts is None
+            continue
+        assert a.experts.shape == (len(a.tokens), len(pair["graph"][0].info.moe_layers),
+                                   pair["graph"][0].info.n_expert_used)
+        np.testing.assert_array_equal(a.experts, b.experts)
+
+
+def _decode_all(m, toks):
+    m.reset()
+    m._ctx.kv_cache_seq_rm(-1, 0, -1)
+    m._batch.set_batch(batch=toks, n_past=0, logits_all=True)
+    m._ctx.decode(m._batch)
+    n_vocab = m.n_vocab()
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(m._ctx.ctx), (len(toks), n_vocab)).copy()
+
+
+def test_recording_leaves_the_numbers_as_they_were(pair):
+    """Graph outputs change what the allocator may reuse, never a value: the logits with
+    recording on are bit-identical to those without (and to those after it went off)."""
+    m, _ = pair["graph"]
+    toks = m.tokenize(TEXT.encode(), add_bos=True, special=True)[:24]
+    with m.lock:
+        plain = _decode_all(m, toks)
+        m._recorder.on()
+        try:
+            rec_on = _decode_all(m, toks)
+            assert m._recorder.take()  # it did record
+        finally:
+            m._recorder.off()
+        after = _decode_all(m, toks)
+    np.testing.assert_array_equal(plain, rec_on)
+    np.testing.assert_array_equal(plain, after)
+
+
+def test_recording_keeps_graph_reuse_and_needs_no_eval_callback(pair):
+    m, _ = pair["graph"]
+    toks = m.tokenize(TEXT.encode(), add_bos=True, special=True)
+    with m.lock:
+        m.reset()
+        m._ctx.kv_cache_seq_rm(-1, 0, -1)
+        m._recorder.on()
+        try:
+            assert not m._recorder._attached  # no eval callback on this path
+            m.eval(toks[:8])
+            before = llama_cpp.llama_perf_context(m._ctx.ctx).n_reused
+            for t in toks[8:14]:  # one token per decode: the same graph each time
+                m.eval([t])
+            reused = llama_cpp.llama_perf_context(m._ctx.ctx).n_reused - before
+            rec = m._recorder.take()
+        finally:
+            m._recorder.off()
+            m.reset()
+    assert reused >= 5
+    for il in m.info.moe_layers:
+        e, w, idx = rec[il]
+        # rows accumulate over decodes; each row names its token in its own decode's batch
+        # (most architectures compute only the output row of the 8-token prompt in the last layer)
+        assert e.shape[0] == 8 + 6 or (il == m.info.moe_layers[-1] and e.shape[0] == 1 + 6)
+        assert idx.tolist()[-6:] == [0] * 6
+        assert w is not None and w.shape == e.shape
+
+
+def test_route_api_rejects_bad_input(pair):
+    m, _ = pair["graph"]
+    ptr = m._ctx_ptr
+    for flags in (-1, 2, 4, 7):  # weights without experts, unknown bits
+        rc, msg = _native.route_record(ptr, flags)
+        assert rc == _native.STATUS["ERR_ROUTE"] and msg
+    assert _native.route_take(ptr, m.info.n_layer, False) == {}  # nothing recorded: nothing to read
+    with pytest.raises(SteerError):
+        SteeredLlama(m.model_path, recorder="eval", **LLAMA)
