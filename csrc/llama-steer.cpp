@@ -75,8 +75,9 @@ static void steer_cpu_op_tables(ggml_tensor * dst, const ggml_tensor * x, const 
 // ids and the context's bindings, so a new binding needs a new input, not a new graph
 class llm_graph_input_steer : public llm_graph_input_i {
 public:
-    llm_graph_input_steer(std::shared_ptr<llama_steer_binds> binds, bool outputs_only)
-        : binds(std::move(binds)), outputs_only(outputs_only) {}
+    llm_graph_input_steer(std::shared_ptr<llama_steer_binds> binds, bool outputs_only,
+                          std::shared_ptr<const llama_steer_sel> sel)
+        : binds(std::move(binds)), outputs_only(outputs_only), sel(std::move(sel)) {}
 
     void set_input(const llama_ubatch * ub) override {
         const int64_t n = tables->ne[0];
@@ -84,7 +85,8 @@ public:
         std::vector<int32_t> v;
         v.reserve(n);
         for (uint32_t i = 0; i < ub->n_tokens && (int64_t) v.size() < n; ++i) {
-            if (outputs_only && ub->output && !ub->output[i]) {
+            // the last layer's rows: the outputs, or the outputs and the routed rows
+            if (outputs_only && (sel ? !sel->in_rows[i] : ub->output && !ub->output[i])) {
                 continue;
             }
             // a token shared by several sequences takes its first sequence's table
@@ -96,19 +98,22 @@ public:
     }
 
     bool can_reuse(const llm_graph_params & params) override {
-        return tables->ne[0] == (outputs_only ? (int64_t) params.n_outputs : (int64_t) params.ubatch.n_tokens);
+        const int64_t n_last = params.steer_route_nsel >= 0 ? params.steer_route_nsel : (int64_t) params.n_outputs;
+        return tables->ne[0] == (outputs_only ? n_last : (int64_t) params.ubatch.n_tokens);
     }
 
     ggml_tensor * tables = nullptr; // I32 [n]
     std::shared_ptr<llama_steer_binds> binds;
     bool outputs_only;
+    std::shared_ptr<const llama_steer_sel> sel; // set while the last layer computes routed rows too
 };
 
 ggml_tensor * llama_adapter_steer::token_tables(ggml_context * ctx, llama_steer_graph & g, int64_t n_rows) const {
     const bool outputs_only = n_rows != g.n_tokens;
     ggml_tensor *& t = outputs_only ? g.out : g.tok;
     if (!t) {
-        auto inp = std::make_unique<llm_graph_input_steer>(binds, outputs_only);
+        auto inp = std::make_unique<llm_graph_input_steer>(binds, outputs_only,
+            g.n_sel >= 0 && g.route ? std::shared_ptr<const llama_steer_sel>(g.route->sel) : nullptr);
         inp->tables = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
         ggml_set_input(inp->tables);
         ggml_set_name(inp->tables, outputs_only ? "steer_tables_out" : "steer_tables");
@@ -363,6 +368,104 @@ void llama_steer_graph::keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_te
     inp->layers.push_back({il, ids, want_w ? weights : nullptr});
 }
 
+// the last layer's rows while routed rows need no logits (llama_steer_sel): out_ids lists
+// them; out_of_sel, made when the output norm or the logits are cut, picks the outputs among them
+class llm_graph_input_steer_sel : public llm_graph_input_i {
+public:
+    explicit llm_graph_input_steer_sel(std::shared_ptr<const llama_steer_sel> sel) : sel(std::move(sel)) {}
+
+    void set_input(const llama_ubatch * ub) override {
+        GGML_UNUSED(ub);
+        ggml_backend_tensor_set(rows, sel->rows.data(), 0, ggml_nbytes(rows));
+        if (out_of_sel && ggml_nelements(out_of_sel) > 0) {  // a decode may route rows and want no logits
+            ggml_backend_tensor_set(out_of_sel, sel->out_of_sel.data(), 0, ggml_nbytes(out_of_sel));
+        }
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return rows->ne[0] == params.steer_route_nsel && (!out_of_sel || out_of_sel->ne[0] == (int64_t) params.n_outputs);
+    }
+
+    std::shared_ptr<const llama_steer_sel> sel;
+    ggml_tensor * rows = nullptr;       // I32 [n_sel]
+    ggml_tensor * out_of_sel = nullptr; // I32 [n_outputs]
+};
+
+ggml_tensor * llama_steer_graph::inp_sel_rows(ggml_context * ctx) {
+    if (!sel_inp) {
+        auto inp = std::make_unique<llm_graph_input_steer_sel>(route->sel);
+        inp->rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_sel);
+        ggml_set_input(inp->rows);
+        ggml_set_name(inp->rows, "out_ids"); // upstream's name: this is its out_ids, widened
+        sel_inp = inp.get();
+        res->add_input(std::move(inp));
+    }
+    return sel_inp->rows;
+}
+
+static ggml_tensor * outputs_of_sel(ggml_context * ctx, llama_steer_graph & g) {
+    g.inp_sel_rows(ctx);
+    if (!g.sel_inp->out_of_sel) {
+        g.sel_inp->out_of_sel = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, g.n_outputs);
+        ggml_set_input(g.sel_inp->out_of_sel);
+        ggml_set_name(g.sel_inp->out_of_sel, "steer_out_of_sel");
+    }
+    return g.sel_inp->out_of_sel;
+}
+
+ggml_tensor * llama_steer_graph::cut_to_outputs(ggml_context * ctx, ggml_tensor * cur, const ggml_tensor * mw, int il) {
+    // the output norm (every architecture names its weight "output_norm.weight") of hidden
+    // states that still hold the routed rows: what follows is the output head
+    if (il != -1 || !mw || std::strcmp(mw->name, "output_norm.weight") != 0 || ggml_n_dims(cur) > 2 ||
+        cur->ne[1] != n_sel) {
+        return cur;
+    }
+    return ggml_get_rows(ctx, cur, outputs_of_sel(ctx, *this));
+}
+
+void llama_steer_graph::finish(ggml_context * ctx, ggml_cgraph * gf) {
+    if (n_sel < 0 || !res) {
+        return;
+    }
+    // an architecture whose output head does not start at build_norm(output_norm): the head
+    // ran on every routed row; keep the output rows, which are what llama.cpp reads
+    for (ggml_tensor ** t : {&res->t_logits, &res->t_embd}) {
+        if (*t && ggml_n_dims(*t) <= 2 && (*t)->ne[1] == n_sel) {
+            *t = ggml_get_rows(ctx, *t, outputs_of_sel(ctx, *this));
+            ggml_build_forward_expand(gf, *t);
+        }
+    }
+}
+
+void llama_context::steer_route_prepare(const llama_ubatch & ubatch) {
+    llama_steer_route & r = steer_route;
+    r.sel_for.reset();
+    r.n_sel = -1;
+    if (!r.flags || r.want.empty() || !ubatch.data) {
+        return;
+    }
+    llama_steer_sel & sel = *r.sel;
+    sel.rows.clear();
+    sel.out_of_sel.clear();
+    sel.in_rows.assign(ubatch.n_tokens, 0);
+    const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        const size_t b = have_idx ? (size_t) ubatch.data->batch_idxs[i] : (size_t) i;
+        const bool out = !ubatch.output || ubatch.output[i];
+        if (out || (b < r.want.size() && r.want[b])) {
+            if (out) {
+                sel.out_of_sel.push_back((int32_t) sel.rows.size());
+            }
+            sel.in_rows[i] = 1;
+            sel.rows.push_back((int32_t) i);
+        }
+    }
+    if (sel.rows.size() > sel.out_of_sel.size()) {
+        r.n_sel = (int64_t) sel.rows.size();
+        r.sel_for = ubatch.data;
+    }  // else: nothing routed beyond the outputs, upstream's rows
+}
+
 // queue one tensor's bytes for the host: asynchronously where its backend can
 static void route_get(ggml_backend_sched_t sched, ggml_tensor * t, std::vector<char> & dst) {
     dst.resize(ggml_nbytes(t));
@@ -385,15 +488,19 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
         }
     }
     if (!inp) {
+        steer_route.sel_for.reset();
+        steer_route.n_sel = -1;
         return;  // the model routes nothing through build_moe_ffn
     }
     // a row's token: every token of the micro-batch, or (the last layer computes output rows
-    // only) its output tokens, in micro-batch order as the out_ids input lists them
+    // only, or outputs and routed rows) those tokens, in micro-batch order as out_ids lists them
     const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
     std::vector<int32_t> all(ubatch.n_tokens), outs;
+    const bool sel = steer_route.sel_for == ubatch.data && steer_route.n_sel >= 0;
     for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
         all[i] = have_idx ? ubatch.data->batch_idxs[i] : (int32_t) i;
-        if (!ubatch.output || ubatch.output[i]) {
+        // with routed rows (llama_steer_sel) the last layer computes those and the outputs
+        if (sel ? steer_route.sel->in_rows[i] : !ubatch.output || ubatch.output[i]) {
             outs.push_back(all[i]);
         }
     }
@@ -406,7 +513,7 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
             if (steer_route.error.empty()) {
                 steer_route.error = "layer " + std::to_string(kl.il) + " routed " + std::to_string(n_rows) +
                     " rows of a micro-batch of " + std::to_string(all.size()) + " tokens with " +
-                    std::to_string(outs.size()) + " outputs";
+                    std::to_string(outs.size()) + (sel ? " outputs and routed rows" : " outputs");
             }
             continue;
         }
@@ -428,6 +535,8 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
         }
         steer_route.layers[kl.il].push_back(std::move(c));
     }
+    steer_route.sel_for.reset();  // this micro-batch is done: no other graph takes its rows
+    steer_route.n_sel = -1;
 }
 
 // ---- context side -------------------------------------------------------------------------
@@ -444,7 +553,12 @@ void llama_context::steer_replace(std::shared_ptr<llama_adapter_steer> s) {
 }
 
 void llama_context::steer_route_changed() {
+    steer_route.sel_for.reset();
+    steer_route.n_sel = -1;
     steer_gen++;  // no graph built with the other routing outputs is reused
+    // and re-reserve: the allocator lays out a graph by the plan of the last reserve whenever
+    // its nodes fit that plan, and a plan made without the kept outputs lets later layers
+    // overwrite them (same nodes, only their output flags differ)
     sched_need_reserve = true;
 }
 
@@ -771,6 +885,19 @@ int32_t llama_steer_route_read(llama_context * ctx, int32_t il, int32_t * expert
             }
         }
     }
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_tokens(llama_context * ctx, const int8_t * want, int32_t n_tokens) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    if (n_tokens < 0 || (n_tokens > 0 && !want)) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "route tokens: " + std::to_string(n_tokens) + " tokens" +
+                    (want ? "" : " and no mask"));
+    }
+    ctx->steer_route.want.assign(want, want + n_tokens);
     g_last_error.clear();
     return LLAMA_STEER_OK;
 }

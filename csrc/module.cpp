@@ -324,6 +324,18 @@ PYBIND11_MODULE(_native, m) {
         return out;
     }, py::arg("ctx"), py::arg("n_layer"), py::arg("weights"));
 
+    // tokens to route without logits: a bool/int8 mask over the next decodes' batch, or None
+    m.def("route_tokens", [](uintptr_t ctx, py::object want) -> py::tuple {
+        if (want.is_none()) {
+            return status(llama_steer_route_tokens(as_ctx(ctx), nullptr, 0));
+        }
+        auto w = py::array_t<int8_t, py::array::c_style | py::array::forcecast>::ensure(want);
+        if (!w || w.ndim() != 1) {
+            return py::make_tuple((int) LLAMA_STEER_ERR_ROUTE, std::string("route tokens: a 1-D mask over the batch"));
+        }
+        return status(llama_steer_route_tokens(as_ctx(ctx), w.data(), (int32_t) w.shape(0)));
+    }, py::arg("ctx"), py::arg("want"));
+
     m.def("route_clear", [](uintptr_t ctx) {
         py::gil_scoped_release release;
         llama_steer_route_clear(as_ctx(ctx));

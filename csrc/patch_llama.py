@@ -39,12 +39,14 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    const llama_adapter_steer * steer = nullptr; // steer-gguf\n"
      "    uint64_t steer_gen = 0;                       // steer-gguf\n"
      "    const llama_steer_route * steer_route = nullptr; // steer-gguf: non-null while the context records routing\n"
-     "    int32_t steer_route_flags = 0;                // steer-gguf\n",
+     "    int32_t steer_route_flags = 0;                // steer-gguf\n"
+     "    int64_t steer_route_nsel = -1;                // steer-gguf: rows of the last layer beyond outputs (llama_steer_sel)\n",
      "after_first_line"),
     ("src/llama-graph.h",
      "        if (n_outputs != other.n_outputs) {\n",
      "        if (steer != other.steer || steer_gen != other.steer_gen || // steer-gguf\n"
-     "            steer_route != other.steer_route || steer_route_flags != other.steer_route_flags) {\n"
+     "            steer_route != other.steer_route || steer_route_flags != other.steer_route_flags ||\n"
+     "            steer_route_nsel != other.steer_route_nsel) {\n"
      "            return false;\n"
      "        }\n\n",
      "before"),
@@ -56,7 +58,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "    res              (params.res),\n",
      "    steer            (params.steer), // steer-gguf\n"
-     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route}, // steer-gguf\n",
+     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route, params.steer_route_nsel}, // steer-gguf\n",
      "after"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits
@@ -109,6 +111,30 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        steer_graph.keep_route(ctx0, gf, steer_topk, weights, il);\n"
      "    }\n",
      "after"),
+    # Routed rows that need no logits (llama_steer_route_rows): the last layer computes them
+    # with the outputs (out_ids lists both), and the output norm's input is cut to the outputs,
+    # so the output head runs for output rows alone; an architecture whose graph reaches its
+    # logits otherwise gets them cut after the head (steer_graph.finish), never wrong rows
+    ("src/llama-graph.cpp",
+     "ggml_tensor * llm_graph_context::build_inp_out_ids() const {\n",
+     "    if (steer_graph.n_sel >= 0) { // steer-gguf\n"
+     "        return steer_graph.inp_sel_rows(ctx0);\n"
+     "    }\n",
+     "after"),
+    ("src/llama-graph.cpp",
+     "       llm_norm_type   type,\n                 int   il) const {\n    switch (type) {\n",
+     "    if (steer_graph.n_sel >= 0) { // steer-gguf\n"
+     "        cur = steer_graph.cut_to_outputs(ctx0, cur, mw, il);\n"
+     "    }\n",
+     "after_first_line_2"),
+    ("src/llama-model.cpp",
+     "    // add on pooling layer\n    llm->build_pooling(",
+     "    llm->steer_graph.finish(llm->ctx0, llm->gf); // steer-gguf\n\n",
+     "before"),
+    ("src/llama-context.cpp",
+     "            // needs to happen before the graph is built\n            n_outputs = n_outputs_new;\n",
+     "            steer_route_prepare(ubatch); // steer-gguf: the rows its last layer computes\n",
+     "after"),
     # the context owns the table; graph_params hands it to the graph builder
     ("src/llama-context.h",
      "    llama_adapter_cvec_ptr  cvec;\n",
@@ -123,7 +149,8 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    llama_steer_state steer_state; // tables, slots and sequence bindings\n"
      "    llama_steer_route steer_route; // routing recorded by the graph, until taken\n"
      "    void steer_route_extract(const llm_graph_result * res, const llama_ubatch & ubatch);\n"
-     "    void steer_route_changed();\n\n",
+     "    void steer_route_changed();\n"
+     "    void steer_route_prepare(const llama_ubatch & ubatch);\n\n",
      "before"),
     ("src/llama-context.h",
      "struct llama_context {\n",
@@ -135,7 +162,8 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        /*.steer       =*/ steer.get(), // steer-gguf\n"
      "        /*.steer_gen   =*/ steer_gen,\n"
      "        /*.steer_route =*/ steer_route.flags ? &steer_route : nullptr,\n"
-     "        /*.steer_route_flags =*/ steer_route.flags,\n    };\n",
+     "        /*.steer_route_flags =*/ steer_route.flags,\n"
+     "        /*.steer_route_nsel  =*/ steer_route.flags && steer_route.sel_for == ubatch.data ? steer_route.n_sel : -1,\n    };\n",
      "replace"),
     # after each micro-batch's graph: queue the host copies of its routing (one sync per decode,
     # when the routing is read, as for logits)
@@ -193,6 +221,9 @@ def apply(root: pathlib.Path) -> None:
         elif where == "after_first_line":
             first, rest = anchor.split("\n", 1)
             new = src.replace(anchor, first + "\n" + text + rest)
+        elif where == "after_first_line_2":
+            a, b, rest = anchor.split("\n", 2)
+            new = src.replace(anchor, a + "\n" + b + "\n" + text + rest)
         elif where == "replace":
             new = src.replace(anchor, text)
         else:

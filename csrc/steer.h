@@ -110,8 +110,9 @@ LLAMA_API void llama_steer_set_eval_callback(
 //
 // Rows accumulate over decodes until llama_steer_route_clear, per layer in the order the
 // graph computed them: every token of each micro-batch, except in the last layer, which
-// llama.cpp computes for output tokens only (batch.logits[i] != 0). Each row carries its
-// token's index in the batch of the llama_decode that computed it.
+// llama.cpp computes for output tokens only (batch.logits[i] != 0), and for the tokens of
+// llama_steer_route_tokens. Each row carries its token's index in the batch of the
+// llama_decode that computed it.
 
 // Start (flags: LLAMA_STEER_ROUTE_EXPERTS, optionally | LLAMA_STEER_ROUTE_WEIGHTS) or stop
 // (flags 0) recording, from the next decode on; rows already recorded stay.
@@ -130,6 +131,14 @@ LLAMA_API int32_t llama_steer_route_read(
         float    * weights,
         int32_t  * batch_idx,
         int32_t    n_rows);
+
+// Tokens to route in every layer although they are not outputs: want[i] != 0 for the token
+// at batch index i of each following llama_decode (NULL / 0 tokens: outputs only, upstream's
+// rows). llama.cpp computes the last layer only for the rows it keeps; these rows are kept
+// through the last layer and cut just before the output head, so they cost the last layer
+// but no logits (and take no room in the logits buffer). In force until changed; used only
+// while recording.
+LLAMA_API int32_t llama_steer_route_tokens(struct llama_context * ctx, const int8_t * want, int32_t n_tokens);
 
 // Drop every recorded row (waits for copies still in flight). Recording goes on.
 LLAMA_API void llama_steer_route_clear(struct llama_context * ctx);

@@ -201,3 +201,72 @@ def test_route_api_rejects_bad_input(pair):
     assert _native.route_take(ptr, m.info.n_layer, False) == {}  # nothing recorded: nothing to read
     with pytest.raises(SteerError):
         SteeredLlama(m.model_path, recorder="eval", **LLAMA)
+
+
+@pytest.mark.parametrize("slots", [False, True])
+@pytest.mark.parametrize("portable", [False, True])
+def test_routed_rows_route_as_outputs_without_logits(pair, slots, portable, monkeypatch):
+    """llama_steer_route_tokens: tokens routed in every layer (the last included) without
+    being outputs route exactly as when they are outputs, with or without per-sequence tables,
+    and the outputs' logits stay what they were."""
+    if portable:
+        monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")
+    from steer_gguf.engine.contexts import secondary_context
+    from steer_gguf.engine.tracing import Recorder, by_token
+
+    m, _ = pair["graph"]
+    info = m.info
+    ctx, ptr = secondary_context(m, 128, 2, "test")
+    batch = llama_cpp.llama_batch_init(128, 0, 1)
+    rec = Recorder(ptr, _native.Observer(info.n_layer), info.n_layer, "graph", weights=True)
+    try:
+        if slots:  # sequence 0 takes the profile from a slot, sequence 1 none
+            actions, bias = pair["profile"].to_arrays(info, _native.ACTIONS)
+            assert _native.slot_set(ptr, 0, actions, bias, float(pair["profile"].eps))[0] == 0
+            assert _native.seq_bind(ptr, 0, 0)[0] == 0
+        toks = m.tokenize(TEXT.encode(), add_bos=True, special=True)
+        seqs = [toks[:20], toks[3:30]]
+        n = sum(map(len, seqs))
+        last = [len(seqs[0]) - 1, n - 1]
+        rec.on()
+
+        def run(outputs, routed):
+            i = 0
+            for sid, s in enumerate(seqs):
+                for pos, t in enumerate(s):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, i in outputs
+                    batch.seq_id[i][0] = sid
+                    i += 1
+            batch.n_tokens = n
+            mask = np.zeros(n, dtype=bool)
+            mask[list(routed)] = True
+            rec.route_rows(mask)
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+            assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+            logits = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, j), (m.n_vocab(),)).copy()
+                      for j in sorted(outputs)]
+            return by_token(rec.take(), info.moe_layers, n, sorted(outputs)), logits
+
+        every, every_logits = run(set(range(n)), ())
+        routed, routed_logits = run(set(last), range(n))
+        for a, b in zip(every, routed):
+            np.testing.assert_array_equal(a, b)
+        assert (routed[-1] >= 0).all()  # the last layer computed every token
+        for j, lg in zip(last, routed_logits):
+            np.testing.assert_allclose(lg, every_logits[j], rtol=1e-4, atol=1e-4)
+        # routed rows alone, no output at all: the last layer computes just those
+        some = [2, 5, 19, 21, 40]
+        only, _ = run(set(), some)
+        assert (only[-1][some] == every[-1][some]).all()
+        rest = np.delete(only[-1], some, axis=0)
+        # not computed; or, where the architecture computes its last layer for every token
+        # anyway (gpt-oss), computed as ever
+        assert (rest == -1).all() or np.array_equal(rest, np.delete(every[-1], some, axis=0))
+        for a, b in zip(every[:-1], only[:-1]):
+            np.testing.assert_array_equal(a, b)
+        rc, _ = _native.route_tokens(ptr, np.zeros((2, 2), dtype=np.int8))
+        assert rc == _native.STATUS["ERR_ROUTE"]
+    finally:
+        rec.off()
+        llama_cpp.llama_batch_free(batch)
+        ctx.close()

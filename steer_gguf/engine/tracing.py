@@ -60,12 +60,22 @@ class Recorder:
         if self.kind == "graph":
             flags = _native.ROUTE["experts"] | (_native.ROUTE["weights"] if self.weights else 0)
             check_status(*_native.route_record(self.ptr, flags if on else 0), "routing recorder")
+            check_status(*_native.route_tokens(self.ptr, None), "routing recorder")
         else:
             self.obs.record_weights = self.weights
             self.obs.record = on
         self.clear()
         self.recording = on
         self._sync()
+
+    def route_rows(self, mask: np.ndarray) -> bool:
+        """Route the tokens of mask (by batch index) in every layer in the next decodes,
+        outputs or not; True if the graph recorder does (they need no logits then), False
+        if the caller must make them outputs (the callback recorder sees outputs only)."""
+        if self.kind != "graph":
+            return False
+        check_status(*_native.route_tokens(self.ptr, mask.astype(np.int8)), "routing recorder")
+        return True
 
     def clear(self) -> None:
         """Drop the rows recorded so far."""
@@ -165,8 +175,10 @@ class Tracing:
             try:
                 for i in range(0, len(toks), self.n_batch):
                     chunk = toks[i:i + self.n_batch]
-                    # every traced token is an output, so the last layer computes all rows
-                    self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+                    # the last layer must compute every traced token: routed rows (no logits)
+                    # with the graph recorder; outputs, logits and all, with the callback one
+                    routed = self._recorder.route_rows(np.ones(len(chunk), dtype=bool))
+                    self._batch.set_batch(batch=chunk, n_past=i, logits_all=not routed)
                     self._ctx.decode(self._batch)
                 rec = self._recorder.take()
             finally:
@@ -181,8 +193,9 @@ class Tracing:
         logits=True returns instead the next-token logits at those rows, float32
         [len(rows[i]), n_vocab] (teacher forcing: row r is the prediction of token r+1).
 
-        Only the requested rows are marked as outputs: the last layer computes nothing
-        else, and the logits of the rest are never needed."""
+        Only the requested rows reach the last layer, which computes nothing else; with the
+        graph recorder they are routed rows without logits (steer.h llama_steer_route_tokens),
+        so no output head runs at all."""
         rows = [list(range(len(s))) for s in seqs] if rows is None else [list(r) for r in rows]
         if len(rows) != len(seqs):
             raise SteerError("trace_many: one row list per sequence")
@@ -277,6 +290,11 @@ class _TraceContext:
         record = record and not logits
         if not record and not logits:
             rows = [[len(t) - 1] for t in seqs]
+        # the plain-prefill baseline and scoring run the upstream graph (a hook engine still
+        # steers); switching costs one graph rebuild, so the recorder stays as it was last run
+        if record != self.rec.recording:
+            (self.rec.on if record else self.rec.off)()
+        routed_only = record and self.rec.kind == "graph"
         b = self.batch
         n = 0
         out_index = []  # per sequence: positions of its requested rows among the batch outputs
@@ -290,7 +308,7 @@ class _TraceContext:
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = sid
                 is_out = pos in want_set
-                b.logits[n] = is_out
+                b.logits[n] = is_out and not routed_only
                 if is_out:
                     mine[pos] = n_out
                     n_out += 1
@@ -298,10 +316,10 @@ class _TraceContext:
             out_index.append([(n - len(toks) + r, mine[r]) for r in want])
         b.n_tokens = n
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
-        # the plain-prefill baseline and scoring run the upstream graph (a hook engine still
-        # steers); switching costs one graph rebuild, so the recorder stays as it was last run
-        if record != self.rec.recording:
-            (self.rec.on if record else self.rec.off)()
+        if routed_only:
+            mask = np.zeros(n, dtype=bool)
+            mask[[i for idx in out_index for i, _ in idx]] = True
+            self.rec.route_rows(mask)
         self.rec.clear()  # nothing of a decode that failed before
         rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         if rc != 0:
@@ -317,7 +335,7 @@ class _TraceContext:
             return out
         if not record:
             return []
-        outputs = [i for i in range(n) if b.logits[i]]
+        outputs = [i for i in range(n) if b.logits[i]]  # the callback recorder's rows of the last layer
         per_layer = by_token(self.rec.take(), self.llm.info.moe_layers, n, outputs)
         result = []
         for idx in out_index:
