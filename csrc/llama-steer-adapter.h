@@ -47,6 +47,7 @@ struct llama_steer_route_chunk {
 struct llama_steer_sel {
     std::vector<int32_t> rows;        // micro-batch indices, ascending
     std::vector<int32_t> out_of_sel;  // for each output, in micro-batch order: its place in rows
+    std::vector<int32_t> back;        // for each of rows: its output's index (0 where no output)
     std::vector<char>    in_rows;     // by micro-batch index
 };
 
@@ -84,6 +85,11 @@ struct llama_steer_graph {
     ggml_tensor * cut_to_outputs(ggml_context * ctx, ggml_tensor * cur, const ggml_tensor * mw, int il);
     // after the architecture's graph: logits of output rows only, wherever the cut above did not apply
     void finish(ggml_context * ctx, ggml_cgraph * gf);
+    // build_moe_ffn of the last layer: the output rows among `cur`'s, if it holds routed rows too
+    // (only those reach the output head; the others need the layer's routing, not its experts)
+    ggml_tensor * expert_rows(ggml_context * ctx, const ggml_tensor * cur);
+    // and the map back from the experts' output rows to every row of the layer
+    ggml_tensor * expert_back(ggml_context * ctx);
 
     // build_moe_ffn, after the weights are in the graph: mark the layer's top-k (and weights)
     // as graph outputs, so the allocator keeps them for the host copy after the graph ran

@@ -380,15 +380,19 @@ public:
         if (out_of_sel && ggml_nelements(out_of_sel) > 0) {  // a decode may route rows and want no logits
             ggml_backend_tensor_set(out_of_sel, sel->out_of_sel.data(), 0, ggml_nbytes(out_of_sel));
         }
+        if (back) {
+            ggml_backend_tensor_set(back, sel->back.data(), 0, ggml_nbytes(back));
+        }
     }
 
     bool can_reuse(const llm_graph_params & params) override {
         return rows->ne[0] == params.steer_route_nsel && (!out_of_sel || out_of_sel->ne[0] == (int64_t) params.n_outputs);
-    }
+    }  // back has the size of rows
 
     std::shared_ptr<const llama_steer_sel> sel;
     ggml_tensor * rows = nullptr;       // I32 [n_sel]
     ggml_tensor * out_of_sel = nullptr; // I32 [n_outputs]
+    ggml_tensor * back = nullptr;       // I32 [n_sel]
 };
 
 ggml_tensor * llama_steer_graph::inp_sel_rows(ggml_context * ctx) {
@@ -423,6 +427,23 @@ ggml_tensor * llama_steer_graph::cut_to_outputs(ggml_context * ctx, ggml_tensor 
     return ggml_get_rows(ctx, cur, outputs_of_sel(ctx, *this));
 }
 
+ggml_tensor * llama_steer_graph::expert_rows(ggml_context * ctx, const ggml_tensor * cur) {
+    if (n_sel < 0 || ggml_n_dims(cur) > 2 || cur->ne[1] != n_sel) {
+        return nullptr;
+    }
+    return outputs_of_sel(ctx, *this);
+}
+
+ggml_tensor * llama_steer_graph::expert_back(ggml_context * ctx) {
+    inp_sel_rows(ctx);
+    if (!sel_inp->back) {
+        sel_inp->back = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_sel);
+        ggml_set_input(sel_inp->back);
+        ggml_set_name(sel_inp->back, "steer_back");
+    }
+    return sel_inp->back;
+}
+
 void llama_steer_graph::finish(ggml_context * ctx, ggml_cgraph * gf) {
     if (n_sel < 0 || !res) {
         return;
@@ -447,12 +468,14 @@ void llama_context::steer_route_prepare(const llama_ubatch & ubatch) {
     llama_steer_sel & sel = *r.sel;
     sel.rows.clear();
     sel.out_of_sel.clear();
+    sel.back.clear();
     sel.in_rows.assign(ubatch.n_tokens, 0);
     const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
     for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
         const size_t b = have_idx ? (size_t) ubatch.data->batch_idxs[i] : (size_t) i;
         const bool out = !ubatch.output || ubatch.output[i];
         if (out || (b < r.want.size() && r.want[b])) {
+            sel.back.push_back(out ? (int32_t) sel.out_of_sel.size() : 0);
             if (out) {
                 sel.out_of_sel.push_back((int32_t) sel.rows.size());
             }

@@ -26,7 +26,8 @@ VK_SETTINGS_BLOCK = (
     "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, &layer_setting_info);\n"
 )
 
-# (relative path, anchor, text, where): where is "before" or "after" the anchor.
+# (relative path, anchor, text, where): where is "before" or "after" the anchor, "replace" it,
+# or inside it: "after_first_line", "after_first_line_2" (its first two), "before_last_line".
 EDITS: list[tuple[str, str, str, str]] = [
     # graph params carry the steering table and its generation, so a table change
     # forbids graph reuse (the topology depends on which layers are steered)
@@ -109,8 +110,38 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    //call early so that topk-moe can be used\n    ggml_build_forward_expand(gf, weights);\n",
      "    if (steer_graph.route) { // steer-gguf\n"
      "        steer_graph.keep_route(ctx0, gf, steer_topk, weights, il);\n"
+     "    }\n"
+     "    ggml_tensor * steer_rows = steer_graph.route && selected_experts == steer_topk && il == (int) hparams.n_layer() - 1\n"
+     "        ? steer_graph.expert_rows(ctx0, cur) : nullptr; // steer-gguf\n"
+     "    if (steer_rows && steer_rows->ne[0] == 0) {\n"
+     "        return ggml_scale(ctx0, cur, 0.0f); // steer-gguf: routed rows and no output: no expert is read\n"
+     "    }\n"
+     "    if (steer_rows) { // steer-gguf\n"
+     "        cur = ggml_get_rows(ctx0, cur, steer_rows);\n"
+     "        selected_experts = ggml_get_rows(ctx0, selected_experts, steer_rows);\n"
+     "        weights = ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens),\n"
+     "            steer_rows), 1, n_expert_used, steer_rows->ne[0]);\n"
      "    }\n",
      "after"),
+    # ... so the expert part counts its rows from its input, not from n_tokens
+    ("src/llama-graph.cpp",
+     "    cur = ggml_reshape_3d(ctx0, cur, n_embd, 1, n_tokens);\n",
+     "    cur = ggml_reshape_3d(ctx0, cur, n_embd, 1, cur->ne[1]); // steer-gguf: n_tokens, or the output rows\n",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "ggml_repeat_4d(ctx0, cur, n_embd, n_expert_used, n_tokens, 1)",
+     "ggml_repeat_4d(ctx0, cur, n_embd, n_expert_used, cur->ne[2], 1) /* steer-gguf */",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "cur_experts[i] = ggml_view_2d(ctx0, experts, n_embd, n_tokens, experts->nb[2], i*experts->nb[1]);",
+     "cur_experts[i] = ggml_view_2d(ctx0, experts, n_embd, experts->ne[2], experts->nb[2], i*experts->nb[1]); // steer-gguf",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "    cb(moe_out, \"ffn_moe_out\", il);\n\n    return moe_out;\n",
+     "    if (steer_rows) { // steer-gguf: back to every row the layer computes (the routed ones unread)\n"
+     "        moe_out = ggml_get_rows(ctx0, moe_out, steer_graph.expert_back(ctx0));\n"
+     "    }\n\n",
+     "before_last_line"),
     # Routed rows that need no logits (llama_steer_route_rows): the last layer computes them
     # with the outputs (out_ids lists both), and the output norm's input is cut to the outputs,
     # so the output head runs for output rows alone; an architecture whose graph reaches its
@@ -221,6 +252,9 @@ def apply(root: pathlib.Path) -> None:
         elif where == "after_first_line":
             first, rest = anchor.split("\n", 1)
             new = src.replace(anchor, first + "\n" + text + rest)
+        elif where == "before_last_line":
+            head, last = anchor.rstrip("\n").rsplit("\n", 1)
+            new = src.replace(anchor, head + "\n" + text + last + "\n")
         elif where == "after_first_line_2":
             a, b, rest = anchor.split("\n", 2)
             new = src.replace(anchor, a + "\n" + b + "\n" + text + rest)
