@@ -17,6 +17,9 @@ Tracing by part, all on the tracing context that trace/trace_many/detection use 
                recorder: what asking for every row costs
   trace-cb     every token traced through the eval-callback recorder (the oracle, and the
                recorder before API version 3): a graph split and a synchronization per layer
+  engine       decode through the batch engine (one sequence, greedy, a 32-token prompt
+               included), as the server runs it
+  engine-trace the same with steer_trace on: every decode's routing kept as graph outputs
 --tracing-only runs plain and the tracing configurations alone.
 """
 from __future__ import annotations
@@ -93,6 +96,23 @@ def main() -> None:
             raise SystemExit("llama_decode failed")
         llama_cpp.llama_synchronize(tc.ctx.ctx)
 
+    from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
+
+    eng = BatchEngine(graph, 1, len(prompt) + args.decode_tokens + 8)
+
+    def engine_decode(trace: bool) -> float:
+        # generated tokens per second of one request, its 32-token prompt included
+        req = Request(prompt[:32], max_tokens=args.decode_tokens, sampling=SamplerSpec(temperature=0), trace=trace)
+        pending = [(0, req)]
+        out = []
+        dt = timed(lambda: eng.run(lambda idle: pending.pop(0) if pending else None, lambda k, r: out.append(r)))
+        r = out[0]
+        if isinstance(r, Exception):
+            raise r
+        if trace:
+            assert r.experts is not None and r.experts.shape[0] == len(r.tokens)
+        return len(r.tokens) / dt
+
     def decode_run(llm):
         for t in decode:  # one token per decode, as in generation
             llm.eval([t])
@@ -107,6 +127,8 @@ def main() -> None:
         "tc-plain": (graph, None),
         "tc-outputs": (graph, None),
         "trace-cb": (callback, None),
+        "engine": (graph, None),
+        "engine-trace": (graph, None),
     }
     if args.tracing_only:
         configs = {c: v for c, v in configs.items() if c not in ("graph", "noop", "hook")}
@@ -129,6 +151,9 @@ def main() -> None:
                 # the detection path: batched tracing context, recorder on, every token traced
                 dt = timed(lambda: llm.trace_many([prompt], batch_tokens=len(prompt)))
                 rates[name]["prefill"].append(len(prompt) / dt)
+                continue
+            if name.startswith("engine"):
+                rates[name]["decode"].append(engine_decode(name == "engine-trace"))
                 continue
             if name.startswith("tc-"):
                 rates[name]["prefill"].append(len(prompt) / timed(lambda: tc_prefill(name == "tc-outputs")))
@@ -171,6 +196,7 @@ def main() -> None:
         "trace/tc-outputs prefill": ratio("trace", "tc-outputs", "prefill"),
         "trace-cb/tc-outputs prefill": ratio("trace-cb", "tc-outputs", "prefill"),
         "trace-cb/plain prefill": ratio("trace-cb", "plain", "prefill"),
+        "engine-trace/engine decode": ratio("engine-trace", "engine", "decode"),
     })
     result["ratios"] = ratios
 
