@@ -135,9 +135,11 @@ LLAMA_API int32_t llama_steer_route_read(
 // Tokens to route in every layer although they are not outputs: want[i] != 0 for the token
 // at batch index i of each following llama_decode (NULL / 0 tokens: outputs only, upstream's
 // rows). llama.cpp computes the last layer only for the rows it keeps; these rows are kept
-// through the last layer and cut just before the output head, so they cost the last layer
-// but no logits (and take no room in the logits buffer). In force until changed; used only
-// while recording.
+// through the last layer's attention and router (their routing), skip its experts when it is
+// a MoE layer (build_moe_ffn computes them for output rows only), and are cut just before the
+// output head: no logits, no room in the logits buffer. A decode may have no output at all.
+// In force until changed; used only while recording. (The last layer's other per-row work,
+// e.g. shared experts, runs for them too: it is each architecture's own graph code.)
 LLAMA_API int32_t llama_steer_route_tokens(struct llama_context * ctx, const int8_t * want, int32_t n_tokens);
 
 // Drop every recorded row (waits for copies still in flight). Recording goes on.
