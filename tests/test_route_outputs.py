@@ -270,3 +270,57 @@ def test_routed_rows_route_as_outputs_without_logits(pair, slots, portable, monk
         rec.off()
         llama_cpp.llama_batch_free(batch)
         ctx.close()
+
+
+def test_recording_adds_no_node_on_the_cpu_and_leaves_the_eval_callback_free(pair, monkeypatch):
+    """A caller's own eval callback (here: one that counts the graph's nodes) runs while the
+    graph records; on the CPU recording adds no node (the top-k and weights are outputs where
+    they are), the portable path adds its two copies per MoE layer, and with recording off the
+    graph is the one it was before."""
+    import ctypes
+
+    m, _ = pair["graph"]
+    lib = llama_cpp.llama_cpp._lib
+    cb_type = llama_cpp.llama_cpp.ggml_backend_sched_eval_callback
+    lib.llama_steer_set_eval_callback.argtypes = [ctypes.c_void_p, cb_type, ctypes.c_void_p]
+    lib.llama_steer_set_eval_callback.restype = None
+    asked = [0]
+
+    def count(t, ask, ud):
+        asked[0] += bool(ask)
+        return not ask  # asked: not needed (no split); told: go on
+
+    cb = cb_type(count)
+    toks = m.tokenize(TEXT.encode(), add_bos=True, special=True)[:16]
+
+    def nodes() -> int:
+        asked[0] = 0
+        _decode_all(m, toks)
+        return asked[0]
+
+    with m.lock:
+        lib.llama_steer_set_eval_callback(m._ctx_ptr, cb, None)
+        try:
+            plain = nodes()
+            m._recorder.on()
+            try:
+                recorded = nodes()
+                rec = m._recorder.take()
+            finally:
+                m._recorder.off()
+            after = nodes()
+            monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")  # read when recording starts
+            m._recorder.on()
+            try:
+                copied = nodes()
+                rec_copied = m._recorder.take()
+            finally:
+                m._recorder.off()
+        finally:
+            lib.llama_steer_set_eval_callback(m._ctx_ptr, cb_type(), None)
+    assert plain > 0 and recorded == plain == after
+    assert copied == plain + 2 * len(m.info.moe_layers)  # top-k and weights, copied out per layer
+    assert sorted(rec) == sorted(rec_copied) == list(m.info.moe_layers)
+    for il in m.info.moe_layers:
+        np.testing.assert_array_equal(rec[il][0], rec_copied[il][0])
+        np.testing.assert_array_equal(rec[il][1], rec_copied[il][1])
