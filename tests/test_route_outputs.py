@@ -298,24 +298,21 @@ def test_recording_adds_no_node_on_the_cpu_and_leaves_the_eval_callback_free(pai
         _decode_all(m, toks)
         return asked[0]
 
+    def recorded_nodes():
+        m._recorder.on()
+        try:
+            return nodes(), m._recorder.take()
+        finally:
+            m._recorder.off()
+
     with m.lock:
         lib.llama_steer_set_eval_callback(m._ctx_ptr, cb, None)
         try:
             plain = nodes()
-            m._recorder.on()
-            try:
-                recorded = nodes()
-                rec = m._recorder.take()
-            finally:
-                m._recorder.off()
+            recorded, rec = recorded_nodes()
             after = nodes()
             monkeypatch.setenv("STEER_GGUF_PORTABLE_OPS", "1")  # read when recording starts
-            m._recorder.on()
-            try:
-                copied = nodes()
-                rec_copied = m._recorder.take()
-            finally:
-                m._recorder.off()
+            copied, rec_copied = recorded_nodes()
         finally:
             lib.llama_steer_set_eval_callback(m._ctx_ptr, cb_type(), None)
     assert plain > 0 and recorded == plain == after
