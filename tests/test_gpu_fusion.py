@@ -96,7 +96,10 @@ def test_selection_bias_steering_without_groups_matches_the_hook_engine(make):
 
     path = make("deepseek-v3", n_layer=4, n_expert=8, n_expert_used=6)
     info = model_info(path)
-    kw = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
+    # both traced through the eval callback, so that both run the unfused kernels and the
+    # weights compare to rounding of one kind (the graph's own routing outputs would keep a GPU's
+    # fused kernel for the graph engine only)
+    kw = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL, recorder="callback")
     graph, hook = SteeredLlama(path, **kw), SteeredLlama(path, engine="hook", **kw)
     base = graph.trace(text=TEXT)
     rules, on, off = [], {}, {}

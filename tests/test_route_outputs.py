@@ -15,6 +15,10 @@ from steer_gguf.errors import SteerError
 
 # n_batch > n_ubatch: one decode of the trace runs as several micro-batches
 LLAMA = dict(n_ctx=256, n_batch=32, n_ubatch=16, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
+# every layer on a GPU (STEER_GGUF_TEST_NGL): the graph recorder leaves the backend's fused
+# top-k-MoE kernel in place, while the callback recorder's split at each layer runs the unfused
+# kernels, which round differently (as tests/test_gpu_fusion.py allows); experts stay equal
+GPU = TEST_NGL > 0
 TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
 
 
@@ -44,7 +48,10 @@ def pair(moe_path):
 
 def _same_trace(a, b):
     np.testing.assert_array_equal(a.experts, b.experts)
-    np.testing.assert_array_equal(a.weights, b.weights)
+    if GPU:
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-3, atol=2e-4)  # llvmpipe: 7e-5 seen
+    else:
+        np.testing.assert_array_equal(a.weights, b.weights)
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
@@ -252,8 +259,9 @@ def test_routed_rows_route_as_outputs_without_logits(pair, slots, portable, monk
         for a, b in zip(every, routed):
             np.testing.assert_array_equal(a, b)
         assert (routed[-1] >= 0).all()  # the last layer computed every token
+        # the last layer ran at another batch size: other kernels, other rounding (more on a GPU)
         for j, lg in zip(last, routed_logits):
-            np.testing.assert_allclose(lg, every_logits[j], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(lg, every_logits[j], rtol=1e-4, atol=2e-2 if GPU else 1e-4)
         # routed rows alone, no output at all: the last layer computes just those
         some = [2, 5, 19, 21, 40]
         only, _ = run(set(), some)
@@ -275,8 +283,8 @@ def test_routed_rows_route_as_outputs_without_logits(pair, slots, portable, monk
 def test_recording_adds_no_node_on_the_cpu_and_leaves_the_eval_callback_free(pair, monkeypatch):
     """A caller's own eval callback (here: one that counts the graph's nodes) runs while the
     graph records; on the CPU recording adds no node (the top-k and weights are outputs where
-    they are), the portable path adds its two copies per MoE layer, and with recording off the
-    graph is the one it was before."""
+    they are), the portable path (and a GPU) adds its two copies per MoE layer, and with
+    recording off the graph is the one it was before."""
     import ctypes
 
     m, _ = pair["graph"]
@@ -315,8 +323,9 @@ def test_recording_adds_no_node_on_the_cpu_and_leaves_the_eval_callback_free(pai
             copied, rec_copied = recorded_nodes()
         finally:
             lib.llama_steer_set_eval_callback(m._ctx_ptr, cb_type(), None)
-    assert plain > 0 and recorded == plain == after
-    assert copied == plain + 2 * len(m.info.moe_layers)  # top-k and weights, copied out per layer
+    copies = 2 * len(m.info.moe_layers)  # top-k and weights, copied out per layer
+    assert plain > 0 and recorded == plain + (copies if GPU else 0) and after == plain
+    assert copied == plain + copies
     assert sorted(rec) == sorted(rec_copied) == list(m.info.moe_layers)
     for il in m.info.moe_layers:
         np.testing.assert_array_equal(rec[il][0], rec_copied[il][0])
