@@ -2,14 +2,18 @@
 
     python benchmarks/detect_throughput.py [--quick] [--pairs builtin:safety] [--json OUT]
 
-Both sides prefill the same conversations in the same batches on the same tracing context;
-detection adds the routing recorder and marks the target spans as outputs (so the last
-layer computes them), plain prefill asks for one output per conversation.
+Both sides prefill the same conversations in the same batches, each on a tracing context of
+its own model (so neither switches its recorder, a graph rebuild, between repetitions):
+detection records routing as graph outputs with the target spans as routed rows (through the
+last layer, without logits), plain prefill asks for one output per conversation. Also the
+eval-callback recorder (the oracle; detection before steer.h API 3), with the spans as outputs.
+Repetitions interleave the three; the ratios are medians of per-repetition ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 from common import QUICK_SHAPE, machine, summary, synthetic_model, thread_kwargs, timed
@@ -38,6 +42,8 @@ def main() -> None:
         reps, max_pairs = args.reps or 5, args.max_pairs or 64
     threads = thread_kwargs(args.threads)
     llm = SteeredLlama(path, n_ctx=512, **threads)
+    plain_llm = SteeredLlama(path, n_ctx=512, **threads)
+    callback = SteeredLlama(path, n_ctx=512, recorder="callback", **threads)
     pairs = load_pairs(args.pairs, max_pairs=max_pairs)
     seqs, rows = [], []
     for p in pairs:
@@ -46,16 +52,26 @@ def main() -> None:
             seqs.append(toks)
             rows.append(list(range(*span)))
     n_tokens = sum(map(len, seqs))
-    llm.trace_many(seqs[:4], rows[:4], batch_tokens=args.batch)  # warm-up
-    rates = {"plain": [], "detect": []}
+    runs = {"plain": lambda: plain_llm.trace_many(seqs, rows, args.batch, record=False),
+            "detect": lambda: llm.trace_many(seqs, rows, args.batch),
+            "detect-cb": lambda: callback.trace_many(seqs, rows, args.batch)}
+    for f in runs.values():  # warm-up
+        f()
+    rates = {k: [] for k in runs}
+    order = list(runs)
     for rep in range(reps):
-        rates["plain"].append(n_tokens / timed(lambda: llm.trace_many(seqs, rows, args.batch, record=False)))
-        rates["detect"].append(n_tokens / timed(lambda: llm.trace_many(seqs, rows, args.batch)))
+        order = order[1:] + order[:1]  # no configuration always first
+        for k in order:
+            rates[k].append(n_tokens / timed(runs[k]))
         print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
     res = {"model": path.name, "pairs": args.pairs, "conversations": len(seqs), "tokens": n_tokens,
            "target_tokens": sum(map(len, rows)), "batch_tokens": args.batch, "machine": machine(),
            "rates": {k: summary(v) for k, v in rates.items()}}
-    res["ratio"] = res["rates"]["detect"]["median"] / res["rates"]["plain"]["median"]
+    def per_rep(a: str, b: str) -> float:
+        return float(statistics.median(x / y for x, y in zip(rates[a], rates[b])))
+
+    res["ratio"] = per_rep("detect", "plain")
+    res["ratio_callback"] = per_rep("detect-cb", "plain")
     print(f"model {path.name}; {len(seqs)} conversations, {n_tokens} tokens ({res['target_tokens']} traced), "
           f"{reps} reps; {res['machine']['cpu']} x{res['machine']['cores']}")
     for k, s in res["rates"].items():
@@ -63,7 +79,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-    print(f"ratio: detection/plain prefill {res['ratio']:.3f}")
+    print(f"ratio: detection/plain prefill {res['ratio']:.3f} (eval-callback recorder: {res['ratio_callback']:.3f})")
 
 
 if __name__ == "__main__":

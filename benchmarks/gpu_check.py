@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--skip-build", action="store_true", help="reuse the staged build in --build-dir")
     ap.add_argument("--tests", nargs="*", default=["tests/test_steering.py", "tests/test_gpu_fusion.py",
                                                     "tests/test_slots.py", "tests/test_batch.py",
-                                                    "tests/test_gpu_fusion_slots.py"])
+                                                    "tests/test_gpu_fusion_slots.py", "tests/test_route_outputs.py"])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="a smaller benchmark model (smoke run)")

@@ -13,10 +13,12 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 struct llama_model;
 class llm_graph_result;
+class llm_graph_input_steer_sel;
 
 // which table each sequence's tokens take (index into the adapter's tables); the context
 // writes it, the graph input of every per-sequence graph reads it at each micro-batch
@@ -24,13 +26,74 @@ struct llama_steer_binds {
     std::vector<int32_t> seq_table; // by sequence id
 };
 
-// one graph build's token -> table inputs, made on first use (llama-steer.cpp)
+// Routing recorded by the graph (API version 3): one layer of one micro-batch, copied from the
+// graph's outputs into host memory. The copy may still be in flight (an async get on a GPU
+// backend) until the context synchronizes, so a chunk's buffers are allocated once, never
+// resized; moving a chunk keeps them where they are.
+struct llama_steer_route_chunk {
+    int32_t n_rows = 0;
+    int32_t k      = 0;
+    size_t ids_row = 0;                     // bytes between rows in `ids`
+    size_t w_elem = 0, w_row = 0;           // bytes between a row's weights, and between rows
+    std::vector<char> ids;                  // int32 rows of the top-k tensor, as laid out there
+    std::vector<char> w;                    // the final expert weights, as laid out there (or empty)
+    std::vector<int32_t> batch_idx;         // each row's token: its index in its llama_decode batch
+};
+
+// The rows one micro-batch's last layer computes while routed rows that need no logits are
+// asked for (llama_steer_route_rows): its outputs and those rows. Upstream computes the last
+// layer for output rows only; here out_ids lists `rows`, and just before the output norm the
+// hidden states are cut to the outputs, so logits are computed for output rows alone.
+struct llama_steer_sel {
+    std::vector<int32_t> rows;        // micro-batch indices, ascending
+    std::vector<int32_t> out_of_sel;  // for each output, in micro-batch order: its place in rows
+    std::vector<int32_t> back;        // for each of rows: its output's index (0 where no output)
+    std::vector<char>    in_rows;     // by micro-batch index
+};
+
+// what a context records (llama_steer_route_record) and has recorded since the last clear
+struct llama_steer_route {
+    int32_t flags = 0;                      // LLAMA_STEER_ROUTE_* (steer.h); 0: the upstream graph
+    std::vector<char> copy_layer;           // by layer: keep through a copy node (layer off the CPU)
+    std::vector<std::vector<llama_steer_route_chunk>> layers; // by layer, in decode order
+    std::string error;                      // the first problem seen since the last clear
+
+    std::vector<char> want;                 // by batch index: route this token (llama_steer_route_rows)
+    std::shared_ptr<llama_steer_sel> sel = std::make_shared<llama_steer_sel>(); // the current micro-batch's
+    std::shared_ptr<const void> sel_for;    // the micro-batch data `sel` was made for, held so
+                                            // that no later micro-batch can reuse its address
+    int64_t n_sel = -1;                     // its row count; -1: the last layer computes outputs only
+};
+
+// one graph build's token -> table inputs, made on first use (llama-steer.cpp), and the
+// routing tensors it keeps as outputs while the context records
 struct llama_steer_graph {
     llm_graph_result * res = nullptr;
     int64_t n_tokens  = 0;
     int64_t n_outputs = 0;
+    const llama_steer_route * route = nullptr; // non-null: keep every MoE layer's routing
+    int64_t n_sel = -1;          // >= 0: the last layer computes these rows (llama_steer_sel)
     ggml_tensor * tok = nullptr; // I32 [n_tokens]
-    ggml_tensor * out = nullptr; // I32 [n_outputs]: the last layer computes output rows only
+    ggml_tensor * out = nullptr; // I32 [n_outputs, or n_sel]: the rows the last layer computes
+    llm_graph_input_steer_sel * sel_inp = nullptr; // holds the two inputs below
+
+    int64_t n_last() const { return n_sel >= 0 ? n_sel : n_outputs; }
+
+    // build_inp_out_ids while n_sel >= 0: the last layer's rows
+    ggml_tensor * inp_sel_rows(ggml_context * ctx);
+    // build_norm: the hidden states before the output norm, cut to the output rows
+    ggml_tensor * cut_to_outputs(ggml_context * ctx, ggml_tensor * cur, const ggml_tensor * mw, int il);
+    // after the architecture's graph: logits of output rows only, wherever the cut above did not apply
+    void finish(ggml_context * ctx, ggml_cgraph * gf);
+    // build_moe_ffn of the last layer: the output rows among `cur`'s, if it holds routed rows too
+    // (only those reach the output head; the others need the layer's routing, not its experts)
+    ggml_tensor * expert_rows(ggml_context * ctx, const ggml_tensor * cur);
+    // and the map back from the experts' output rows to every row of the layer
+    ggml_tensor * expert_back(ggml_context * ctx);
+
+    // build_moe_ffn, after the weights are in the graph: mark the layer's top-k (and weights)
+    // as graph outputs, so the allocator keeps them for the host copy after the graph ran
+    void keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ids, ggml_tensor * weights, int il);
 };
 
 struct llama_adapter_steer {

@@ -75,8 +75,9 @@ static void steer_cpu_op_tables(ggml_tensor * dst, const ggml_tensor * x, const 
 // ids and the context's bindings, so a new binding needs a new input, not a new graph
 class llm_graph_input_steer : public llm_graph_input_i {
 public:
-    llm_graph_input_steer(std::shared_ptr<llama_steer_binds> binds, bool outputs_only)
-        : binds(std::move(binds)), outputs_only(outputs_only) {}
+    llm_graph_input_steer(std::shared_ptr<llama_steer_binds> binds, bool outputs_only,
+                          std::shared_ptr<const llama_steer_sel> sel)
+        : binds(std::move(binds)), outputs_only(outputs_only), sel(std::move(sel)) {}
 
     void set_input(const llama_ubatch * ub) override {
         const int64_t n = tables->ne[0];
@@ -84,7 +85,8 @@ public:
         std::vector<int32_t> v;
         v.reserve(n);
         for (uint32_t i = 0; i < ub->n_tokens && (int64_t) v.size() < n; ++i) {
-            if (outputs_only && ub->output && !ub->output[i]) {
+            // the last layer's rows: the outputs, or the outputs and the routed rows
+            if (outputs_only && (sel ? !sel->in_rows[i] : ub->output && !ub->output[i])) {
                 continue;
             }
             // a token shared by several sequences takes its first sequence's table
@@ -96,19 +98,22 @@ public:
     }
 
     bool can_reuse(const llm_graph_params & params) override {
-        return tables->ne[0] == (outputs_only ? (int64_t) params.n_outputs : (int64_t) params.ubatch.n_tokens);
+        const int64_t n_last = params.steer_route_nsel >= 0 ? params.steer_route_nsel : (int64_t) params.n_outputs;
+        return tables->ne[0] == (outputs_only ? n_last : (int64_t) params.ubatch.n_tokens);
     }
 
     ggml_tensor * tables = nullptr; // I32 [n]
     std::shared_ptr<llama_steer_binds> binds;
     bool outputs_only;
+    std::shared_ptr<const llama_steer_sel> sel; // set while the last layer computes routed rows too
 };
 
 ggml_tensor * llama_adapter_steer::token_tables(ggml_context * ctx, llama_steer_graph & g, int64_t n_rows) const {
     const bool outputs_only = n_rows != g.n_tokens;
     ggml_tensor *& t = outputs_only ? g.out : g.tok;
     if (!t) {
-        auto inp = std::make_unique<llm_graph_input_steer>(binds, outputs_only);
+        auto inp = std::make_unique<llm_graph_input_steer>(binds, outputs_only,
+            g.n_sel >= 0 && g.route ? std::shared_ptr<const llama_steer_sel>(g.route->sel) : nullptr);
         inp->tables = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
         ggml_set_input(inp->tables);
         ggml_set_name(inp->tables, outputs_only ? "steer_tables_out" : "steer_tables");
@@ -302,6 +307,261 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
     return true;
 }
 
+// ---- routing as graph outputs ---------------------------------------------------------------
+
+// holds the routing tensors of one graph; an input only so that the graph result owns it and
+// graph reuse keeps it (nothing to set: the tensors are outputs, not inputs)
+class llm_graph_input_steer_route : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ub) override { GGML_UNUSED(ub); }
+    bool can_reuse(const llm_graph_params & params) override { GGML_UNUSED(params); return true; }
+
+    struct kept {
+        int il;
+        ggml_tensor * ids; // I32 [k, n_rows], rows with their stride
+        ggml_tensor * w;   // F32 [1, k, n_rows] or [k, n_rows], or null
+    };
+    std::vector<kept> layers;
+};
+
+// mark t and every tensor it views as outputs: the allocator frees a view's source when the
+// view's last reader is done, unless the source itself is an output
+static void keep_chain(ggml_tensor * t) {
+    for (; t; t = t->view_src) {
+        ggml_set_output(t);
+    }
+}
+
+void llama_steer_graph::keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ids, ggml_tensor * weights,
+                                   int il) {
+    if (!route || !res || il < 0) {
+        return;
+    }
+    const bool want_w = (route->flags & LLAMA_STEER_ROUTE_WEIGHTS) != 0;
+    const bool copy = (size_t) il < route->copy_layer.size() && route->copy_layer[il];
+    if (copy) {
+        // Off the CPU, a backend fuses gating -> argsort -> view -> get_rows (-> norm) into one
+        // kernel only while none of the nodes inside is an output: copy the two results out
+        // instead (two small nodes after the fused ones, which stay consecutive)
+        ids = ggml_cont(ctx, ids);
+        ggml_set_name(ids, ("steer_route_topk-" + std::to_string(il)).c_str());
+        if (want_w) {
+            weights = ggml_cont(ctx, weights);
+            ggml_set_name(weights, ("steer_route_weights-" + std::to_string(il)).c_str());
+        }
+    }
+    keep_chain(ids);
+    ggml_build_forward_expand(gf, ids);
+    if (want_w) {
+        keep_chain(weights);
+        ggml_build_forward_expand(gf, weights);
+    }
+    llm_graph_input_steer_route * inp = nullptr;
+    for (auto & i : res->inputs) {
+        if ((inp = dynamic_cast<llm_graph_input_steer_route *>(i.get()))) {
+            break;
+        }
+    }
+    if (!inp) {
+        inp = static_cast<llm_graph_input_steer_route *>(res->add_input(std::make_unique<llm_graph_input_steer_route>()));
+    }
+    inp->layers.push_back({il, ids, want_w ? weights : nullptr});
+}
+
+// the last layer's rows while routed rows need no logits (llama_steer_sel): out_ids lists
+// them; out_of_sel, made when the output norm or the logits are cut, picks the outputs among them
+class llm_graph_input_steer_sel : public llm_graph_input_i {
+public:
+    explicit llm_graph_input_steer_sel(std::shared_ptr<const llama_steer_sel> sel) : sel(std::move(sel)) {}
+
+    void set_input(const llama_ubatch * ub) override {
+        GGML_UNUSED(ub);
+        ggml_backend_tensor_set(rows, sel->rows.data(), 0, ggml_nbytes(rows));
+        if (out_of_sel && ggml_nelements(out_of_sel) > 0) {  // a decode may route rows and want no logits
+            ggml_backend_tensor_set(out_of_sel, sel->out_of_sel.data(), 0, ggml_nbytes(out_of_sel));
+        }
+        if (back) {
+            ggml_backend_tensor_set(back, sel->back.data(), 0, ggml_nbytes(back));
+        }
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return rows->ne[0] == params.steer_route_nsel && (!out_of_sel || out_of_sel->ne[0] == (int64_t) params.n_outputs);
+    }  // back has the size of rows
+
+    std::shared_ptr<const llama_steer_sel> sel;
+    ggml_tensor * rows = nullptr;       // I32 [n_sel]
+    ggml_tensor * out_of_sel = nullptr; // I32 [n_outputs]
+    ggml_tensor * back = nullptr;       // I32 [n_sel]
+};
+
+ggml_tensor * llama_steer_graph::inp_sel_rows(ggml_context * ctx) {
+    if (!sel_inp) {
+        auto inp = std::make_unique<llm_graph_input_steer_sel>(route->sel);
+        inp->rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_sel);
+        ggml_set_input(inp->rows);
+        ggml_set_name(inp->rows, "out_ids"); // upstream's name: this is its out_ids, widened
+        sel_inp = inp.get();
+        res->add_input(std::move(inp));
+    }
+    return sel_inp->rows;
+}
+
+static ggml_tensor * outputs_of_sel(ggml_context * ctx, llama_steer_graph & g) {
+    g.inp_sel_rows(ctx);
+    if (!g.sel_inp->out_of_sel) {
+        g.sel_inp->out_of_sel = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, g.n_outputs);
+        ggml_set_input(g.sel_inp->out_of_sel);
+        ggml_set_name(g.sel_inp->out_of_sel, "steer_out_of_sel");
+    }
+    return g.sel_inp->out_of_sel;
+}
+
+ggml_tensor * llama_steer_graph::cut_to_outputs(ggml_context * ctx, ggml_tensor * cur, const ggml_tensor * mw, int il) {
+    // the output norm (every architecture names its weight "output_norm.weight") of hidden
+    // states that still hold the routed rows: what follows is the output head
+    if (il != -1 || !mw || std::strcmp(mw->name, "output_norm.weight") != 0 || ggml_n_dims(cur) > 2 ||
+        cur->ne[1] != n_sel) {
+        return cur;
+    }
+    return ggml_get_rows(ctx, cur, outputs_of_sel(ctx, *this));
+}
+
+ggml_tensor * llama_steer_graph::expert_rows(ggml_context * ctx, const ggml_tensor * cur) {
+    if (n_sel < 0 || ggml_n_dims(cur) > 2 || cur->ne[1] != n_sel) {
+        return nullptr;
+    }
+    return outputs_of_sel(ctx, *this);
+}
+
+ggml_tensor * llama_steer_graph::expert_back(ggml_context * ctx) {
+    inp_sel_rows(ctx);
+    if (!sel_inp->back) {
+        sel_inp->back = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_sel);
+        ggml_set_input(sel_inp->back);
+        ggml_set_name(sel_inp->back, "steer_back");
+    }
+    return sel_inp->back;
+}
+
+void llama_steer_graph::finish(ggml_context * ctx, ggml_cgraph * gf) {
+    if (n_sel < 0 || !res) {
+        return;
+    }
+    // an architecture whose output head does not start at build_norm(output_norm): the head
+    // ran on every routed row; keep the output rows, which are what llama.cpp reads
+    for (ggml_tensor ** t : {&res->t_logits, &res->t_embd}) {
+        if (*t && ggml_n_dims(*t) <= 2 && (*t)->ne[1] == n_sel) {
+            *t = ggml_get_rows(ctx, *t, outputs_of_sel(ctx, *this));
+            ggml_build_forward_expand(gf, *t);
+        }
+    }
+}
+
+void llama_context::steer_route_prepare(const llama_ubatch & ubatch) {
+    llama_steer_route & r = steer_route;
+    r.sel_for.reset();
+    r.n_sel = -1;
+    if (!r.flags || r.want.empty() || !ubatch.data) {
+        return;
+    }
+    llama_steer_sel & sel = *r.sel;
+    sel.rows.clear();
+    sel.out_of_sel.clear();
+    sel.back.clear();
+    sel.in_rows.assign(ubatch.n_tokens, 0);
+    const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        const size_t b = have_idx ? (size_t) ubatch.data->batch_idxs[i] : (size_t) i;
+        const bool out = !ubatch.output || ubatch.output[i];
+        if (out || (b < r.want.size() && r.want[b])) {
+            sel.back.push_back(out ? (int32_t) sel.out_of_sel.size() : 0);
+            if (out) {
+                sel.out_of_sel.push_back((int32_t) sel.rows.size());
+            }
+            sel.in_rows[i] = 1;
+            sel.rows.push_back((int32_t) i);
+        }
+    }
+    if (sel.rows.size() > sel.out_of_sel.size()) {
+        r.n_sel = (int64_t) sel.rows.size();
+        r.sel_for = ubatch.data;
+    }  // else: nothing routed beyond the outputs, upstream's rows
+}
+
+// queue one tensor's bytes for the host: asynchronously where its backend can
+static void route_get(ggml_backend_sched_t sched, ggml_tensor * t, std::vector<char> & dst) {
+    dst.resize(ggml_nbytes(t));
+    if (dst.empty()) {
+        return;
+    }
+    ggml_backend_t b = ggml_backend_sched_get_tensor_backend(sched, t);
+    if (b) {
+        ggml_backend_tensor_get_async(b, t, dst.data(), 0, dst.size());
+    } else {
+        ggml_backend_tensor_get(t, dst.data(), 0, dst.size());
+    }
+}
+
+void llama_context::steer_route_extract(const llm_graph_result * res, const llama_ubatch & ubatch) {
+    const llm_graph_input_steer_route * inp = nullptr;
+    for (const auto & i : res->inputs) {
+        if ((inp = dynamic_cast<const llm_graph_input_steer_route *>(i.get()))) {
+            break;
+        }
+    }
+    if (!inp) {
+        steer_route.sel_for.reset();
+        steer_route.n_sel = -1;
+        return;  // the model routes nothing through build_moe_ffn
+    }
+    // a row's token: every token of the micro-batch, or (the last layer computes output rows
+    // only, or outputs and routed rows) those tokens, in micro-batch order as out_ids lists them
+    const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
+    std::vector<int32_t> all(ubatch.n_tokens), outs;
+    const bool sel = steer_route.sel_for == ubatch.data && steer_route.n_sel >= 0;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        all[i] = have_idx ? ubatch.data->batch_idxs[i] : (int32_t) i;
+        // with routed rows (llama_steer_sel) the last layer computes those and the outputs
+        if (sel ? steer_route.sel->in_rows[i] : !ubatch.output || ubatch.output[i]) {
+            outs.push_back(all[i]);
+        }
+    }
+    for (const auto & kl : inp->layers) {
+        const int64_t n_rows = kl.ids->ne[1];
+        if ((size_t) kl.il >= steer_route.layers.size()) {
+            steer_route.layers.resize(kl.il + 1);
+        }
+        if (n_rows != (int64_t) all.size() && n_rows != (int64_t) outs.size()) {
+            if (steer_route.error.empty()) {
+                steer_route.error = "layer " + std::to_string(kl.il) + " routed " + std::to_string(n_rows) +
+                    " rows of a micro-batch of " + std::to_string(all.size()) + " tokens with " +
+                    std::to_string(outs.size()) + (sel ? " outputs and routed rows" : " outputs");
+            }
+            continue;
+        }
+        if (n_rows == 0) {
+            continue;  // the last layer of a micro-batch without outputs
+        }
+        llama_steer_route_chunk c;
+        c.n_rows = (int32_t) n_rows;
+        c.k = (int32_t) kl.ids->ne[0];
+        c.ids_row = kl.ids->nb[1];
+        c.batch_idx = n_rows == (int64_t) all.size() ? all : outs;
+        route_get(sched.get(), kl.ids, c.ids);
+        if (kl.w) {
+            // [1, k, n] before normalization, [k, n] after
+            const bool lead1 = kl.w->ne[0] == 1;
+            c.w_elem = lead1 ? kl.w->nb[1] : kl.w->nb[0];
+            c.w_row  = lead1 ? kl.w->nb[2] : kl.w->nb[1];
+            route_get(sched.get(), kl.w, c.w);
+        }
+        steer_route.layers[kl.il].push_back(std::move(c));
+    }
+    steer_route.sel_for.reset();  // this micro-batch is done: no other graph takes its rows
+    steer_route.n_sel = -1;
+}
+
 // ---- context side -------------------------------------------------------------------------
 
 void llama_context::steer_replace(std::shared_ptr<llama_adapter_steer> s) {
@@ -312,6 +572,16 @@ void llama_context::steer_replace(std::shared_ptr<llama_adapter_steer> s) {
     ggml_backend_sched_synchronize(sched.get());
     steer = std::move(s);
     steer_gen++;  // the next decode rebuilds its graph instead of reusing a stale one
+    sched_need_reserve = true;
+}
+
+void llama_context::steer_route_changed() {
+    steer_route.sel_for.reset();
+    steer_route.n_sel = -1;
+    steer_gen++;  // no graph built with the other routing outputs is reused
+    // and re-reserve: the allocator lays out a graph by the plan of the last reserve whenever
+    // its nodes fit that plan, and a plan made without the kept outputs lets later layers
+    // overwrite them (same nodes, only their output flags differ)
     sched_need_reserve = true;
 }
 
@@ -537,6 +807,132 @@ int32_t llama_steer_seq_bind(llama_context * ctx, llama_seq_id seq_id, int32_t s
     st.binds->seq_table[seq_id] = table_of(st, seq_id);
     g_last_error.clear();
     return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_record(llama_context * ctx, int32_t flags) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    if (flags != 0 && (flags & ~(LLAMA_STEER_ROUTE_EXPERTS | LLAMA_STEER_ROUTE_WEIGHTS) ||
+                       !(flags & LLAMA_STEER_ROUTE_EXPERTS))) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "routing flags " + std::to_string(flags) +
+                    ": LLAMA_STEER_ROUTE_EXPERTS, optionally | LLAMA_STEER_ROUTE_WEIGHTS, or 0");
+    }
+    llama_steer_route & r = ctx->steer_route;
+    if (r.flags == flags) {
+        g_last_error.clear();
+        return LLAMA_STEER_OK;  // same graph: nothing to rebuild
+    }
+    const llama_model & model = ctx->get_model();
+    const int32_t n_layer = (int32_t) model.hparams.n_layer();
+    const char * env = std::getenv("STEER_GGUF_PORTABLE_OPS");
+    const bool portable = env && env[0] == '1';
+    r.copy_layer.assign(n_layer, 0);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        // as the steering op decides (llama_adapter_steer::init): a layer whose buffers are the
+        // CPU backend's runs no fused kernels, so its routing tensors can be outputs in place;
+        // STEER_GGUF_PORTABLE_OPS=1 takes the copy path on the CPU too, so CPU machines test it
+        ggml_backend_buffer_type_t buft = model.select_buft(il);
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        const bool cpu = ggml_backend_buft_is_host(buft) && (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU);
+        r.copy_layer[il] = !cpu || portable;
+    }
+    // the graph changes: let a running decode finish, rebuild the next graph, re-reserve
+    ggml_backend_sched_synchronize(ctx->get_sched());
+    r.flags = flags;
+    ctx->steer_route_changed();
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_rows(llama_context * ctx, int32_t il, int32_t * k) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    llama_synchronize(ctx);  // the host copies of the last decode have landed
+    const llama_steer_route & r = ctx->steer_route;
+    if (!r.error.empty()) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "routing recorder: " + r.error);
+    }
+    if (il < 0 || (int32_t) ctx->get_model().hparams.n_layer() <= il) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) + " is outside the model's layers");
+    }
+    int32_t n = 0, kk = 0;
+    if ((size_t) il < r.layers.size()) {
+        for (const auto & c : r.layers[il]) {
+            n += c.n_rows;
+            kk = c.k;
+        }
+    }
+    if (k) {
+        *k = kk;
+    }
+    g_last_error.clear();
+    return n;
+}
+
+int32_t llama_steer_route_read(llama_context * ctx, int32_t il, int32_t * experts, float * weights,
+                               int32_t * batch_idx, int32_t n_rows) {
+    int32_t k = 0;
+    const int32_t n = llama_steer_route_rows(ctx, il, &k);
+    if (n < 0) {
+        return n;
+    }
+    if (n != n_rows) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) + " holds " + std::to_string(n) +
+                    " rows, " + std::to_string(n_rows) + " asked for");
+    }
+    if (n == 0) {
+        return LLAMA_STEER_OK;
+    }
+    const auto & chunks = ctx->steer_route.layers[il];
+    int64_t row = 0;
+    for (const auto & c : chunks) {
+        if (c.k != k) {
+            return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
+                        ": experts per token changed since the last clear");
+        }
+        if (weights && c.w.empty()) {
+            return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
+                        ": weights were not recorded (LLAMA_STEER_ROUTE_WEIGHTS) in every decode since the last clear");
+        }
+        for (int32_t i = 0; i < c.n_rows; ++i, ++row) {
+            std::memcpy(experts + row * k, c.ids.data() + i * c.ids_row, k * sizeof(int32_t));
+            if (weights) {
+                for (int32_t j = 0; j < k; ++j) {
+                    std::memcpy(weights + row * k + j, c.w.data() + i * c.w_row + j * c.w_elem, sizeof(float));
+                }
+            }
+            if (batch_idx) {
+                batch_idx[row] = c.batch_idx[i];
+            }
+        }
+    }
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_tokens(llama_context * ctx, const int8_t * want, int32_t n_tokens) {
+    if (!ctx) {
+        return fail(LLAMA_STEER_ERR_NULL, "null context");
+    }
+    if (n_tokens < 0 || (n_tokens > 0 && !want)) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "route tokens: " + std::to_string(n_tokens) + " tokens" +
+                    (want ? "" : " and no mask"));
+    }
+    ctx->steer_route.want.assign(want, want + n_tokens);
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+void llama_steer_route_clear(llama_context * ctx) {
+    if (ctx) {
+        llama_synchronize(ctx);  // no host copy may still be writing into what goes
+        for (auto & l : ctx->steer_route.layers) {
+            l.clear();
+        }
+        ctx->steer_route.error.clear();
+    }
 }
 
 const char * llama_steer_last_error(void) {

@@ -1,6 +1,7 @@
 // steer_gguf._native: the bridge between Python and the patched libllama.
-// Holds what must run inside llama.cpp's compute loop without the GIL: the routing
-// recorder and the hook engine (steering by rewriting tensors in the eval callback).
+// Holds what must run inside llama.cpp's compute loop without the GIL: the eval-callback
+// routing recorder (the test oracle of the graph's own routing outputs) and the hook engine
+// (steering by rewriting tensors in the eval callback).
 #include "steer.h"
 #include "steer-rule.h"
 
@@ -218,6 +219,7 @@ PYBIND11_MODULE(_native, m) {
     codes["ERR_ALLOC"] = (int) LLAMA_STEER_ERR_ALLOC;
     codes["ERR_SLOT"] = (int) LLAMA_STEER_ERR_SLOT;
     codes["ERR_SEQ"] = (int) LLAMA_STEER_ERR_SEQ;
+    codes["ERR_ROUTE"] = (int) LLAMA_STEER_ERR_ROUTE;
     m.attr("STATUS") = codes;
     m.attr("MAX_SLOTS") = (int) LLAMA_STEER_MAX_SLOTS;
     py::dict actions;
@@ -274,6 +276,70 @@ PYBIND11_MODULE(_native, m) {
     m.def("seq_bind", [](uintptr_t ctx, int32_t seq, int32_t slot) {
         return status(llama_steer_seq_bind(as_ctx(ctx), seq, slot));
     }, py::arg("ctx"), py::arg("seq"), py::arg("slot"));
+
+    // routing recorded by the graph (steer.h, API version 3)
+    py::dict route_flags;
+    route_flags["experts"] = (int) LLAMA_STEER_ROUTE_EXPERTS;
+    route_flags["weights"] = (int) LLAMA_STEER_ROUTE_WEIGHTS;
+    m.attr("ROUTE") = route_flags;
+
+    m.def("route_record", [](uintptr_t ctx, int32_t flags) {
+        return status(llama_steer_route_record(as_ctx(ctx), flags));
+    }, py::arg("ctx"), py::arg("flags"));
+
+    // every row recorded since the last clear, then clear: {layer: (experts int32 [n, k],
+    // weights float32 [n, k] or None, batch_idx int32 [n])} for the layers that recorded rows;
+    // raises ValueError with steer.h's message when the recorder failed
+    m.def("route_take", [](uintptr_t ctx, int32_t n_layer, bool weights) {
+        llama_context * c = as_ctx(ctx);
+        py::dict out;
+        for (int32_t il = 0; il < n_layer; ++il) {
+            int32_t k = 0, n;
+            {
+                py::gil_scoped_release release;  // the first call waits for the device
+                n = llama_steer_route_rows(c, il, &k);
+            }
+            if (n < 0) {
+                throw py::value_error(llama_steer_last_error());
+            }
+            if (n == 0) {
+                continue;
+            }
+            py::array_t<int32_t> e({(py::ssize_t) n, (py::ssize_t) k});
+            py::array_t<int32_t> b((py::ssize_t) n);
+            py::object w = py::none();
+            float * wp = nullptr;
+            if (weights) {
+                py::array_t<float> wa({(py::ssize_t) n, (py::ssize_t) k});
+                wp = wa.mutable_data();
+                w = wa;
+            }
+            const int32_t rc = llama_steer_route_read(c, il, e.mutable_data(), wp, b.mutable_data(), n);
+            if (rc != LLAMA_STEER_OK) {
+                throw py::value_error(llama_steer_last_error());
+            }
+            out[py::int_(il)] = py::make_tuple(e, w, b);
+        }
+        llama_steer_route_clear(c);
+        return out;
+    }, py::arg("ctx"), py::arg("n_layer"), py::arg("weights"));
+
+    // tokens to route without logits: a bool/int8 mask over the next decodes' batch, or None
+    m.def("route_tokens", [](uintptr_t ctx, py::object want) -> py::tuple {
+        if (want.is_none()) {
+            return status(llama_steer_route_tokens(as_ctx(ctx), nullptr, 0));
+        }
+        auto w = py::array_t<int8_t, py::array::c_style | py::array::forcecast>::ensure(want);
+        if (!w || w.ndim() != 1) {
+            return py::make_tuple((int) LLAMA_STEER_ERR_ROUTE, std::string("route tokens: a 1-D mask over the batch"));
+        }
+        return status(llama_steer_route_tokens(as_ctx(ctx), w.data(), (int32_t) w.shape(0)));
+    }, py::arg("ctx"), py::arg("want"));
+
+    m.def("route_clear", [](uintptr_t ctx) {
+        py::gil_scoped_release release;
+        llama_steer_route_clear(as_ctx(ctx));
+    }, py::arg("ctx"));
 
     py::class_<Observer>(m, "Observer")
         .def(py::init<int>())

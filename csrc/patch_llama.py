@@ -26,7 +26,8 @@ VK_SETTINGS_BLOCK = (
     "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, &layer_setting_info);\n"
 )
 
-# (relative path, anchor, text, where): where is "before" or "after" the anchor.
+# (relative path, anchor, text, where): where is "before" or "after" the anchor, "replace" it,
+# or inside it: "after_first_line", "after_first_line_2" (its first two), "before_last_line".
 EDITS: list[tuple[str, str, str, str]] = [
     # graph params carry the steering table and its generation, so a table change
     # forbids graph reuse (the topology depends on which layers are steered)
@@ -37,11 +38,16 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.h",
      "    llm_graph_result * res;\n\n    // return true if the \"other\" params",
      "    const llama_adapter_steer * steer = nullptr; // steer-gguf\n"
-     "    uint64_t steer_gen = 0;                       // steer-gguf\n",
+     "    uint64_t steer_gen = 0;                       // steer-gguf\n"
+     "    const llama_steer_route * steer_route = nullptr; // steer-gguf: non-null while the context records routing\n"
+     "    int32_t steer_route_flags = 0;                // steer-gguf\n"
+     "    int64_t steer_route_nsel = -1;                // steer-gguf: rows of the last layer beyond outputs (llama_steer_sel)\n",
      "after_first_line"),
     ("src/llama-graph.h",
      "        if (n_outputs != other.n_outputs) {\n",
-     "        if (steer != other.steer || steer_gen != other.steer_gen) { // steer-gguf\n"
+     "        if (steer != other.steer || steer_gen != other.steer_gen || // steer-gguf\n"
+     "            steer_route != other.steer_route || steer_route_flags != other.steer_route_flags ||\n"
+     "            steer_route_nsel != other.steer_route_nsel) {\n"
      "            return false;\n"
      "        }\n\n",
      "before"),
@@ -53,7 +59,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "    res              (params.res),\n",
      "    steer            (params.steer), // steer-gguf\n"
-     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs}, // steer-gguf\n",
+     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route, params.steer_route_nsel}, // steer-gguf\n",
      "after"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits
@@ -92,6 +98,74 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        cb(selection_probs, \"ffn_moe_probs_steered\", il);\n"
      "    }\n\n",
      "before"),
+    # Routing recorded by the graph (steer.h, API version 3): the top-k as the router chose it
+    # (GroveMoE divides it afterwards; the eval-callback recorder sees it before) and the final
+    # weights become graph outputs, kept only once the weights are in the graph, so the nodes
+    # that backends fuse into one top-k-MoE kernel stay consecutive
+    ("src/llama-graph.cpp",
+     "    cb(selected_experts, \"ffn_moe_topk\", il);\n",
+     "    ggml_tensor * steer_topk = selected_experts; // steer-gguf\n",
+     "after"),
+    ("src/llama-graph.cpp",
+     "    //call early so that topk-moe can be used\n    ggml_build_forward_expand(gf, weights);\n",
+     "    if (steer_graph.route) { // steer-gguf\n"
+     "        steer_graph.keep_route(ctx0, gf, steer_topk, weights, il);\n"
+     "    }\n"
+     "    ggml_tensor * steer_rows = steer_graph.route && selected_experts == steer_topk && il == (int) hparams.n_layer() - 1\n"
+     "        ? steer_graph.expert_rows(ctx0, cur) : nullptr; // steer-gguf\n"
+     "    if (steer_rows && steer_rows->ne[0] == 0) {\n"
+     "        return ggml_scale(ctx0, cur, 0.0f); // steer-gguf: routed rows and no output: no expert is read\n"
+     "    }\n"
+     "    if (steer_rows) { // steer-gguf\n"
+     "        cur = ggml_get_rows(ctx0, cur, steer_rows);\n"
+     "        selected_experts = ggml_get_rows(ctx0, selected_experts, steer_rows);\n"
+     "        weights = ggml_reshape_3d(ctx0, ggml_get_rows(ctx0, ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens),\n"
+     "            steer_rows), 1, n_expert_used, steer_rows->ne[0]);\n"
+     "    }\n",
+     "after"),
+    # ... so the expert part counts its rows from its input, not from n_tokens
+    ("src/llama-graph.cpp",
+     "    cur = ggml_reshape_3d(ctx0, cur, n_embd, 1, n_tokens);\n",
+     "    cur = ggml_reshape_3d(ctx0, cur, n_embd, 1, cur->ne[1]); // steer-gguf: n_tokens, or the output rows\n",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "ggml_repeat_4d(ctx0, cur, n_embd, n_expert_used, n_tokens, 1)",
+     "ggml_repeat_4d(ctx0, cur, n_embd, n_expert_used, cur->ne[2], 1) /* steer-gguf */",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "cur_experts[i] = ggml_view_2d(ctx0, experts, n_embd, n_tokens, experts->nb[2], i*experts->nb[1]);",
+     "cur_experts[i] = ggml_view_2d(ctx0, experts, n_embd, experts->ne[2], experts->nb[2], i*experts->nb[1]); // steer-gguf",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "    cb(moe_out, \"ffn_moe_out\", il);\n\n    return moe_out;\n",
+     "    if (steer_rows) { // steer-gguf: back to every row the layer computes (the routed ones unread)\n"
+     "        moe_out = ggml_get_rows(ctx0, moe_out, steer_graph.expert_back(ctx0));\n"
+     "    }\n\n",
+     "before_last_line"),
+    # Routed rows that need no logits (llama_steer_route_rows): the last layer computes them
+    # with the outputs (out_ids lists both), and the output norm's input is cut to the outputs,
+    # so the output head runs for output rows alone; an architecture whose graph reaches its
+    # logits otherwise gets them cut after the head (steer_graph.finish), never wrong rows
+    ("src/llama-graph.cpp",
+     "ggml_tensor * llm_graph_context::build_inp_out_ids() const {\n",
+     "    if (steer_graph.n_sel >= 0) { // steer-gguf\n"
+     "        return steer_graph.inp_sel_rows(ctx0);\n"
+     "    }\n",
+     "after"),
+    ("src/llama-graph.cpp",
+     "       llm_norm_type   type,\n                 int   il) const {\n    switch (type) {\n",
+     "    if (steer_graph.n_sel >= 0) { // steer-gguf\n"
+     "        cur = steer_graph.cut_to_outputs(ctx0, cur, mw, il);\n"
+     "    }\n",
+     "after_first_line_2"),
+    ("src/llama-model.cpp",
+     "    // add on pooling layer\n    llm->build_pooling(",
+     "    llm->steer_graph.finish(llm->ctx0, llm->gf); // steer-gguf\n\n",
+     "before"),
+    ("src/llama-context.cpp",
+     "            // needs to happen before the graph is built\n            n_outputs = n_outputs_new;\n",
+     "            steer_route_prepare(ubatch); // steer-gguf: the rows its last layer computes\n",
+     "after"),
     # the context owns the table; graph_params hands it to the graph builder
     ("src/llama-context.h",
      "    llama_adapter_cvec_ptr  cvec;\n",
@@ -103,7 +177,11 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    // steer-gguf: defined in llama-steer.cpp\n"
      "    void steer_replace(std::shared_ptr<llama_adapter_steer> s);\n"
      "    void steer_set_eval_callback(ggml_backend_sched_eval_callback cb, void * user_data);\n"
-     "    llama_steer_state steer_state; // tables, slots and sequence bindings\n\n",
+     "    llama_steer_state steer_state; // tables, slots and sequence bindings\n"
+     "    llama_steer_route steer_route; // routing recorded by the graph, until taken\n"
+     "    void steer_route_extract(const llm_graph_result * res, const llama_ubatch & ubatch);\n"
+     "    void steer_route_changed();\n"
+     "    void steer_route_prepare(const llama_ubatch & ubatch);\n\n",
      "before"),
     ("src/llama-context.h",
      "struct llama_context {\n",
@@ -113,8 +191,19 @@ EDITS: list[tuple[str, str, str, str]] = [
      "        /*.res         =*/ res,\n    };\n",
      "        /*.res         =*/ res,\n"
      "        /*.steer       =*/ steer.get(), // steer-gguf\n"
-     "        /*.steer_gen   =*/ steer_gen,\n    };\n",
+     "        /*.steer_gen   =*/ steer_gen,\n"
+     "        /*.steer_route =*/ steer_route.flags ? &steer_route : nullptr,\n"
+     "        /*.steer_route_flags =*/ steer_route.flags,\n"
+     "        /*.steer_route_nsel  =*/ steer_route.flags && steer_route.sel_for == ubatch.data ? steer_route.n_sel : -1,\n    };\n",
      "replace"),
+    # after each micro-batch's graph: queue the host copies of its routing (one sync per decode,
+    # when the routing is read, as for logits)
+    ("src/llama-context.cpp",
+     "        n_outputs_prev += n_outputs;\n        n_tokens_prev  += ubatch.n_tokens;\n",
+     "        if (steer_route.flags) { // steer-gguf\n"
+     "            steer_route_extract(res, ubatch);\n"
+     "        }\n\n",
+     "before"),
     # Backend fusion made visible: STEER_GGUF_LOG_FUSION=1 prints one line per fused top-k-MoE
     # dispatch, naming the layer's top-k tensor (benchmarks/gpu_check.py, tests/test_vulkan.py)
     ("ggml/src/ggml-cuda/topk-moe.cu",
@@ -163,6 +252,12 @@ def apply(root: pathlib.Path) -> None:
         elif where == "after_first_line":
             first, rest = anchor.split("\n", 1)
             new = src.replace(anchor, first + "\n" + text + rest)
+        elif where == "before_last_line":
+            head, last = anchor.rstrip("\n").rsplit("\n", 1)
+            new = src.replace(anchor, head + "\n" + text + last + "\n")
+        elif where == "after_first_line_2":
+            a, b, rest = anchor.split("\n", 2)
+            new = src.replace(anchor, a + "\n" + b + "\n" + text + rest)
         elif where == "replace":
             new = src.replace(anchor, text)
         else:

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_STEER_API_VERSION 2
+#define LLAMA_STEER_API_VERSION 3
 #define LLAMA_STEER_MAX_SLOTS   64
 
 enum llama_steer_action {
@@ -51,6 +51,13 @@ enum llama_steer_status {
     LLAMA_STEER_ERR_ALLOC      = -8, // backend buffer allocation failed
     LLAMA_STEER_ERR_SLOT       = -9, // slot index outside [0, LLAMA_STEER_MAX_SLOTS)
     LLAMA_STEER_ERR_SEQ        = -10, // sequence id outside [0, the context's n_seq_max)
+    LLAMA_STEER_ERR_ROUTE      = -11, // routing flags, layer or row count not as recorded
+};
+
+// what llama_steer_route_record keeps of every MoE layer
+enum llama_steer_route_flags {
+    LLAMA_STEER_ROUTE_EXPERTS = 1, // the selected experts (required)
+    LLAMA_STEER_ROUTE_WEIGHTS = 2, // and their final weights
 };
 
 // actions: int8 [n_layer * n_expert], row-major by layer; bias: float [n_layer * n_expert] or NULL.
@@ -91,6 +98,52 @@ LLAMA_API void llama_steer_set_eval_callback(
         struct llama_context * ctx,
         ggml_backend_sched_eval_callback cb,
         void * user_data);
+
+// ---- routing recorded by the graph (API version 3) ------------------------------------------
+// While a context records, its graph keeps every MoE layer's selected experts (and, with
+// LLAMA_STEER_ROUTE_WEIGHTS, their final weights: after normalization and scaling, as the
+// experts' outputs are mixed) as graph outputs, the way it keeps logits; after each
+// micro-batch they are queued for host memory (asynchronously where the backend allows), and
+// the first read after a decode synchronizes once. No eval callback is involved, so a
+// caller's own callback still works. Graphs are reused while the flags stay the same; with
+// flags 0 the graph is upstream's again.
+//
+// Rows accumulate over decodes until llama_steer_route_clear, per layer in the order the
+// graph computed them: every token of each micro-batch, except in the last layer, which
+// llama.cpp computes for output tokens only (batch.logits[i] != 0), and for the tokens of
+// llama_steer_route_tokens. Each row carries its token's index in the batch of the
+// llama_decode that computed it.
+
+// Start (flags: LLAMA_STEER_ROUTE_EXPERTS, optionally | LLAMA_STEER_ROUTE_WEIGHTS) or stop
+// (flags 0) recording, from the next decode on; rows already recorded stay.
+LLAMA_API int32_t llama_steer_route_record(struct llama_context * ctx, int32_t flags);
+
+// Rows recorded in layer il (0 for a dense layer), or a negative status; k (may be NULL)
+// receives the layer's experts per token. Waits for the device.
+LLAMA_API int32_t llama_steer_route_rows(struct llama_context * ctx, int32_t il, int32_t * k);
+
+// Copy layer il's n_rows rows (n_rows must be what llama_steer_route_rows says): experts int32
+// [n_rows * k]; weights float [n_rows * k] or NULL; batch_idx int32 [n_rows] or NULL.
+LLAMA_API int32_t llama_steer_route_read(
+        struct llama_context * ctx,
+        int32_t    il,
+        int32_t  * experts,
+        float    * weights,
+        int32_t  * batch_idx,
+        int32_t    n_rows);
+
+// Tokens to route in every layer although they are not outputs: want[i] != 0 for the token
+// at batch index i of each following llama_decode (NULL / 0 tokens: outputs only, upstream's
+// rows). llama.cpp computes the last layer only for the rows it keeps; these rows are kept
+// through the last layer's attention and router (their routing), skip its experts when it is
+// a MoE layer (build_moe_ffn computes them for output rows only), and are cut just before the
+// output head: no logits, no room in the logits buffer. A decode may have no output at all.
+// In force until changed; used only while recording. (The last layer's other per-row work,
+// e.g. shared experts, runs for them too: it is each architecture's own graph code.)
+LLAMA_API int32_t llama_steer_route_tokens(struct llama_context * ctx, const int8_t * want, int32_t n_tokens);
+
+// Drop every recorded row (waits for copies still in flight). Recording goes on.
+LLAMA_API void llama_steer_route_clear(struct llama_context * ctx);
 
 LLAMA_API int32_t llama_steer_api_version(void);
 

@@ -4,7 +4,8 @@ The patched ggml prints "steer-gguf: fused topk_moe <ids tensor>" for every fuse
 dispatch when STEER_GGUF_LOG_FUSION=1 (csrc/patch_llama.py; CUDA and Vulkan). This probe
 loads a model with every layer offloaded, evaluates a prompt and one decode unsteered, then
 with a profile that activates one expert and deactivates another in every MoE layer, and
-reports which layers took the fused kernel in each phase, with the logits of both.
+then unsteered with the graph recording routing, and reports which layers took the fused
+kernel in each phase, with the logits of each.
 
     run_probe(model, n_gpu_layers=99) -> {"plain": [layers], "steered": [layers], ...}
 
@@ -38,13 +39,23 @@ def _child(model: str, ngl: int, out: str) -> None:
              for r in (ExpertRule(il, 1, "activate"), ExpertRule(il, 0, "deactivate"))]
     profile = Profile(ModelRef.of(info), rules, name="probe")
     scores = {}
-    for phase, prof in (("plain", None), ("steered", profile)):
+    # "traced": unsteered, with the graph recording routing (steer.h API 3): its kept outputs
+    # must leave the fused kernel in place
+    for phase, prof in (("plain", None), ("steered", profile), ("traced", None)):
         llm.set_profile(prof)
         print(MARK + phase, file=sys.stderr, flush=True)
         with llm.lock:
             llm.reset()
-            llm.eval(toks)           # prefill: a many-token graph
-            llm.eval(toks[:1])       # one decode: the one-token graph
+            if phase == "traced":
+                llm._recorder.on()
+            try:
+                llm.eval(toks)           # prefill: a many-token graph
+                llm.eval(toks[:1])       # one decode: the one-token graph
+                if phase == "traced":
+                    llm._recorder.take()
+            finally:
+                if phase == "traced":
+                    llm._recorder.off()
         scores[phase] = np.array(llm.scores[: len(toks) + 1])
         print(MARK + "end", file=sys.stderr, flush=True)
     llm.close()

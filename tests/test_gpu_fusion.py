@@ -52,6 +52,20 @@ def test_steered_layers_stay_fused(gpu, make, case):
 
 
 @needs_gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_recorded_layers_stay_fused(gpu, make, case):
+    """Routing kept as graph outputs is copied out after the fused kernel (a node outside it),
+    so a layer fused unrecorded stays fused while the graph records, with the same logits."""
+    kind, kw = CASES[case]
+    r = run_probe(make(kind, **kw), TEST_NGL)
+    fused = r["fused"]
+    if not fused.get("plain"):
+        pytest.skip(f"{case}: the backend fuses no layer of this model even unsteered")
+    assert set(fused.get("traced", [])) >= set(fused["plain"]), fused
+    np.testing.assert_array_equal(r["scores"]["traced"], r["scores"]["plain"])
+
+
+@needs_gpu
 @pytest.mark.parametrize("case", ["softmax (qwen3moe)", "softmax after top-k (gpt-oss)",
                                   "sigmoid + selection bias (deepseek-v3)"])
 def test_fused_and_unfused_kernels_agree_on_steered_output(gpu, make, case):
@@ -82,7 +96,10 @@ def test_selection_bias_steering_without_groups_matches_the_hook_engine(make):
 
     path = make("deepseek-v3", n_layer=4, n_expert=8, n_expert_used=6)
     info = model_info(path)
-    kw = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
+    # both traced through the eval callback, so that both run the unfused kernels and the
+    # weights compare to rounding of one kind (the graph's own routing outputs would keep a GPU's
+    # fused kernel for the graph engine only)
+    kw = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL, recorder="callback")
     graph, hook = SteeredLlama(path, **kw), SteeredLlama(path, engine="hook", **kw)
     base = graph.trace(text=TEXT)
     rules, on, off = [], {}, {}

@@ -491,7 +491,7 @@ def test_trace_many_on_the_hook_engine_steers_with_hooks(model):
             m.set_profile(force_x(m.info))
             got[engine] = m.trace_many(seqs)
             # before the fix the tracing context always got the graph table
-            assert m._tctx.hooking == (engine == "hook")
+            assert m._tctx.rec.hooking == (engine == "hook")
             m.set_profile(None)
             assert not (m.trace_many(seqs)[0] == X).any(axis=2).all()
         finally:

@@ -17,7 +17,6 @@ from ..errors import SteerError
 from ..model import ROUTES_TWICE
 from ..profile import Profile
 from .slots import ContextSlots, check_phase, steered_in
-from .rows import undouble
 
 # llama-cpp-python's create_completion defaults, so both paths sample alike
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
@@ -94,12 +93,12 @@ class BatchEngine:
         self.ctx, self.ptr = contexts.secondary_context(llm, self.n_ctx, self.n_seq, "generation")
         self.batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         self.slots = ContextSlots(self.ptr, llm.info, force=llm.force)
-        self.obs = contexts._native.Observer(llm.info.n_layer)
-        self.obs.record_weights = False
-        self.recording = False
+        from .tracing import Recorder
+
+        self.rec = Recorder(self.ptr, contexts._native.Observer(llm.info.n_layer), llm.info.n_layer, llm.recorder,
+                            weights=False, twice=llm.info.architecture in ROUTES_TWICE)
         self.vocab = llm._model.vocab
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
-        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx.ctx)
 
     # ---- one conversation ----------------------------------------------------------------
     def _sampler(self, s: SamplerSpec):
@@ -261,7 +260,7 @@ class BatchEngine:
         rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise SteerError(f"llama_decode failed while generating (code {rc})")
-        if self.recording:
+        if self.rec.recording:
             self._take_rows(active, last, n)
         for sid in list(active):
             s = active[sid]
@@ -289,45 +288,31 @@ class BatchEngine:
 
     # ---- routing traces ------------------------------------------------------------------
     def _record(self, want: bool) -> None:
-        # the recorder splits every layer's compute: attached only while someone asks
-        if want != self.recording:
-            (self.obs.attach if want else self.obs.detach)(self.ptr)
-            self.obs.record = want
-            self.recording = want
-        if want:
-            self.obs.clear_records()
+        # recording changes the graph (or, with the callback recorder, splits every layer's
+        # compute): on only while someone asks
+        if want != self.rec.recording:
+            (self.rec.on if want else self.rec.off)()
+        elif want:
+            self.rec.clear()
 
     def _take_rows(self, active: dict[int, _Seq], last: dict[int, int], n: int) -> None:
-        rec = self.obs.take()
-        if self.obs.error:
-            raise SteerError(f"routing recorder: {self.obs.error}")
-        if self.llm.info.architecture in ROUTES_TWICE:
-            rec = undouble(rec, [bool(self.batch.logits[i]) for i in range(n)], self.n_ubatch)
-        n_out = len(last)
-        out_rank = {i: r for r, i in enumerate(sorted(last.values()))}
-        layers = self.llm.info.moe_layers
+        from .tracing import by_token
+
+        per_layer = by_token(self.rec.take(), self.llm.info.moe_layers, n, sorted(last.values()))
         for sid, s in active.items():
             if not s.req.trace:
                 continue
-            row = []
-            for il in layers:
-                e = rec[il][0]
-                # a layer computes every token, except the last, which computes outputs only
-                if e.shape[0] == n:
-                    row.append(e[last[sid]])
-                elif e.shape[0] == n_out:
-                    row.append(e[out_rank[last[sid]]])
-                else:
-                    raise SteerError(f"routing recorder: layer {il} has {e.shape[0]} rows, expected {n} or {n_out}")
-            s.rows.append(np.stack(row))
+            row = np.stack([e[last[sid]] for e in per_layer])
+            if (row < 0).any():
+                raise SteerError("routing recorder: a sampled token's row was not computed in every MoE layer")
+            s.rows.append(row)
 
     def close(self) -> None:
         import llama_cpp
 
         if self.ctx is None:
             return
-        if self.recording:
-            self.obs.detach(self.ptr)
+        self.rec.close()
         llama_cpp.llama_batch_free(self.batch)
         self.ctx.close()
         self.ctx = None

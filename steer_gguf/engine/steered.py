@@ -10,12 +10,12 @@ import numpy as np
 
 from ..errors import SteerError
 from ..grammar import check_grammar
-from ..model import NOT_RUNNABLE, ModelInfo, model_info
+from ..model import NOT_RUNNABLE, ROUTES_TWICE, ModelInfo, model_info
 from ..profile import Profile, as_profile
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
 from .threads import ThreadGovernor, physical_cores
-from .tracing import Tracing
+from .tracing import RECORDERS, Recorder, Tracing
 
 ENGINES = ("graph", "hook")
 
@@ -26,14 +26,18 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
     engine="graph" steers inside llama.cpp's MoE gating (the patched graph: no extra cost
     on unsteered layers, works with every backend); engine="hook" rewrites the router
     logits from the scheduler's eval callback instead (slower; the test oracle).
+    recorder="graph" records routing from the graph's own outputs; recorder="callback" through
+    the eval callback (slower; the test oracle of the first).
 
     Safe to share between threads: generation, tracing and profile switches take one lock.
     """
 
     def __init__(self, model_path: str | os.PathLike, profile: Profile | str | os.PathLike | None = None, *,
-                 engine: str = "graph", force: bool = False, **llama_kwargs):
+                 engine: str = "graph", force: bool = False, recorder: str = "graph", **llama_kwargs):
         if engine not in ENGINES:
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if recorder not in RECORDERS:
+            raise SteerError(f"recorder must be one of {', '.join(RECORDERS)}, got {recorder!r}")
         self.info: ModelInfo = model_info(model_path)
         if self.info.architecture in NOT_RUNNABLE:
             raise SteerError(f"{model_path}: {self.info.architecture} {NOT_RUNNABLE[self.info.architecture]} "
@@ -65,12 +69,13 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
                              f"model); steer-gguf's generation and tracing need it (not supported)")
         self._fit_arrays_to_context()
         self.engine = engine
+        self.recorder = recorder
         self.force = force
         self.profile: Profile | None = None
         self.lock = ModelLock()
         self._observer = _native.Observer(self.info.n_layer)
-        self._hooking = False
-        self._attached = False
+        self._recorder = Recorder(self._ctx_ptr, self._observer, self.info.n_layer, recorder, weights=True,
+                                  twice=self.info.architecture in ROUTES_TWICE)
         self.set_profile(profile)
 
     def _fit_arrays_to_context(self) -> None:
@@ -93,9 +98,8 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
         if getattr(self, "_tctx", None) is not None:
             self._tctx.close()
             self._tctx = None
-        if getattr(self, "_attached", False) and getattr(self._ctx, "ctx", None):
-            self._observer.detach(self._ctx_ptr)
-            self._attached = False
+        if getattr(self, "_recorder", None) is not None and getattr(self._ctx, "ctx", None):
+            self._recorder.close()
         super().close()
 
     def __del__(self) -> None:
@@ -160,17 +164,7 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
             self.reset()
 
     def _apply(self, p: Profile | None) -> None:
-        self._hooking = install_steering(self._ctx_ptr, self._observer, self.engine, self.info, p)
-        self._sync_observer()
-
-    def _sync_observer(self) -> None:
-        want = self._hooking or self._observer.record
-        if want != self._attached:
-            if want:
-                self._observer.attach(self._ctx_ptr)
-            else:
-                self._observer.detach(self._ctx_ptr)
-            self._attached = want
+        self._recorder.set_hooking(install_steering(self._ctx_ptr, self._observer, self.engine, self.info, p))
 
     @contextlib.contextmanager
     def steering(self, profile: Profile | str | os.PathLike | None) -> Iterator["SteeredLlama"]:

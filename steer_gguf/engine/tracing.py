@@ -1,6 +1,12 @@
 """Recording routing: which experts each token went to, in every MoE layer. Prefill of
 one sequence (trace), of many sequences per batch (trace_many, on a second context), and
-during ordinary decoding (recording)."""
+during ordinary decoding (recording).
+
+Two recorders read the same routing. "graph" (the default): the patched graph keeps every MoE
+layer's top-k as graph outputs, copied to host memory after each micro-batch (steer.h, API
+version 3): no graph split, one synchronization per decode. "callback": the scheduler's eval
+callback copies each layer's top-k as the graph reaches it, a split and a synchronization
+per layer; kept as the test oracle of the first."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +17,124 @@ import numpy as np
 from ..errors import SteerError
 from ..model import ROUTES_TWICE
 from ..trace import RoutingTrace
-from .contexts import _native, install_steering, llama_cpp, secondary_context
-from .rows import concat, undouble
+from .contexts import _native, check_status, install_steering, llama_cpp, secondary_context
+from .rows import undouble
+
+RECORDERS = ("graph", "callback")
+
+# one layer's rows: experts int32 [n, k], weights float32 [n, k] or None, and each row's index
+# in the batch of its decode (None from the callback recorder, which cannot tell)
+LayerRows = tuple[np.ndarray, "np.ndarray | None", "np.ndarray | None"]
+
+
+class Recorder:
+    """The routing recorder of one llama.cpp context, and the eval-callback attachment that
+    the callback recorder and the hook engine share there."""
+
+    def __init__(self, ptr: int, observer, n_layer: int, kind: str, weights: bool, twice: bool = False):
+        if kind not in RECORDERS:
+            raise SteerError(f"recorder must be one of {', '.join(RECORDERS)}, got {kind!r}")
+        if twice and kind != "graph":
+            # its rows carry no batch index, so the two routings of a layer cannot be told apart
+            raise SteerError("the eval-callback recorder cannot record a model that routes twice per layer "
+                             "(grovemoe); use the graph recorder")
+        self.ptr, self.obs, self.n_layer, self.kind, self.weights = ptr, observer, n_layer, kind, weights
+        self.twice = twice
+        self.recording = False
+        self.hooking = False
+        self._attached = False
+
+    def set_hooking(self, hooking: bool) -> None:
+        self.hooking = hooking
+        self._sync()
+
+    def _sync(self) -> None:
+        # an attached callback splits every layer's compute: attached only while needed
+        want = self.hooking or (self.recording and self.kind == "callback")
+        if want != self._attached:
+            (self.obs.attach if want else self.obs.detach)(self.ptr)
+            self._attached = want
+
+    def on(self) -> None:
+        """Record every decode from now on (earlier rows are dropped)."""
+        self._switch(True)
+
+    def off(self) -> None:
+        """Stop recording: the graph is upstream's again (rows not taken are dropped)."""
+        self._switch(False)
+
+    def _switch(self, on: bool) -> None:
+        if self.kind == "graph":
+            flags = _native.ROUTE["experts"] | (_native.ROUTE["weights"] if self.weights else 0)
+            check_status(*_native.route_record(self.ptr, flags if on else 0), "routing recorder")
+            check_status(*_native.route_tokens(self.ptr, None), "routing recorder")
+        else:
+            self.obs.record_weights = self.weights
+            self.obs.record = on
+        self.clear()
+        self.recording = on
+        self._sync()
+
+    def route_rows(self, mask: np.ndarray) -> bool:
+        """Route the tokens of mask (by batch index) in every layer in the next decodes,
+        outputs or not; True if the graph recorder does (they need no logits then), False
+        if the caller must make them outputs (the callback recorder sees outputs only)."""
+        if self.kind != "graph":
+            return False
+        check_status(*_native.route_tokens(self.ptr, mask.astype(np.int8)), "routing recorder")
+        return True
+
+    def clear(self) -> None:
+        """Drop the rows recorded so far."""
+        if self.kind == "graph":
+            _native.route_clear(self.ptr)
+        else:
+            self.obs.clear_records()
+
+    def take(self) -> dict[int, LayerRows]:
+        """Every row recorded since on() or the last take(), by layer (layers that computed
+        no row are absent)."""
+        if self.kind == "graph":
+            try:
+                rec = _native.route_take(self.ptr, self.n_layer, self.weights)
+            except ValueError as e:
+                raise SteerError(str(e)) from None
+            return {il: undouble(*r, il) for il, r in rec.items()} if self.twice else rec
+        err = self.obs.error  # read first: take() clears it
+        rec = self.obs.take()
+        if err:
+            raise SteerError(f"routing recorder: {err}")
+        return {il: (e, w if self.weights else None, None) for il, (e, w) in rec.items()}
+
+    def close(self) -> None:
+        if self._attached:
+            self.obs.detach(self.ptr)
+            self._attached = False
+
+
+def by_token(rec: dict[int, LayerRows], layers: Sequence[int], n_tokens: int,
+             outputs: Sequence[int]) -> list[np.ndarray]:
+    """The rows of one decode of n_tokens tokens, per layer in `layers`, as int32
+    [n_tokens, k] indexed by batch position: -1 where the layer computed no row for the token
+    (the last layer computes output tokens only). `outputs`: the batch positions marked as
+    outputs, in batch order, to place the callback recorder's rows by their count."""
+    out = []
+    for il in layers:
+        if il not in rec:
+            raise SteerError(f"routing recorder saw nothing in MoE layer {il}")
+        e, _, idx = rec[il]
+        full = np.full((n_tokens, e.shape[1]), -1, dtype=np.int32)
+        if idx is not None:
+            full[idx] = e
+        elif e.shape[0] == n_tokens:
+            full[:] = e
+        elif e.shape[0] == len(outputs):
+            full[np.asarray(outputs, dtype=np.int64)] = e
+        else:
+            raise SteerError(f"routing recorder: layer {il} has {e.shape[0]} rows, expected "
+                             f"{n_tokens} or {len(outputs)}")
+        out.append(full)
+    return out
 
 
 class Tracing:
@@ -24,30 +146,14 @@ class Tracing:
         Holds the lock for the whole block."""
         log = RoutingLog(list(self.info.moe_layers))
         with self.lock:
-            self._observer.clear_records()
-            self._observer.record = True
-            self._sync_observer()
-            twice = self.info.architecture in ROUTES_TWICE
-            parts: list[dict] = []
-            if twice:  # each decode's rows are undoubled as it ends, while its batch is known
-                decode = self._ctx.decode
-
-                def undoubling_decode(batch):
-                    rc = decode(batch)
-                    b = batch.batch
-                    parts.append(undouble(self._observer.take(), [bool(b.logits[i]) for i in range(b.n_tokens)],
-                                          self.context_params.n_ubatch))
-                    return rc
-
-                self._ctx.decode = undoubling_decode
+            self._recorder.on()
             try:
                 yield log
             finally:
-                if twice:
-                    del self._ctx.decode
-                rec = concat(parts + [self._observer.take()])
-                self._observer.record = False
-                self._sync_observer()
+                try:
+                    rec = self._recorder.take()
+                finally:
+                    self._recorder.off()
                 log.per_layer = {il: rec[il][0] for il in rec}
 
     def trace(self, tokens: Sequence[int] | None = None, text: str | None = None,
@@ -73,28 +179,21 @@ class Tracing:
         with self.lock:
             self.reset()
             self._ctx.kv_cache_seq_rm(-1, 0, -1)
-            self._observer.clear_records()
-            self._observer.record = True
-            self._sync_observer()
+            self._recorder.on()
             try:
-                twice = self.info.architecture in ROUTES_TWICE
-                parts = []
                 for i in range(0, len(toks), self.n_batch):
                     chunk = toks[i:i + self.n_batch]
-                    # every traced token is an output, so the last layer computes all rows
-                    self._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+                    # the last layer must compute every traced token: routed rows (no logits)
+                    # with the graph recorder; outputs, logits and all, with the callback one
+                    routed = self._recorder.route_rows(np.ones(len(chunk), dtype=bool))
+                    self._batch.set_batch(batch=chunk, n_past=i, logits_all=not routed)
                     self.govern(self._ctx.ctx)
                     self._ctx.decode(self._batch)
-                    if twice:
-                        parts.append(undouble(self._observer.take(), [True] * len(chunk),
-                                              self.context_params.n_ubatch))
-                rec = concat(parts + [self._observer.take()])
-                err = self._observer.error
+                rec = self._recorder.take()
             finally:
-                self._observer.record = False
-                self._sync_observer()
+                self._recorder.off()
                 self.reset()
-        return self._make_trace(toks, rec, err)
+        return self._make_trace(toks, rec)
 
     def trace_many(self, seqs: Sequence[Sequence[int]], rows: Sequence[Sequence[int]] | None = None,
                    batch_tokens: int = 2048, record: bool = True, logits: bool = False) -> list[np.ndarray]:
@@ -103,8 +202,9 @@ class Tracing:
         logits=True returns instead the next-token logits at those rows, float32
         [len(rows[i]), n_vocab] (teacher forcing: row r is the prediction of token r+1).
 
-        Only the requested rows are marked as outputs: the last layer computes nothing
-        else, and the logits of the rest are never needed."""
+        Only the requested rows reach the last layer, which computes nothing else; with the
+        graph recorder they are routed rows without logits (steer.h llama_steer_route_tokens),
+        so no output head runs at all."""
         rows = [list(range(len(s))) for s in seqs] if rows is None else [list(r) for r in rows]
         if len(rows) != len(seqs):
             raise SteerError("trace_many: one row list per sequence")
@@ -136,10 +236,8 @@ class Tracing:
         tc.sync_profile()
         return tc
 
-    def _make_trace(self, toks: list[int], rec: dict, err: str) -> RoutingTrace:
+    def _make_trace(self, toks: list[int], rec: dict[int, LayerRows]) -> RoutingTrace:
         layers = self.info.moe_layers
-        if err:
-            raise SteerError(f"routing recorder: {err}")
         missing = [il for il in layers if il not in rec or rec[il][0].shape[0] != len(toks)]
         if missing:
             got = {il: rec[il][0].shape[0] for il in rec}
@@ -173,27 +271,25 @@ class RoutingLog:
 
 class _TraceContext:
     """A second llama.cpp context on the same weights, made for batched prefill of many
-    sequences (one KV stream, several sequence ids) with the routing recorder attached."""
+    sequences (one KV stream, several sequence ids) with the routing recorder on."""
 
     def __init__(self, llm: "Tracing", n_tok: int):
         self.llm = llm
         self.n_tok = n_tok
         self.n_seq = max(1, min(64, llama_cpp.llama_max_parallel_sequences()))
         self.ctx, self.ptr = secondary_context(llm, n_tok, self.n_seq, "tracing")
-        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(n_tok, 0, 1)
         self.obs = _native.Observer(llm.info.n_layer)
-        self.obs.record = True
-        self.obs.record_weights = False  # detection counts experts only
-        self.obs.attach(self.ptr)
-        self.hooking = False
+        # detection counts experts only
+        self.rec = Recorder(self.ptr, self.obs, llm.info.n_layer, llm.recorder, weights=False,
+                            twice=llm.info.architecture in ROUTES_TWICE)
         self.profile_applied: object = False
 
     def sync_profile(self) -> None:
         p = self.llm.profile
         if p is self.profile_applied:
             return
-        self.hooking = install_steering(self.ptr, self.obs, self.llm.engine, self.llm.info, p)
+        self.rec.set_hooking(install_steering(self.ptr, self.obs, self.llm.engine, self.llm.info, p))
         self.profile_applied = p
 
     def run(self, seqs: list[Sequence[int]], rows: list[list[int]], record: bool = True,
@@ -204,6 +300,11 @@ class _TraceContext:
         record = record and not logits
         if not record and not logits:
             rows = [[len(t) - 1] for t in seqs]
+        # the plain-prefill baseline and scoring run the upstream graph (a hook engine still
+        # steers); switching costs one graph rebuild, so the recorder stays as it was last run
+        if record != self.rec.recording:
+            (self.rec.on if record else self.rec.off)()
+        routed_only = record and self.rec.kind == "graph"
         b = self.batch
         n = 0
         out_index = []  # per sequence: positions of its requested rows among the batch outputs
@@ -217,7 +318,7 @@ class _TraceContext:
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = sid
                 is_out = pos in want_set
-                b.logits[n] = is_out
+                b.logits[n] = is_out and not routed_only
                 if is_out:
                     mine[pos] = n_out
                     n_out += 1
@@ -225,19 +326,13 @@ class _TraceContext:
             out_index.append([(n - len(toks) + r, mine[r]) for r in want])
         b.n_tokens = n
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
-        self.obs.clear_records()
-        # the plain-prefill baseline drops the recorder, but a hook engine still steers from it
-        detach = not record and not self.hooking
-        self.obs.record = record
-        if detach:
-            self.obs.detach(self.ptr)
-        try:
-            self.llm.govern(self.ctx.ctx)
-            rc = llama_cpp.llama_decode(self.ctx.ctx, b)
-        finally:
-            self.obs.record = True
-            if detach:
-                self.obs.attach(self.ptr)
+        if routed_only:
+            mask = np.zeros(n, dtype=bool)
+            mask[[i for idx in out_index for i, _ in idx]] = True
+            self.rec.route_rows(mask)
+        self.rec.clear()  # nothing of a decode that failed before
+        self.llm.govern(self.ctx.ctx)
+        rc = llama_cpp.llama_decode(self.ctx.ctx, b)
         if rc != 0:
             raise SteerError(f"llama_decode failed while tracing (code {rc})")
         if logits:
@@ -251,34 +346,20 @@ class _TraceContext:
             return out
         if not record:
             return []
-        rec = self.obs.take()
-        if self.obs.error:
-            raise SteerError(f"routing recorder: {self.obs.error}")
-        layers = self.llm.info.moe_layers
-        if self.llm.info.architecture in ROUTES_TWICE:
-            rec = undouble(rec, [bool(b.logits[i]) for i in range(n)], self.n_ubatch)
-        per_layer = []
-        for il in layers:
-            if il not in rec:
-                raise SteerError(f"routing recorder saw nothing in MoE layer {il}")
-            e = rec[il][0]
-            # a layer computes every token, except the last which computes outputs only
-            if e.shape[0] == n:
-                per_layer.append(("all", e))
-            elif e.shape[0] == n_out:
-                per_layer.append(("out", e))
-            else:
-                raise SteerError(f"routing recorder: layer {il} has {e.shape[0]} rows, expected {n} or {n_out}")
+        outputs = [i for i in range(n) if b.logits[i]]  # the callback recorder's rows of the last layer
+        per_layer = by_token(self.rec.take(), self.llm.info.moe_layers, n, outputs)
         result = []
         for idx in out_index:
             tok_rows = np.asarray([a for a, _ in idx], dtype=np.int64)
-            out_rows = np.asarray([o for _, o in idx], dtype=np.int64)
-            result.append(np.stack([e[tok_rows] if kind == "all" else e[out_rows] for kind, e in per_layer], axis=1))
+            ex = np.stack([e[tok_rows] for e in per_layer], axis=1)
+            if (ex < 0).any():
+                raise SteerError("routing recorder: a requested row was not computed in every MoE layer")
+            result.append(ex)
         return result
 
     def close(self) -> None:
         if self.ctx is not None and self.ctx.ctx:
-            self.obs.detach(self.ptr)
+            self.rec.close()
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
