@@ -487,3 +487,29 @@ def test_real_layouts_steer_on_every_layer(name, make_arch):
                                                                  layout.n_expert_used)
     assert info.n_expert_groups == layout.n_expert_groups
     _steered_on_every_layer(path, info)
+
+
+def test_graph_recorder_equals_the_callback_recorder(m):
+    """The graph recorder (tokens routed without logits where the graph takes routed rows; made
+    outputs in OUTPUT_ROWS_ONLY's graphs) records what the eval-callback recorder sees with every
+    traced token an output, steered and not."""
+    from steer_gguf.engine.tracing import OUTPUT_ROWS_ONLY
+    from steer_gguf.model import ROUTES_TWICE
+
+    g = m["graph"]
+    assert g._recorder.routes_rows == (m["arch"] not in OUTPUT_ROWS_ONLY)
+    if m["arch"] in ROUTES_TWICE:  # its rows carry no batch index to undouble by
+        with pytest.raises(SteerError, match="cannot record a model that routes twice"):
+            SteeredLlama(m["path"], recorder="callback", **LLAMA)
+        return
+    old = SteeredLlama(m["path"], recorder="callback", **LLAMA)
+    try:
+        for prof in (None, m["profile"]):
+            g.set_profile(prof)
+            old.set_profile(prof)
+            a, b = g.trace(tokens=m["toks"]), old.trace(tokens=m["toks"])
+            np.testing.assert_array_equal(_sorted(a.experts), _sorted(b.experts))
+            np.testing.assert_allclose(_sorted(a.weights), _sorted(b.weights), rtol=1e-6, atol=1e-7)
+    finally:
+        g.set_profile(None)
+        old.close()

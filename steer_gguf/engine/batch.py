@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import SteerError
-from ..model import ROUTES_TWICE
 from ..profile import Profile
 from .slots import ContextSlots, check_phase, steered_in
 
@@ -93,10 +92,10 @@ class BatchEngine:
         self.ctx, self.ptr = contexts.secondary_context(llm, self.n_ctx, self.n_seq, "generation")
         self.batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         self.slots = ContextSlots(self.ptr, llm.info, force=llm.force)
-        from .tracing import Recorder
+        from .tracing import Recorder, recorder_kw
 
         self.rec = Recorder(self.ptr, contexts._native.Observer(llm.info.n_layer), llm.info.n_layer, llm.recorder,
-                            weights=False, twice=llm.info.architecture in ROUTES_TWICE)
+                            weights=False, **recorder_kw(llm.info.architecture))
         self.vocab = llm._model.vocab
         self.mem = llama_cpp.llama_get_memory(self.ctx.ctx)
 

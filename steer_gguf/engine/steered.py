@@ -10,12 +10,12 @@ import numpy as np
 
 from ..errors import SteerError
 from ..grammar import check_grammar
-from ..model import NOT_RUNNABLE, ROUTES_TWICE, ModelInfo, model_info
+from ..model import NOT_RUNNABLE, ModelInfo, model_info
 from ..profile import Profile, as_profile
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
 from .threads import ThreadGovernor, physical_cores
-from .tracing import RECORDERS, Recorder, Tracing
+from .tracing import RECORDERS, Recorder, Tracing, recorder_kw
 
 ENGINES = ("graph", "hook")
 
@@ -75,7 +75,7 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
         self.lock = ModelLock()
         self._observer = _native.Observer(self.info.n_layer)
         self._recorder = Recorder(self._ctx_ptr, self._observer, self.info.n_layer, recorder, weights=True,
-                                  twice=self.info.architecture in ROUTES_TWICE)
+                                  **recorder_kw(self.info.architecture))
         self.set_profile(profile)
 
     def _fit_arrays_to_context(self) -> None:

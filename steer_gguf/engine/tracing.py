@@ -21,6 +21,12 @@ from .contexts import _native, check_status, install_steering, llama_cpp, second
 from .rows import undouble
 
 RECORDERS = ("graph", "callback")
+# architectures whose graph picks the last layer's rows its own way (recurrent state, per-layer
+# inputs, hyper-connections, a reshape of the outputs), where llama.cpp aborts on the generic
+# routed-rows edit (llama_steer_route_tokens): their traced tokens are made outputs instead, as
+# before steer.h API 3, and cost their logits (tests/test_arch_matrix.py checks both groups)
+OUTPUT_ROWS_ONLY = frozenset({"bailingmoe3", "cohere2moe", "deepseek4", "gemma4", "glm5-next", "hy_v3", "hy_v4",
+                              "nemotron_h", "nemotron_h_moe", "qwen35moe", "qwen3next"})
 
 # one layer's rows: experts int32 [n, k], weights float32 [n, k] or None, and each row's index
 # in the batch of its decode (None from the callback recorder, which cannot tell)
@@ -31,7 +37,8 @@ class Recorder:
     """The routing recorder of one llama.cpp context, and the eval-callback attachment that
     the callback recorder and the hook engine share there."""
 
-    def __init__(self, ptr: int, observer, n_layer: int, kind: str, weights: bool, twice: bool = False):
+    def __init__(self, ptr: int, observer, n_layer: int, kind: str, weights: bool, twice: bool = False,
+                 routed_rows: bool = True):
         if kind not in RECORDERS:
             raise SteerError(f"recorder must be one of {', '.join(RECORDERS)}, got {kind!r}")
         if twice and kind != "graph":
@@ -40,6 +47,8 @@ class Recorder:
                              "(grovemoe); use the graph recorder")
         self.ptr, self.obs, self.n_layer, self.kind, self.weights = ptr, observer, n_layer, kind, weights
         self.twice = twice
+        # whether tokens can be routed in every layer without being outputs (no logits)
+        self.routes_rows = kind == "graph" and routed_rows
         self.recording = False
         self.hooking = False
         self._attached = False
@@ -78,8 +87,9 @@ class Recorder:
     def route_rows(self, mask: np.ndarray) -> bool:
         """Route the tokens of mask (by batch index) in every layer in the next decodes,
         outputs or not; True if the graph recorder does (they need no logits then), False
-        if the caller must make them outputs (the callback recorder sees outputs only)."""
-        if self.kind != "graph":
+        if the caller must make them outputs (the callback recorder sees outputs only, and
+        OUTPUT_ROWS_ONLY's graphs take no routed rows)."""
+        if not self.routes_rows:
             return False
         check_status(*_native.route_tokens(self.ptr, mask.astype(np.int8)), "routing recorder")
         return True
@@ -110,6 +120,11 @@ class Recorder:
         if self._attached:
             self.obs.detach(self.ptr)
             self._attached = False
+
+
+def recorder_kw(arch: str) -> dict:
+    """What a Recorder must know of the architecture it records."""
+    return {"twice": arch in ROUTES_TWICE, "routed_rows": arch not in OUTPUT_ROWS_ONLY}
 
 
 def by_token(rec: dict[int, LayerRows], layers: Sequence[int], n_tokens: int,
@@ -282,7 +297,7 @@ class _TraceContext:
         self.obs = _native.Observer(llm.info.n_layer)
         # detection counts experts only
         self.rec = Recorder(self.ptr, self.obs, llm.info.n_layer, llm.recorder, weights=False,
-                            twice=llm.info.architecture in ROUTES_TWICE)
+                            **recorder_kw(llm.info.architecture))
         self.profile_applied: object = False
 
     def sync_profile(self) -> None:
@@ -304,7 +319,7 @@ class _TraceContext:
         # steers); switching costs one graph rebuild, so the recorder stays as it was last run
         if record != self.rec.recording:
             (self.rec.on if record else self.rec.off)()
-        routed_only = record and self.rec.kind == "graph"
+        routed_only = record and self.rec.routes_rows
         b = self.batch
         n = 0
         out_index = []  # per sequence: positions of its requested rows among the batch outputs
