@@ -97,6 +97,7 @@ class ThreadGovernor:
         self.threads, self.batch_threads = max_threads, max_batch_threads
         self._next = clock() + interval
         self._lock = threading.Lock()
+        self._set = None  # llama_set_n_threads, bound on first use
 
     def current(self) -> tuple[int, int]:
         """(decode threads, prompt threads) for a decode starting now."""
@@ -113,7 +114,8 @@ class ThreadGovernor:
     def apply(self, ctx) -> None:
         """Set the counts on a llama.cpp context before it decodes (two ints in its
         parameters: cheap enough for every decode)."""
-        from .runtime import load
+        if self._set is None:
+            from .runtime import load
 
-        n, nb = self.current()
-        load()[0].llama_set_n_threads(ctx, n, nb)
+            self._set = load()[0].llama_set_n_threads
+        self._set(ctx, *self.current())
