@@ -12,6 +12,8 @@ as given, as llama.cpp keeps it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
@@ -24,8 +26,16 @@ INTERVAL_S = 0.25  # how often the load is measured
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once), as
-    llama.cpp's cpu_get_num_physical_cores; half the logical CPUs where the topology is not
-    readable (llama-cpp-python's default)."""
+    llama.cpp's cpu_get_num_physical_cores; half the logical CPUs where neither the topology
+    nor sysctl tells (llama-cpp-python's default)."""
+    if sys.platform == "darwin":  # llama.cpp counts the performance cores there
+        for key in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
+            try:
+                n = int(subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                continue
+            if n > 0:
+                return n
     cpus = usable_cpus()
     cores = set()
     for c in cpus:
