@@ -49,8 +49,15 @@ QUICK_SHAPE = dict(n_layer=4, n_embd=512, n_expert=16, n_expert_used=4, n_ff_exp
 
 
 def thread_kwargs(n: int | None) -> dict:
-    """--threads N as SteeredLlama arguments (None: llama.cpp's choice)."""
-    return {} if n is None else {"n_threads": n, "n_threads_batch": n}
+    """--threads N as SteeredLlama arguments. None: the physical cores, fixed, as llama.cpp's
+    default; not steer-gguf's default, which follows the machine's load and would move the
+    thread count between the configurations a benchmark compares (benchmarks/contention.py
+    measures that default)."""
+    if n is None:
+        from steer_gguf.engine.threads import physical_cores
+
+        n = physical_cores()
+    return {"n_threads": n, "n_threads_batch": n}
 
 
 def bench_profiles(info):
