@@ -10,9 +10,11 @@ import re
 from dataclasses import dataclass
 
 from .errors import SteerError, printable
+from .model import SPLIT_NAME
 
 DEFAULT_TAGS = ("Q4_K_M", "Q8_0")  # llama.cpp's choice when the spec names no quant
-SPLIT_PART = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+# llama.cpp's split naming, matched case-insensitively in a repository as its -hf does
+SPLIT_PART = re.compile(SPLIT_NAME.pattern, re.IGNORECASE)
 # GGUFs that ship beside a model and are not one (llama.cpp's gguf_filename_is_model)
 SIDECARS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 LIST_TIMEOUT = 20.0  # seconds for the Hub to list a repository
