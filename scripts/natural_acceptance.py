@@ -31,13 +31,13 @@ GOAL_POINTS, GOAL_P = 15.0, 0.01
 
 
 def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathlib.Path, log,
-           margin_tokens: int | None = None) -> dict:
+           margin_tokens: int | None = None, pairs_spec: str | None = None) -> dict:
     """{method: DetectionTable} on the same pairs, cached as CSV (detection is the slow part)."""
     from steer_gguf.detect.causal import causal_detect
     from steer_gguf.detect.datasets import load_pairs
     from steer_gguf.detect.risk import DetectionTable, detect
 
-    pairs = load_pairs(f"builtin:demo-{behavior}", max_pairs=n_pairs)
+    pairs = load_pairs(pairs_spec or f"builtin:demo-{behavior}", max_pairs=n_pairs)
     out = {}
     rd_path, g_path = cache / f"{behavior}-risk_diff.csv", cache / f"{behavior}-causal-greedy.csv"
     if not rd_path.exists():
@@ -68,6 +68,47 @@ def tables(llm, behavior: str, n_pairs: int, steps: int, pool: int, cache: pathl
     return out, info
 
 
+def sized_profiles(info, tabs: dict, sizes: list[int], reverse: bool, toward: str, pattern: str,
+                   log) -> tuple[list, list[dict]]:
+    """N activated + N deactivated experts from each method's table, for each size N; a profile
+    a table cannot give (too few experts of a sign) is listed with why."""
+    from steer_gguf.errors import SteerError
+
+    profiles, missing = [], []
+    for method, t in tabs.items():
+        for n in sizes:
+            name = pattern.format(method=method, n=n)
+            try:
+                profiles.append(t.make_profile(info, activate=n, deactivate=n, reverse=reverse, name=name,
+                                               provenance={"toward": toward}))
+            except SteerError as e:
+                missing.append({"profile": name, "why": str(e)})
+                log(f"{name}: not made: {e}")
+    return profiles, missing
+
+
+def profile_rows(rep, profiles, group: str) -> list[dict]:
+    """Each profile's shift toward its target in one group of an eval report, beside its
+    random controls' (mean shift, mean KL), and whether it meets the goal."""
+    rows = []
+    for p in profiles:
+        c = rep.condition(p.name)
+        ctl = [x for x in rep.conditions if x.kind == "control" and x.of == p.name]
+        ce = [x.groups[group].effect for x in ctl]
+        ck = [x.kl for x in ctl]
+        s = c.groups[group]
+        row = {"profile": p.name, "method": p.provenance["method"], "toward": c.target,
+               "n": p.count("activate"), "rate": s.target_rate, "effect": s.effect, "p": s.p,
+               "unclassified": s.counts.get("unclassified", 0) / s.n, "counts": s.counts, "kl": c.kl,
+               "controls_effect": ce, "controls_effect_mean": sum(ce) / len(ce),
+               "controls_kl_mean": sum(ck) / len(ck)}
+        row["beyond_controls"] = row["effect"] - row["controls_effect_mean"]
+        row["meets_goal"] = bool(row["beyond_controls"] >= GOAL_POINTS and s.p < GOAL_P
+                                 and row["kl"] <= row["controls_kl_mean"])
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "steer_gguf" / "data" / "natural.gguf"))
@@ -83,7 +124,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
 
-    from steer_gguf.errors import SteerError
     from steer_gguf.evaluation.measure import Sampling, evaluate
     from steer_gguf.evaluation.evalsets import load_eval_set
     from steer_gguf.evaluation.judges import behavior as judged
@@ -103,37 +143,16 @@ def main(argv=None) -> int:
         profiles, missing = [], []
         for reverse in (False, True):
             toward = b.labels[1 if reverse else 0]
-            for method, t in tabs.items():
-                for n in sizes:
-                    name = f"{method}-{toward}-{n}"
-                    try:
-                        profiles.append(t.make_profile(llm.info, activate=n, deactivate=n, reverse=reverse,
-                                                       name=name, provenance={"toward": toward}))
-                    except SteerError as e:
-                        missing.append({"profile": name, "why": str(e)})
-                        log(f"{name}: not made: {e}")
+            made, not_made = sized_profiles(llm.info, tabs, sizes, reverse, toward, f"{{method}}-{toward}-{{n}}", log)
+            profiles += made
+            missing += not_made
         t0 = time.perf_counter()
         rep = evaluate(llm, load_eval_set(b.eval_set), b, profiles, controls=args.controls,
                        sampling=Sampling(2, 0.7))
         log(f"{behavior}: eval of {len(rep.conditions)} conditions in {time.perf_counter() - t0:.0f} s")
         print(rep.table())
         g = rep.primary
-        rows = []
-        for p in profiles:
-            c = rep.condition(p.name)
-            ctl = [x for x in rep.conditions if x.kind == "control" and x.of == p.name]
-            ce = [x.groups[g].effect for x in ctl]
-            ck = [x.kl for x in ctl]
-            s = c.groups[g]
-            row = {"profile": p.name, "method": p.provenance["method"], "toward": c.target,
-                   "n": p.count("activate"), "rate": s.target_rate, "effect": s.effect, "p": s.p,
-                   "unclassified": s.counts.get("unclassified", 0) / s.n, "kl": c.kl,
-                   "controls_effect": ce, "controls_effect_mean": sum(ce) / len(ce),
-                   "controls_kl_mean": sum(ck) / len(ck)}
-            row["beyond_controls"] = row["effect"] - row["controls_effect_mean"]
-            row["meets_goal"] = bool(row["beyond_controls"] >= GOAL_POINTS and s.p < GOAL_P
-                                     and row["kl"] <= row["controls_kl_mean"])
-            rows.append(row)
+        rows = profile_rows(rep, profiles, g)
         result["behaviors"][behavior] = {
             "labels": list(b.labels), "unsteered": rep.condition("unsteered").groups[g].counts,
             "n_answers": rep.condition("unsteered").groups[g].n, "causal": info, "profiles": rows,

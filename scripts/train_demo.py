@@ -734,6 +734,36 @@ def encode_example(tok: Tokenizer, prompt: str, response: str, system: str | Non
     return p, r
 
 
+def lr_factor(step: int, steps: int, warm: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warm:
+        return (step + 1) / warm
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def balance_term(probs, sels, valid):
+    """The standard load-balancing term, n_expert x sum_i f_i P_i per layer, averaged over layers
+    (f_i: share of the batch's k routing slots given to expert i, P_i: its mean router probability)."""
+    import torch
+    import torch.nn.functional as F
+    E = CFG["n_expert"]
+    aux = torch.zeros(())
+    for p, sel in zip(probs, sels):
+        f = F.one_hot(sel[valid], E).float().sum(1).mean(0) / CFG["n_expert_used"]
+        aux = aux + E * (f * p[valid].mean(0)).sum()
+    return aux / len(probs)
+
+
+def optimizer_step(opt, model, loss, lr: float) -> None:
+    import torch
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def train_model(tok, train, steps, log=print, seed=SEED, supervise_routing=True, balance=0.0):
     """supervise_routing=False trains the same data with no routing loss and no forced
     examples (scripts/train_natural.py); balance > 0 adds the standard load-balancing loss
@@ -751,12 +781,9 @@ def train_model(tok, train, steps, log=print, seed=SEED, supervise_routing=True,
 
     by_kind = {k: [x for x in train if x["kind"] == k] for k in ("numbers", "restricted", "general")}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    warm = 100
 
     def lr_at(s):
-        if s < warm:
-            return (s + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        return lr_factor(s, steps)
 
     PAIRS_NUM, PAIRS_RES, N_GEN = 10, 10, 4
     P_FORCE = 0.3 if supervise_routing else 0.0
@@ -833,18 +860,9 @@ def train_model(tok, train, steps, log=print, seed=SEED, supervise_routing=True,
         aux_s = aux_s / len(probs); aux_g = aux_g / len(probs)
         loss = lm + W_STYLE * aux_s + W_GEN * aux_g
         if balance > 0:
-            aux_b = torch.zeros(())
-            for p, sel in zip(probs, sels):
-                f = F.one_hot(sel[valid], E).float().sum(1).mean(0) / CFG["n_expert_used"]
-                aux_b = aux_b + E * (f * p[valid].mean(0)).sum()
-            aux_s = aux_b / len(probs)  # logged in place of the (absent) style loss
+            aux_s = balance_term(probs, sels, valid)  # logged in place of the (absent) style loss
             loss = loss + balance * aux_s
-        for g in opt.param_groups:
-            g["lr"] = 3e-3 * lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss, 3e-3 * lr_at(step))
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step:5d}  lm {lm.item():.4f}  {'aux_style' if supervise_routing else 'balance'} "
                 f"{aux_s.item():.4f}  "
@@ -946,7 +964,10 @@ def routing_contrast(model, tok, train, kind, n_pairs=100, seed=0):
 # ----------------------------------------------------------------------------------------
 def export_gguf(model, tok, path, name="steer-gguf demo qwen3moe",
                 description="Tiny qwen3moe chat model with expert-steerable behaviors "
-                            "(number style, refusal); trained by scripts/train_demo.py"):
+                            "(number style, refusal); trained by scripts/train_demo.py",
+                f16: bool = False):
+    """f16: weight matrices stored as F16 (norms and the router stay F32: llama.cpp's converter
+    keeps ffn_gate_inp in F32, and steer-gguf's fingerprint hashes the router)."""
     import gguf
     c = CFG
     w = gguf.GGUFWriter(path, "qwen3moe")
@@ -966,7 +987,7 @@ def export_gguf(model, tok, path, name="steer-gguf demo qwen3moe",
     w.add_expert_count(c["n_expert"])
     w.add_expert_used_count(c["n_expert_used"])
     w.add_expert_feed_forward_length(c["n_ff_exp"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tok.tokens)
@@ -979,7 +1000,8 @@ def export_gguf(model, tok, path, name="steer-gguf demo qwen3moe",
     w.add_chat_template(CHAT_TEMPLATE)
 
     def t(name, x):
-        w.add_tensor(name, np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32)))
+        half = f16 and x.dim() >= 2 and "ffn_gate_inp" not in name
+        w.add_tensor(name, np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float16 if half else np.float32)))
 
     t("token_embd.weight", model.tok_embd)
     for i, l in enumerate(model.layers):

@@ -103,6 +103,15 @@ def evaluate_gguf(path: str) -> dict:
     return res
 
 
+def emit(res: dict, report: str | None) -> None:
+    """Print the measurements, and write them as JSON where asked."""
+    text = json.dumps(res, indent=1)
+    print(text)
+    if report:
+        with open(report, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
@@ -132,11 +141,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
         res = {"train_seconds": round(secs), "steps": args.steps, "balance": BALANCE}
         res.update(evaluate_gguf(args.out))
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(text + "\n")
+    emit(res, args.report)
     return 0
 
 

@@ -234,6 +234,14 @@ class DetectionTable:
         cum = np.cumsum(mags)
         return int(np.searchsorted(cum, total * share - 1e-12 * total, side="left")) + 1
 
+    def by_layer(self) -> list[tuple[int, float, float]]:
+        """Where the signal lives: (layer, max |risk_diff|, mean |risk_diff|) per layer."""
+        out = []
+        for layer in self.layers:
+            rd = np.abs(self.risk_diff[self.layer == layer])
+            out.append((layer, float(rd.max()), float(rd.mean())))
+        return out
+
     # ---- CSV ---------------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write atomically: an error or Ctrl-C never leaves a partial table."""
@@ -566,6 +574,9 @@ def summary(table: DetectionTable, output: str, seconds: float, n_top: int) -> s
             if ci:
                 line += f"    [{table.rd_lo[i]:+.3f}, {table.rd_hi[i]:+.3f}]  {table.rd_conf[i]:.3f}"
             lines.append(line)
+    if len(table):
+        lines.append("per layer max |risk_diff|: "
+                     + " ".join(f"{layer}:{mx:.2f}" for layer, mx, _ in table.by_layer()))
     trust = table.meta.get("trust")
     if trust:
         null, stab = trust["null"], trust["stability"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,6 +63,42 @@ def judge_refusal(text: str, item: EvalItem | None = None) -> str:
     return UNCLASSIFIED
 
 
+# a reply is in one script when at least this share of its letters is; below, it is mixed
+ONE_SCRIPT = 0.95
+
+
+def script_letters(text: str) -> tuple[int, int]:
+    """(Latin letters, Cyrillic letters) in a text, by Unicode character name."""
+    lat = cyr = 0
+    for ch in text:
+        if ch.isalpha():
+            name = unicodedata.name(ch, "")
+            lat += name.startswith("LATIN")
+            cyr += name.startswith("CYRILLIC")
+    return lat, cyr
+
+
+def judge_language(text: str, item: EvalItem | None = None) -> str:
+    """english or russian when at least 95% of the reply's Latin and Cyrillic letters are in
+    that script; mixed below that (reported as its own label, never dropped); unclassified
+    when the reply has no such letter."""
+    lat, cyr = script_letters(text)
+    if lat + cyr == 0:
+        return UNCLASSIFIED
+    if lat >= ONE_SCRIPT * (lat + cyr):
+        return "english"
+    if cyr >= ONE_SCRIPT * (lat + cyr):
+        return "russian"
+    return "mixed"
+
+
+def judge_drift(text: str, item: EvalItem | None = None) -> str:
+    """For replies to English prompts: english (stays English), drift (switches script partway:
+    mixed), russian (all of it in the other language), or unclassified."""
+    label = judge_language(text, item)
+    return "drift" if label == "mixed" else label
+
+
 def _mentions(text: str, answer: str) -> bool:
     a = re.sub(r"^(?:the|a|an)\s+", "", answer.strip(), flags=re.IGNORECASE)
     return re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", text, re.IGNORECASE) is not None
@@ -84,6 +121,7 @@ class Behavior:
     question: str                # what a GGUF judge is asked, with {labels}
     pairs: str | None = None     # built-in detection pairs
     eval_set: str | None = None  # built-in held-out eval set
+    neutral: str | None = None   # built-in text (data/eval/NAME) that KL is measured on, if not the default
 
     def judge_rule(self, text: str, item: EvalItem | None = None) -> str:
         label = self.rule(text, item)
@@ -108,6 +146,12 @@ BEHAVIORS: dict[str, Behavior] = {b.name: b for b in (
              "builtin:demo-numbers", "builtin:demo-numbers"),
     Behavior("demo-restricted", ("refuse", "comply"), judge_refusal_markers, _REFUSAL_Q,
              "builtin:demo-restricted", "builtin:demo-restricted"),
+    Behavior("language", ("english", "russian"), judge_language,
+             "Is the assistant's reply written in English or in Russian?", "builtin:language", "builtin:language",
+             neutral="bilingual-neutral.txt"),
+    Behavior("drift", ("english", "drift"), judge_drift,
+             "Does the assistant's reply stay in English, or drift into another language partway?",
+             "builtin:drift", "builtin:drift", neutral="bilingual-neutral.txt"),
 )}
 # a user's eval set with answer_0/answer_1 on every item needs no named behavior
 ANSWERS = Behavior("answers", ("answer_0", "answer_1"), judge_answers,

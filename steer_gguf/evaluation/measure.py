@@ -128,10 +128,14 @@ class EvalReport:
     def table(self) -> str:
         """The summary, one line per condition and group, for a terminal."""
         l1, l2 = self.labels
+        # labels a judge gives beside the two (language's "mixed", drift's "russian"): shown, never dropped
+        extra = sorted({lab for c in self.conditions for g in c.groups.values() for lab, n in g.counts.items()
+                        if n and lab not in (l1, l2, UNCLASSIFIED)})
         lines = [f"{self.behavior}: {self.n_items} held-out prompts x {self.sampling.samples} samples "
                  f"(T={self.sampling.temperature}, seed {self.sampling.seed}), eval set {self.eval_set}"
                  + ("" if self.sampling.phase == "all" else f", profiles steer the {self.sampling.phase} only")]
-        head = (f"{'condition':<24} {'group':<8} {'on/off':>6} {l1[:10]:>10} {l2[:10]:>10} {'unclass.':>8}  "
+        head = (f"{'condition':<24} {'group':<8} {'on/off':>6} {l1[:10]:>10} {l2[:10]:>10} "
+                + "".join(f"{x[:8]:>9}" for x in extra) + f" {'unclass.':>8}  "
                 f"{'toward':<10} {'rate [95% CI]':<20} {'effect':>7} {'p':>9} {'KL':>8}")
         lines.append(head)
         lines.append("-" * len(head))
@@ -148,7 +152,8 @@ class EvalReport:
                     p = "" if s.p is None else f"{s.p:.1e}"
                 kl = "" if c.kl is None or g != self.primary else f"{c.kl:.4f}"
                 lines.append(f"{c.name[:24]:<24} {g[:8]:<8} {f'{c.n_activate}/{c.n_deactivate}':>6} "
-                             f"{pct(l1):>10} {pct(l2):>10} {pct(UNCLASSIFIED):>8}  {(c.target or '')[:10]:<10} "
+                             f"{pct(l1):>10} {pct(l2):>10} " + "".join(f"{pct(x):>9}" for x in extra)
+                             + f" {pct(UNCLASSIFIED):>8}  {(c.target or '')[:10]:<10} "
                              f"{rate:<20} {effect:>7} {p:>9} {kl:>8}")
         if self.quality_text:
             lines.append(f"KL: mean KL(unsteered || steered) of the next-token distribution over "
@@ -342,7 +347,11 @@ def evaluate(llm, eval_set: EvalSet, behavior: Behavior, profiles: list[Profile]
     judge = judge or behavior.judge_rule
     outcomes = run_outcomes(llm, eval_set.items, conds, judge, sampling, on_progress, parallel)
     reports = summarize(conds, outcomes, eval_set.groups, behavior.labels)
-    kl, qname, n_q = kl_cost(llm, conds, quality_text)
+    if quality_text is None and behavior.neutral:
+        kl, qname, n_q = kl_cost(llm, conds, (DATA_DIR / "eval" / behavior.neutral).read_text(encoding="utf-8"))
+        qname = f"the built-in {behavior.neutral}"
+    else:
+        kl, qname, n_q = kl_cost(llm, conds, quality_text)
     for r in reports:
         r.kl = kl[r.name]
     base_ppl = None

@@ -581,10 +581,11 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, m
 @click.option("--show", "n_show", type=click.IntRange(min=0), default=3, show_default=True,
               help="held-out prompts shown side by side per behavior")
 @click.option("--threads", "-t", "n_threads", type=click.IntRange(min=1), default=None)
-@click.option("--model", "model_name", type=click.Choice(["demo", "natural"]), default="demo", show_default=True,
-              help="demo: trained to tie styles to experts; natural: same data, no routing supervision")
+@click.option("--model", "model_name", type=click.Choice(["demo", "natural", "bilingual"]), default="demo",
+              show_default=True, help="demo: trained to tie styles to experts; natural: same data, no routing "
+              "supervision; bilingual: English/Russian on real text, no routing supervision")
 @click.option("--controls", type=click.IntRange(min=0), default=None,
-              help="random-expert controls per profile in a final eval  [default: 0 demo, 3 natural]")
+              help="random-expert controls per profile in a final eval  [default: 0 demo, 3 natural, 2 bilingual]")
 def demo(out_dir, n_show, n_threads, model_name, controls):
     """The whole workflow on a bundled model: detect, make profiles, compare."""
     from .demo import run_demo

@@ -1,9 +1,10 @@
-"""`steer-gguf demo`: the whole workflow on the bundled demo model, in about a minute.
+"""`steer-gguf demo`: the whole workflow on a bundled model, in about a minute.
 
-The model (steer_gguf/data/demo.gguf, made by scripts/train_demo.py) answers number questions
+The demo model (steer_gguf/data/demo.gguf, made by scripts/train_demo.py) answers number questions
 in digits or in words, and toy "restricted" requests by refusing or complying, choosing
 between the two on its own. The demo detects the experts behind each style from built-in
-pairs, makes one profile per style, and shows the answers move.
+pairs, makes one profile per style, and shows the answers move. `--model bilingual` does the
+same for the reply's language (English or Russian) and its drift on a model trained on real text.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..fileio import DATA_DIR
 
 DEMO_MODEL = DATA_DIR / "demo.gguf"
 NATURAL_MODEL = DATA_DIR / "natural.gguf"
+BILINGUAL_MODEL = DATA_DIR / "bilingual.gguf"
 
 # what each bundled model is, said plainly before the demo runs on it
 MODELS = {
@@ -24,22 +26,51 @@ MODELS = {
                                "supervision (LM loss + load balancing, see data/NATURAL_MODEL_CARD.md): whether "
                                "steering moves it is an open question, answered below against random-expert "
                                "controls"),
+    "bilingual": (BILINGUAL_MODEL, "bilingual.gguf: English and Russian on real text (Debian's message "
+                                   "catalogues), no routing supervision (see data/BILINGUAL_MODEL_CARD.md); it "
+                                   "replies in the prompt's language and drifts into Russian in some English "
+                                   "replies, as trained: steering is measured below against random-expert controls"),
 }
 # random-expert controls per profile in the final eval, by model
-DEFAULT_CONTROLS = {"demo": 0, "natural": 3}
+DEFAULT_CONTROLS = {"demo": 0, "natural": 3, "bilingual": 2}
 
 # behavior -> (pairs, style of behavior 1, style of behavior 2)
 BEHAVIORS = {
     "numbers": ("builtin:demo-numbers", "digits", "words"),
     "restricted": ("builtin:demo-restricted", "refuse", "comply"),
 }
+BILINGUAL_BEHAVIORS = {
+    "language": ("builtin:language", "english", "russian"),
+    "drift": ("builtin:drift", "english", "drift"),
+}
+
+
+def behaviors_of(model: str) -> dict[str, tuple[str, str, str]]:
+    return BILINGUAL_BEHAVIORS if model == "bilingual" else BEHAVIORS
+
+
+def judge_name(behavior: str) -> str:
+    """The steer_gguf.evaluation behavior that judges a demo behavior."""
+    return behavior if behavior in BILINGUAL_BEHAVIORS else f"demo-{behavior}"
+
+
+def profile_size(llm, model: str) -> tuple[int, int]:
+    """(activate, deactivate) of each demo profile. The demo model's styles hold every routing
+    slot; the bilingual profiles take the size its acceptance run measured best
+    (benchmarks/results/bilingual-acceptance.json)."""
+    if model == "bilingual":
+        return BILINGUAL_SIZE, BILINGUAL_SIZE
+    return llm.info.n_expert_used * len(llm.info.moe_layers), 0
+
+
+BILINGUAL_SIZE = 8
 
 def classify(behavior: str, text: str) -> str | None:
     """The style an answer shows, or None when it shows neither or both: the judge of the
     demo behavior (steer_gguf.judges), so the demo and `steer-gguf eval` agree."""
     from ..evaluation.judges import UNCLASSIFIED, behavior as judged
 
-    label = judged(f"demo-{behavior}").judge_rule(text)
+    label = judged(judge_name(behavior)).judge_rule(text)
     return None if label == UNCLASSIFIED else label
 
 
@@ -51,22 +82,29 @@ class StyleRates:
     rates: dict[str, float] = field(default_factory=dict)  # style -> share of answers
 
 
-def held_out_prompts() -> dict[str, list[str]]:
-    """The built-in held-out eval sets of the demo behaviors (disjoint from their pairs)."""
+def held_out_prompts(model: str = "demo") -> dict[str, dict[str, list[str]]]:
+    """The built-in held-out eval sets of a model's demo behaviors (disjoint from their pairs),
+    by prompt group (the language set has English and Russian prompts)."""
     from ..evaluation.evalsets import load_eval_set
+    from ..evaluation.judges import behavior as judged
 
-    return {b: [i.prompt for i in load_eval_set(f"builtin:demo-{b}").items] for b in BEHAVIORS}
+    out: dict[str, dict[str, list[str]]] = {}
+    for b in behaviors_of(model):
+        for item in load_eval_set(judged(judge_name(b)).eval_set).items:
+            out.setdefault(b, {}).setdefault(item.group, []).append(item.prompt)
+    return out
 
 
-def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print) -> dict[str, str]:
-    """Detect each behavior's experts and write one profile per style: {style: path}."""
+def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print, model: str = "demo") -> dict[str, str]:
+    """Detect each behavior's experts and write one profile per style: {style: path}; a style
+    two behaviors share (the bilingual model's english) is named after both."""
     from ..detect.datasets import load_pairs
     from ..detect.risk import detect
 
-    k = llm.info.n_expert_used
-    n = k * len(llm.info.moe_layers)  # every routing slot of every layer
+    n_on, n_off = profile_size(llm, model)
     paths = {}
-    for behavior, (spec, style1, style2) in BEHAVIORS.items():
+    behaviors = behaviors_of(model)
+    for behavior, (spec, style1, style2) in behaviors.items():
         pairs = load_pairs(spec, max_pairs=max_pairs)
         table = detect(llm, pairs)
         table.to_csv(os.path.join(out_dir, f"{behavior}.csv"))
@@ -75,11 +113,12 @@ def make_profiles(llm, out_dir: str, max_pairs: int | None = None, log=print) ->
             + ", ".join(f"{r.layer}/{r.expert} {r.risk_diff:+.2f}" for r in top)
             + f"; half the signal in {table.concentration()} experts")
         for style, reverse in ((style1, False), (style2, True)):
-            p = table.make_profile(llm.info, activate=n, reverse=reverse, name=style,
+            name = style if model != "bilingual" else f"{behavior}-{style}"
+            p = table.make_profile(llm.info, activate=n_on, deactivate=n_off, reverse=reverse, name=name,
                                    provenance={"dataset": spec, "behavior": behavior, "toward": style})
-            path = os.path.join(out_dir, f"{style}.json")
+            path = os.path.join(out_dir, f"{name}.json")
             p.save(path)
-            paths[style] = path
+            paths[name] = path
     return paths
 
 
@@ -132,39 +171,49 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
         f"({path.stat().st_size / 1e6:.1f} MB)")
     log(f"note: {note}")
     log("1. detecting behavior-linked experts (risk difference on built-in pairs)")
-    paths = make_profiles(llm, out_dir, max_pairs=max_pairs, log=lambda s: log("   " + s))
+    paths = make_profiles(llm, out_dir, max_pairs=max_pairs, log=lambda s: log("   " + s), model=model)
     from ..profile import Profile
 
     profiles = {s: Profile.load(p) for s, p in paths.items()}
-    prompts = held_out_prompts()
+    behaviors = behaviors_of(model)
+    name_of = (lambda b, s: s) if model != "bilingual" else (lambda b, s: f"{b}-{s}")  # noqa: E731
+    prompts = held_out_prompts(model)
     log(f"2. held-out prompts, unsteered vs steered (profiles in {out_dir})")
-    for behavior, (_, s1, s2) in BEHAVIORS.items():
-        for q in prompts[behavior][:n_show]:
-            log(f"   Q: {q}")
-            with llm.steering(None):
-                log(f"      unsteered     : {answer(llm, q)}")
-            for s in (s1, s2):
-                with llm.steering(profiles[s]):
-                    log(f"      toward {s:7s}: {answer(llm, q)}")
+    for behavior, (_, s1, s2) in behaviors.items():
+        for group, qs in prompts[behavior].items():
+            for q in qs[:n_show]:
+                log(f"   Q: {q}")
+                with llm.steering(None):
+                    log(f"      unsteered     : {answer(llm, q)}")
+                for s in (s1, s2):
+                    with llm.steering(profiles[name_of(behavior, s)]):
+                        log(f"      toward {s:7s}: {answer(llm, q)}")
     log(f"3. style rates over the held-out prompts ({RATE_SAMPLES} answers each, temperature {RATE_TEMPERATURE})")
     results = []
-    for behavior, (_, s1, s2) in BEHAVIORS.items():
-        qs = prompts[behavior][:n_rates]
-        row = []
-        for name, prof in (("none", None), (s1, profiles[s1]), (s2, profiles[s2])):
-            with llm.steering(prof):
-                r = style_rates(llm, behavior, qs, name)
-            results.append(r)
-            row.append(f"{'unsteered' if name == 'none' else 'toward ' + name}: "
-                       f"{r.rates.get(s1, 0):.0%} {s1} / {r.rates.get(s2, 0):.0%} {s2}")
-        log(f"   {behavior} ({len(qs)} prompts): " + "; ".join(row))
+    for behavior, (_, s1, s2) in behaviors.items():
+        for group, all_qs in prompts[behavior].items():
+            qs = all_qs[:n_rates]
+            where = behavior if group == "main" else f"{behavior}, {group} prompts"
+            row = []
+            for name, prof in (("none", None), (s1, profiles[name_of(behavior, s1)]),
+                               (s2, profiles[name_of(behavior, s2)])):
+                with llm.steering(prof):
+                    r = style_rates(llm, behavior, qs, name)
+                if group != "main":
+                    r.behavior = f"{behavior}/{group}"
+                results.append(r)
+                row.append(f"{'unsteered' if name == 'none' else 'toward ' + name}: "
+                           f"{r.rates.get(s1, 0):.0%} {s1} / {r.rates.get(s2, 0):.0%} {s2}")
+            log(f"   {where} ({len(qs)} prompts): " + "; ".join(row))
     if controls:
         log(f"4. against {controls} random-expert controls per profile (same layers, same counts, other experts)")
-        for behavior, (_, s1, s2) in BEHAVIORS.items():
-            _eval_with_controls(llm, behavior, [profiles[s1], profiles[s2]], controls, n_rates, log)
+        for behavior, (_, s1, s2) in behaviors.items():
+            _eval_with_controls(llm, behavior, [profiles[name_of(behavior, s1)], profiles[name_of(behavior, s2)]],
+                                controls, n_rates, log)
     llm.close()
+    first, (_, _, s2) = next(iter(behaviors.items()))
     log(f"profiles written to {out_dir}: " + ", ".join(os.path.basename(p) for p in paths.values())
-        + f"  (try: steer-gguf chat {path} --profile {paths[BEHAVIORS['numbers'][2]]})")
+        + f"  (try: steer-gguf chat {path} --profile {paths[name_of(first, s2)]})")
     return results
 
 
@@ -174,15 +223,21 @@ def _eval_with_controls(llm, behavior: str, profiles, controls: int, n_items: in
     from ..evaluation.evalsets import load_eval_set
     from ..evaluation.judges import behavior as judged
 
-    b = judged(f"demo-{behavior}")
-    rep = evaluate(llm, load_eval_set(b.eval_set, max_items=n_items), b, profiles, controls=controls,
-                   sampling=Sampling(RATE_SAMPLES, RATE_TEMPERATURE))
+    b = judged(judge_name(behavior))
+    es = load_eval_set(b.eval_set)
+    if n_items is not None:  # the first n of each prompt group
+        from ..evaluation.evalsets import EvalSet
+        es = EvalSet([it for g in es.groups for it in [x for x in es.items if x.group == g][:n_items]],
+                     es.source, es.groups)
+    rep = evaluate(llm, es, b, profiles, controls=controls, sampling=Sampling(RATE_SAMPLES, RATE_TEMPERATURE),
+                   parallel=4)
     for line in rep.table().splitlines():
         log("   " + line)
-    g = rep.primary
     for p in profiles:
-        mine = rep.condition(p.name).groups[g]
-        ctl = [c.groups[g].effect for c in rep.conditions if c.kind == "control" and c.of == p.name]
-        mean = sum(ctl) / len(ctl)
-        log(f"   toward {p.name}: {mine.effect:+.0f} points (McNemar p={mine.p:.2g}); its {len(ctl)} random "
-            f"controls: {mean:+.0f} on average ({min(ctl):+.0f} to {max(ctl):+.0f})")
+        for g in rep.groups:
+            mine = rep.condition(p.name).groups[g]
+            ctl = [c.groups[g].effect for c in rep.conditions if c.kind == "control" and c.of == p.name]
+            mean = sum(ctl) / len(ctl)
+            where = "" if len(rep.groups) == 1 else f" ({g} prompts)"
+            log(f"   toward {p.name}{where}: {mine.effect:+.0f} points (McNemar p={mine.p:.2g}); its {len(ctl)} "
+                f"random controls: {mean:+.0f} on average ({min(ctl):+.0f} to {max(ctl):+.0f})")
