@@ -64,6 +64,7 @@ def profile_size(llm, model: str) -> tuple[int, int]:
 
 
 BILINGUAL_SIZE = 8
+BILINGUAL_RATE_PROMPTS = 24
 
 def classify(behavior: str, text: str) -> str | None:
     """The style an answer shows, or None when it shows neither or both: the judge of the
@@ -161,6 +162,8 @@ def run_demo(out_dir: str, n_show: int = 3, n_rates: int | None = None, max_pair
     if not path.is_file():
         raise SteerError(f"{path}: the bundled {model} model is missing from this installation")
     controls = DEFAULT_CONTROLS[model] if controls is None else controls
+    if n_rates is None and model == "bilingual":
+        n_rates = BILINGUAL_RATE_PROMPTS  # per prompt group: the whole demo stays within minutes
     if controls < 0:
         raise SteerError(f"controls must be >= 0, got {controls}")
     os.makedirs(out_dir, exist_ok=True)
