@@ -45,7 +45,7 @@ def detect_verdict(model: str, log) -> dict:
            "-o", str(ROOT / "build" / "bilingual-acceptance" / "cli-language.csv")]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
-    out = (r.stdout + r.stderr).strip().splitlines()
+    out = r.stdout.strip().splitlines()  # the verdict is stdout's last line (progress goes to stderr)
     log(f"detect CLI: rc {r.returncode}, {time.perf_counter() - t0:.0f} s: {out[-1] if out else ''}")
     return {"command": "steer-gguf detect bilingual.gguf --pairs builtin:language", "rc": r.returncode,
             "last_line": out[-1] if out else "", "strong": bool(out) and "strong signal" in out[-1]}

@@ -110,7 +110,7 @@ def test_detection_finds_language_experts(bilingual_llm):
     language pairs is far above anything a permutation of the pairs gives."""
     from steer_gguf.detect.risk import detect
 
-    t = detect(bilingual_llm, load_pairs("builtin:language", max_pairs=48), bootstrap=0, permutations=50, splits=0)
+    t = detect(bilingual_llm, load_pairs("builtin:language", max_pairs=48), bootstrap=50, permutations=50, splits=2)
     assert float(abs(t.risk_diff).max()) >= 0.5
     assert t.meta["trust"]["null"]["beyond"] > 0
     layers = t.by_layer()
@@ -120,7 +120,13 @@ def test_detection_finds_language_experts(bilingual_llm):
 def test_bad_eval_line_for_the_language_behavior_is_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hello"}\n{"prompt": 3}\n', encoding="utf-8")
-    r = cli("eval", BILINGUAL_MODEL, "--behavior", "language", "--eval-set", bad)
+    prof = tmp_path / "p.json"
+    from steer_gguf.model import model_info
+    from steer_gguf.profile import ExpertRule, ModelRef, Profile
+
+    Profile(model=ModelRef.of(model_info(BILINGUAL_MODEL)), experts=[ExpertRule(7, 13, "activate")],
+            name="en").save(prof)
+    r = cli("eval", BILINGUAL_MODEL, "--behavior", "language", "--eval-set", bad, "--profile", prof)
     assert_one_line_error(r, "bad.jsonl", "2")
 
 
