@@ -1,6 +1,7 @@
 """Steering profiles: which experts to force on or off, as a JSON file (design.md)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -393,6 +394,17 @@ class Profile:
         n_layer = m.n_layer or 1 + max([r.layer for r in self.experts] + [b.layer for b in self.bias], default=0)
         n_expert = m.n_expert or 1 + max([r.expert for r in self.experts] + [b.expert for b in self.bias], default=0)
         return n_layer, n_expert
+
+
+def with_topk(p: "Profile | str | os.PathLike | None", topk: "int | list[LayerK] | None",
+              info: ModelInfo) -> "Profile | None":
+    """`p` (a profile, its path, or None: no expert rules) with `topk` in place of its own;
+    topk None: `p` unchanged. What --topk K and the API's topk= do."""
+    p = as_profile(p)
+    if topk is None:
+        return p
+    base = p if p is not None else Profile.empty(info, name=f"topk{topk if isinstance(topk, int) else ''}")
+    return dataclasses.replace(base, topk=topk)
 
 
 def as_profile(p: "Profile | str | os.PathLike | None") -> "Profile | None":

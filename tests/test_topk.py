@@ -247,3 +247,103 @@ def test_batch_engine_runs_requests_with_differing_k_one_after_the_other(steered
         assert got.tokens == alone.tokens
         assert got.experts.shape[-1] == (K_MODEL if p is None else p.topk)
         np.testing.assert_array_equal(np.sort(got.experts, -1), np.sort(alone.experts, -1))
+
+
+# ---- everywhere a profile goes ---------------------------------------------------------------
+
+def test_cli_topk_on_generate_and_trace_and_profile_commands(make, tmp_path):
+    from clitools import assert_one_line_error, cli
+
+    path = make("qwen3moe", n_layer=4, n_expert_used=K_MODEL)
+    out = tmp_path / "t.npz"
+    r = cli("trace", path, "-p", "hello there", "--topk", "2", "-o", out, "-t", "1")
+    assert r.returncode == 0 and "k=2" in r.stdout, r.stderr
+    from steer_gguf import RoutingTrace
+
+    assert RoutingTrace.load(out).experts.shape[-1] == 2
+    r = cli("generate", path, "-p", "hello", "-n", "3", "--topk", "1", "-t", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["profile"] == "topk1"
+    assert_one_line_error(cli("generate", path, "-p", "hello", "--topk", "9", "-t", "1"),
+                          "topk: 9 experts per token, but the model has 8")
+    r = cli("generate", path, "-p", "hello", "--topk", "0", "-t", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert_one_line_error(cli("trace", path, "-p", "hi", "--topk", "2", "--engine", "hook", "-o", tmp_path / "h.json",
+                              "-t", "1"), "needs the graph engine")
+    prof = tmp_path / "k.json"
+    prof.write_text(json.dumps({"format": FORMAT_TOPK, "model": {"n_expert_used": K_MODEL},
+                                "topk": [{"layer": 1, "k": 2}]}))
+    r = cli("profile", "show", prof)
+    assert r.returncode == 0 and "experts per token: topk layer 1: 2" in r.stdout, r.stderr
+    r = cli("profile", "validate", prof, "--model", path)
+    assert r.returncode == 0, r.stderr
+    prof.write_text(json.dumps({"format": FORMAT_TOPK, "model": {"n_expert_used": K_MODEL}, "topk": 2, "k": 3}))
+    assert_one_line_error(cli("profile", "validate", prof), "k.json: k: unknown field")
+
+
+def test_chat_topk_command(make):
+    from steer_gguf.front.chat import ChatSession
+
+    path = make("qwen3moe", n_layer=4, n_expert_used=K_MODEL)
+    llm = SteeredLlama(path, topk=2, **LLAMA)
+    out, err = [], []
+    try:
+        s = ChatSession(llm, None, 4, 0.0, 0, out=lambda *a: out.append(" ".join(map(str, a))), err=err.append,
+                        topk=2)
+        assert llm.profile.topk == 2
+        s.handle("/topk 3")
+        assert llm.profile.topk == 3 and out[-1] == "experts per token: 3"
+        s.handle("/topk 99")
+        assert llm.profile.topk == 3 and "99 experts per token" in err[-1]
+        s.handle("/topk x")
+        assert err[-1].startswith("usage: /topk K|off")
+        s.handle("/topk off")
+        assert llm.profile is None and "the model's k=4" in out[-1]
+    finally:
+        llm.close()
+
+
+def test_bake_writes_a_global_k_as_expert_used_count(make, tmp_path):
+    from steer_gguf import bake_profile
+
+    src = make("qwen3moe", n_layer=4, n_expert_used=K_MODEL)
+    info = model_info(src)
+    plan, res = bake_profile(src, _topk_profile(info, 2), tmp_path / "k2.gguf")
+    assert plan.topk == 2 and "experts per token 4 -> 2 (expert_used_count, exact)" in plan.report()
+    baked = model_info(res.path)
+    assert baked.n_expert_used == 2 and baked.n_expert == info.n_expert
+    steered = SteeredLlama(src, _topk_profile(info, 2), **LLAMA)
+    try:
+        toks = steered.tokenize(TEXT.encode(), add_bos=True, special=True)
+        want = steered.trace(tokens=toks)
+    finally:
+        steered.close()
+    plain = SteeredLlama(res.path, **LLAMA)
+    try:
+        got = plain.trace(tokens=toks)
+    finally:
+        plain.close()
+    np.testing.assert_array_equal(np.sort(got.experts, -1), np.sort(want.experts, -1))
+    with pytest.raises(SteerError, match="a per-layer K is not bakeable"):
+        bake_profile(src, _topk_profile(info, [LayerK(1, 2)]), tmp_path / "p.gguf")
+    assert not (tmp_path / "p.gguf").exists()
+
+
+def test_server_steer_topk(make, tmp_path):
+    pytest.importorskip("fastapi")
+    from test_server import Server, chat
+
+    path = make("qwen3moe", n_layer=4, n_expert_used=K_MODEL)
+    s = Server(path, "--topk", "3", "--api-key", "k")
+    try:
+        c = s.client(key="k")
+        r = chat(c, "Hello there", max_tokens=3, extra_body={"steer_trace": True, "steer_topk": 2})
+        assert all(len(row) == 2 for tok in r.steer_trace["experts"] for row in tok)
+        r = chat(c, "Hello there", max_tokens=3, extra_body={"steer_trace": True})  # serve --topk 3
+        assert all(len(row) == 3 for tok in r.steer_trace["experts"] for row in tok)
+        bad = s.post("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "steer_topk": 99}, key="k")
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "steer_topk", bad.text
+        bad = s.post("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "steer_topk": "2"}, key="k")
+        assert bad.status_code == 400
+    finally:
+        s.stop()
