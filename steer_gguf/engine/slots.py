@@ -144,6 +144,12 @@ class ContextSlots:
         if self.wide is not None:
             _native().clear_table(self.ptr)
             self.wide = None
+        for slot, h in self.held.items():
+            # a running profile's K holds for all of its request's tokens, whatever the phase
+            # (the context runs one K, unbound sequences included): its table stays in force
+            if not h.loaded and h.users and h.profile.topk is not None:
+                self._load(slot, h.profile)
+                h.loaded = True
         for seq, slot in wanted.items():
             if slot is not None and not self.held[slot].loaded:
                 self._load(slot, self.held[slot].profile)
