@@ -318,6 +318,10 @@ def test_bake_writes_a_global_k_as_expert_used_count(make, tmp_path):
     finally:
         plain.close()
     np.testing.assert_array_equal(np.sort(got.experts, -1), np.sort(want.experts, -1))
+    from steer_gguf.bake.check import check_bake
+
+    report = check_bake(plan, res.path, **LLAMA)
+    assert plan.all_exact and report.agreement == 1.0 and report.verdict(plan).startswith("as graded: exact")
     with pytest.raises(SteerError, match="a per-layer K is not bakeable"):
         bake_profile(src, _topk_profile(info, [LayerK(1, 2)]), tmp_path / "p.gguf")
     assert not (tmp_path / "p.gguf").exists()

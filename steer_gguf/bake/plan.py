@@ -83,7 +83,8 @@ class BakePlan:
     def all_exact(self) -> bool:
         """Every action that is baked is exact (dropped ones are reported apart)."""
         kept = [a for a in self.actions if a.grade != "dropped"]
-        return bool(kept) and all(a.grade == "exact" for a in kept)
+        # a global topk is exact (expert_used_count): a plan of it alone is all exact
+        return (bool(kept) or self.topk is not None) and all(a.grade == "exact" for a in kept)
 
     def counts(self) -> dict[str, int]:
         return {g: sum(1 for a in self.actions if a.grade == g) for g in GRADES}
