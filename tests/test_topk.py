@@ -329,9 +329,12 @@ def test_bake_writes_a_global_k_as_expert_used_count(make, tmp_path):
 
 def test_server_steer_topk(make, tmp_path):
     pytest.importorskip("fastapi")
+    from clitools import assert_one_line_error, cli
     from test_server import Server, chat
 
     path = make("qwen3moe", n_layer=4, n_expert_used=K_MODEL)
+    assert_one_line_error(cli("serve", path, "--topk", "2", "--engine", "hook", "--port", "0", "-t", "1"),
+                          "--topk (experts per token) needs the graph engine")
     s = Server(path, "--topk", "3", "--api-key", "k")
     try:
         c = s.client(key="k")

@@ -574,6 +574,8 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, m
     check_dir(profiles_dir)
     if api_key is not None and not api_key.strip():
         raise SteerError("--api-key is empty")
+    if topk is not None and kw["engine"] == "hook":
+        raise SteerError("--topk (experts per token) needs the graph engine, not the hook engine")
     sock = server.bind(host, port)
     with sock:
         llm = open_model(model, None, **kw)
