@@ -376,3 +376,42 @@ def test_k_holds_in_every_phase(steered, kind_path, phase):
         eng.close()
     assert not isinstance(out[0], Exception), out[0]
     assert out[0].experts.shape[-1] == 2 and (out[0].experts >= 0).all()
+
+
+_GRAPH_DUMP = """
+import os, sys
+os.environ["GGML_SCHED_DEBUG"] = "2"  # read when the context's scheduler is made: every node printed
+from steer_gguf import SteeredLlama, model_info
+path, how, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+info = model_info(path)
+kw = dict(n_ctx=256, n_threads=1, n_threads_batch=1, verbose=True)
+if how == "stock":
+    llm = SteeredLlama(path, kv_overrides={info.architecture + ".expert_used_count": k}, **kw)
+else:
+    llm = SteeredLlama(path, topk=k, **kw)
+print("=====graphs", file=sys.stderr, flush=True)
+llm.eval([1, 2, 3, 4])  # a prefill graph
+llm.eval([5])           # and a decode graph
+"""
+
+
+def _graph_nodes(path, how: str, k: int) -> list[str]:
+    import re
+    import subprocess
+    import sys
+
+    from clitools import ENV, NEUTRAL_CWD
+
+    r = subprocess.run([sys.executable, "-c", _GRAPH_DUMP, str(path), how, str(k)], capture_output=True, text=True,
+                       cwd=NEUTRAL_CWD, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = r.stderr.split("=====graphs", 1)[1]
+    # op, name, size and backend of every node and of its sources; use counts left out
+    return [re.sub(r"use=\d+,c=\d+", "", line) for line in after.splitlines() if line.startswith("node #")]
+
+
+def test_topk_graph_is_the_override_graph_node_for_node(kind_path):
+    """Why a global K through a profile costs what the stock override costs: the scheduler runs
+    the same nodes (op, tensor, size, backend), in the same order, in prefill and in decode."""
+    stock, prof = _graph_nodes(kind_path, "stock", 2), _graph_nodes(kind_path, "profile", 2)
+    assert len(stock) > 50 and stock == prof
