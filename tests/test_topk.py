@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from fixtures.backend import TEST_NGL
-from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, SteerError, model_info
+from steer_gguf import ExpertRule, LayerK, ModelRef, Profile, SteeredLlama, SteerError, model_info
 from steer_gguf.engine.contexts import _native
 from steer_gguf.profile import FORMAT, FORMAT_TOPK
-from steer_gguf import LayerK
 
 LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
 TEXT = "The quick brown fox jumps over the lazy dog 0123456789 again and again."
