@@ -9,6 +9,8 @@ rotates every repetition) so that drift in a busy machine's speed hits both alik
            upstream graph, built for K (what llama.cpp, Ollama and koboldcpp users do today)
   profile  the model as shipped, with a topk = K profile (no expert rules): the patched
            build_moe_ffn builds the graph with K
+Quality beside speed: KL(model's k || K) and perplexity on the built-in neutral text, on the
+trained demo model (16 experts, top-2), for K = 1, 2, 3, 4, 8.
 Models: benchmarks/common.py's synthetic model (8 x 32 experts, top-4, width 1024, Q4_K_M) and
 one shaped like Qwen3-30B-A3B's MoE stack at tiny width (48 layers x 128 experts, top-8,
 width 256, expert width 128, Q4_K_M). Ratios are taken within a repetition, then their median.
@@ -107,6 +109,26 @@ def bench_model(path, ks: list[int], reps: int, prompt_tokens: int, decode_token
     return out
 
 
+def quality_vs_k(path, ks: list[int], threads: dict) -> dict:
+    """What each K costs in quality on a trained model: mean KL(model's k || K) of the next-token
+    distribution and perplexity, teacher-forced on the built-in neutral text (the measure
+    `eval` reports for a profile). Deterministic: no timing."""
+    from steer_gguf import ModelRef, Profile, SteeredLlama, model_info
+    from steer_gguf.evaluation.measure import NEUTRAL_TEXT, Condition, quality, quality_windows
+
+    info = model_info(path)
+    llm = SteeredLlama(path, n_ctx=512, **threads)
+    try:
+        conds = [Condition(f"k{k}", None if k == info.n_expert_used else
+                           Profile(ModelRef.of(info), name=f"topk{k}", topk=k), "profile") for k in ks]
+        kl, ppl = quality(llm, quality_windows(llm, NEUTRAL_TEXT.read_text(encoding="utf-8")), conds)
+    finally:
+        llm.close()
+    return {"model": path.name, "n_expert": info.n_expert, "n_expert_used": info.n_expert_used,
+            "text": "steer_gguf/data/eval/neutral.txt",
+            "by_k": {c.name: {"kl": kl[c.name], "perplexity": ppl[c.name]} for c in conds}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller model, fewer repetitions (smoke run)")
@@ -125,13 +147,20 @@ def main() -> None:
     else:
         models = [(synthetic_model(), [1, 2, 4, 8]), (synthetic_model(**QWEN3_30B_SHAPE), [2, 4, 8])]
         reps = args.reps or 5
+    from common import ROOT
+
+    demo = ROOT / "steer_gguf" / "data" / "demo.gguf"
     result = {"machine": machine(), "threads": threads["n_threads"], "note": args.note,
+              "quality": quality_vs_k(demo, [1, 2, 3, 4, 8], threads),
               "models": [bench_model(p, ks, reps, args.prompt_tokens, args.decode_tokens, threads)
                          for p, ks in models]}
     text = json.dumps(result, indent=2)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
+    q = result["quality"]
+    print(f"{q['model']} (trained, k={q['n_expert_used']}): " + ", ".join(
+        f"{k}: KL {v['kl']:.4f} ppl {v['perplexity']:.2f}" for k, v in q["by_k"].items()))
     for m in result["models"]:
         print(f"{m['model']['path']}:")
         for k, r in m["profile/stock"].items():
