@@ -111,12 +111,18 @@ struct llama_adapter_steer {
     };
 
     std::vector<layer> layers; // by real layer index
+    // experts per token by layer, 0: the model's own; one per adapter (every table of a
+    // context agrees on it: llama-steer.cpp, steer_commit)
+    std::vector<int32_t> topk;
     int32_t n_tables = 1;
     bool per_seq = false;
     std::shared_ptr<llama_steer_binds> binds; // per-sequence adapters
 
     bool has_layer(int il) const {
         return il >= 0 && (size_t) il < layers.size() && layers[il].coef != nullptr;
+    }
+    int32_t topk_of(int il) const {
+        return il >= 0 && (size_t) il < topk.size() ? topk[il] : 0;
     }
 
     ggml_tensor * apply_logits(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * logits, int il) const;
@@ -129,6 +135,7 @@ struct llama_adapter_steer {
     struct table {
         std::vector<int8_t> actions; // [n_layer * n_expert]
         std::vector<float>  bias;    // empty: none
+        std::vector<int32_t> topk;   // [n_layer], 0: the model's k; empty: none
         float eps = 0.0f;
     };
     // builds the tensors; a null table is the identity. false if a buffer cannot be allocated

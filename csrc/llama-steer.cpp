@@ -203,6 +203,13 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
     layers.assign(n_layer, layer{});
     n_tables = (int32_t) tables.size();
     per_seq = per_seq_;
+    topk.clear();
+    for (const table * t : tables) {
+        if (t && !t->topk.empty()) {
+            topk = t->topk;  // every table agrees (steer_commit)
+            break;
+        }
+    }
 
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
     auto ctx_for = [&](ggml_backend_buffer_type_t buft) -> ggml_context * {
@@ -634,6 +641,30 @@ static int32_t steer_commit(llama_context * ctx, llama_steer_state st) {
         tables.push_back(&*st.all);
     }
 
+    // one K per layer for the whole context: the graph has one shape for every token (a
+    // per-token K would need the widest K and masked weights, which reads more experts)
+    const llama_adapter_steer::table * k_from = nullptr;
+    for (const auto * t : tables) {
+        if (!t) {
+            continue;
+        }
+        if (!k_from) {
+            k_from = t;
+            continue;
+        }
+        const int32_t n_layer = (int32_t) model.hparams.n_layer();
+        for (int32_t il = 0; il < n_layer; ++il) {
+            const int32_t a = k_from->topk.empty() ? 0 : k_from->topk[il];
+            const int32_t b = t->topk.empty() ? 0 : t->topk[il];
+            if (a != b) {
+                return fail(LLAMA_STEER_ERR_TOPK, "per-request K differing within one batch is not supported yet: "
+                    "two tables of this context set layer " + std::to_string(il) + " to " +
+                    (a ? std::to_string(a) : "the model's k") + " and " + (b ? std::to_string(b) : "the model's k") +
+                    " experts per token");
+            }
+        }
+    }
+
     std::shared_ptr<llama_adapter_steer> a;
     if (!tables.empty()) {
         a = std::make_shared<llama_adapter_steer>();
@@ -642,7 +673,7 @@ static int32_t steer_commit(llama_context * ctx, llama_steer_state st) {
         }
         bool any = false;
         for (int32_t il = 0; il < (int32_t) model.hparams.n_layer(); ++il) {
-            any |= a->has_layer(il);
+            any |= a->has_layer(il) || a->topk_of(il) > 0;
         }
         if (!any) {
             a.reset();  // tables that steer nothing are no tables
@@ -665,7 +696,7 @@ static int32_t steer_commit(llama_context * ctx, llama_steer_state st) {
 
 // ---- C API --------------------------------------------------------------------------------
 
-static int32_t validate(const llama_model & model, const int8_t * actions, const float * bias,
+static int32_t validate(const llama_model & model, const int8_t * actions, const float * bias, const int32_t * topk,
                         int32_t n_layer, int32_t n_expert, float eps) {
     const auto & hp = model.hparams;
     if (n_layer != (int32_t) hp.n_layer() || n_expert != (int32_t) hp.n_expert || hp.n_expert == 0) {
@@ -679,7 +710,23 @@ static int32_t validate(const llama_model & model, const int8_t * actions, const
     }
     for (int32_t il = 0; il < n_layer; ++il) {
         const bool moe = model.layers[il].ffn_gate_inp != nullptr;
-        const int32_t k = (int32_t) hp.n_expert_used(il);
+        const int32_t kk = topk ? topk[il] : 0;
+        if (kk < 0 || kk > n_expert) {
+            return fail(LLAMA_STEER_ERR_TOPK, "layer " + std::to_string(il) + ": " + std::to_string(kk) +
+                " experts per token is outside 1.." + std::to_string(n_expert) + " (0: the model's k)");
+        }
+        if (kk > 0 && !moe) {
+            return fail(LLAMA_STEER_ERR_NOT_MOE, "layer " + std::to_string(il) + " has no experts (dense layer): "
+                "no experts per token to set");
+        }
+        // with expert groups the top K is taken among the selected groups' experts only
+        const int64_t in_groups = hp.n_expert_groups > 1 ? (int64_t) hp.n_group_used * (n_expert / hp.n_expert_groups) : n_expert;
+        if (kk > in_groups) {
+            return fail(LLAMA_STEER_ERR_TOPK, "layer " + std::to_string(il) + ": " + std::to_string(kk) +
+                " experts per token, but a token chooses among " + std::to_string(in_groups) + " (" +
+                std::to_string(hp.n_group_used) + " of " + std::to_string(hp.n_expert_groups) + " expert groups)");
+        }
+        const int32_t k = kk > 0 ? kk : (int32_t) hp.n_expert_used(il);
         int32_t n_act = 0, n_deact = 0;
         for (int32_t e = 0; e < n_expert; ++e) {
             const size_t i = (size_t) il * n_expert + e;
@@ -710,11 +757,16 @@ static int32_t validate(const llama_model & model, const int8_t * actions, const
     return LLAMA_STEER_OK;
 }
 
-static llama_adapter_steer::table make_table(const int8_t * actions, const float * bias, size_t n, float eps) {
+static llama_adapter_steer::table make_table(const int8_t * actions, const float * bias, const int32_t * topk,
+                                              int32_t n_layer, int32_t n_expert, float eps) {
+    const size_t n = (size_t) n_layer * n_expert;
     llama_adapter_steer::table t;
     t.actions.assign(actions, actions + n);
     if (bias) {
         t.bias.assign(bias, bias + n);
+    }
+    if (topk && std::any_of(topk, topk + n_layer, [](int32_t k) { return k > 0; })) {
+        t.topk.assign(topk, topk + n_layer);
     }
     t.eps = eps;
     return t;
@@ -729,19 +781,28 @@ static bool bad_slot(int32_t slot, int32_t & rc) {
     return false;
 }
 
-int32_t llama_steer_set(llama_context * ctx, const int8_t * actions, const float * bias,
-                        int32_t n_layer, int32_t n_expert, float eps) {
+int32_t llama_steer_table_set(llama_context * ctx, int32_t slot, const int8_t * actions, const float * bias,
+                              const int32_t * topk, int32_t n_layer, int32_t n_expert, float eps) {
     if (!ctx || !actions) {
         return fail(LLAMA_STEER_ERR_NULL, "null context or action table");
     }
-    const int32_t rc = validate(ctx->get_model(), actions, bias, n_layer, n_expert, eps);
+    int32_t rc = LLAMA_STEER_OK;
+    if (slot != -1 && bad_slot(slot, rc)) {
+        return rc;
+    }
+    rc = validate(ctx->get_model(), actions, bias, topk, n_layer, n_expert, eps);
     if (rc != LLAMA_STEER_OK) {
         return rc;
     }
     llama_steer_state st = ctx->steer_state;
     size_state(ctx, st);
-    st.all = make_table(actions, bias, (size_t) n_layer * n_expert, eps);
+    (slot == -1 ? st.all : st.slots[slot]) = make_table(actions, bias, topk, n_layer, n_expert, eps);
     return steer_commit(ctx, std::move(st));
+}
+
+int32_t llama_steer_set(llama_context * ctx, const int8_t * actions, const float * bias,
+                        int32_t n_layer, int32_t n_expert, float eps) {
+    return llama_steer_table_set(ctx, -1, actions, bias, nullptr, n_layer, n_expert, eps);
 }
 
 void llama_steer_clear(llama_context * ctx) {
@@ -755,21 +816,12 @@ void llama_steer_clear(llama_context * ctx) {
 
 int32_t llama_steer_slot_set(llama_context * ctx, int32_t slot, const int8_t * actions, const float * bias,
                              int32_t n_layer, int32_t n_expert, float eps) {
-    if (!ctx || !actions) {
-        return fail(LLAMA_STEER_ERR_NULL, "null context or action table");
-    }
-    int32_t rc = LLAMA_STEER_OK;
-    if (bad_slot(slot, rc)) {
+    if (slot == -1) {  // not the context-wide table: a slot index
+        int32_t rc = LLAMA_STEER_OK;
+        bad_slot(slot, rc);
         return rc;
     }
-    rc = validate(ctx->get_model(), actions, bias, n_layer, n_expert, eps);
-    if (rc != LLAMA_STEER_OK) {
-        return rc;
-    }
-    llama_steer_state st = ctx->steer_state;
-    size_state(ctx, st);
-    st.slots[slot] = make_table(actions, bias, (size_t) n_layer * n_expert, eps);
-    return steer_commit(ctx, std::move(st));
+    return llama_steer_table_set(ctx, slot, actions, bias, nullptr, n_layer, n_expert, eps);
 }
 
 int32_t llama_steer_slot_clear(llama_context * ctx, int32_t slot) {

@@ -220,6 +220,7 @@ PYBIND11_MODULE(_native, m) {
     codes["ERR_SLOT"] = (int) LLAMA_STEER_ERR_SLOT;
     codes["ERR_SEQ"] = (int) LLAMA_STEER_ERR_SEQ;
     codes["ERR_ROUTE"] = (int) LLAMA_STEER_ERR_ROUTE;
+    codes["ERR_TOPK"] = (int) LLAMA_STEER_ERR_TOPK;
     m.attr("STATUS") = codes;
     m.attr("MAX_SLOTS") = (int) LLAMA_STEER_MAX_SLOTS;
     py::dict actions;
@@ -228,11 +229,12 @@ PYBIND11_MODULE(_native, m) {
     actions["deactivate"] = (int) LLAMA_STEER_DEACTIVATE;
     m.attr("ACTIONS") = actions;
 
-    // actions int8 [n_layer, n_expert], bias float of the same shape or None; calls
-    // set(actions, bias, n_layer, n_expert) without the GIL: (status, message)
-    using setter = std::function<int32_t(const int8_t *, const float *, int32_t, int32_t)>;
+    // actions int8 [n_layer, n_expert], bias float of the same shape or None, topk int32
+    // [n_layer] or None; calls set(actions, bias, topk, n_layer, n_expert) without the GIL:
+    // (status, message)
+    using setter = std::function<int32_t(const int8_t *, const float *, const int32_t *, int32_t, int32_t)>;
     auto with_table = [](py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions, py::object bias,
-                         const setter & set) -> py::tuple {
+                         py::object topk, const setter & set) -> py::tuple {
         if (actions.ndim() != 2) {
             return py::make_tuple((int) LLAMA_STEER_ERR_SHAPE, std::string("actions must be 2-D [n_layer, n_expert]"));
         }
@@ -245,30 +247,42 @@ PYBIND11_MODULE(_native, m) {
             }
             bp = b.data();
         }
+        py::array_t<int32_t, py::array::c_style | py::array::forcecast> k;
+        const int32_t * kp = nullptr;
+        if (!topk.is_none()) {
+            k = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(topk);
+            if (!k || k.ndim() != 1 || k.shape(0) != actions.shape(0)) {
+                return py::make_tuple((int) LLAMA_STEER_ERR_SHAPE, std::string("topk must be 1-D [n_layer]"));
+            }
+            kp = k.data();
+        }
         int32_t rc;
         {
             py::gil_scoped_release release;
-            rc = set(actions.data(), bp, (int32_t) actions.shape(0), (int32_t) actions.shape(1));
+            rc = set(actions.data(), bp, kp, (int32_t) actions.shape(0), (int32_t) actions.shape(1));
         }
         return status(rc);
     };
 
     m.def("set_table", [with_table](uintptr_t ctx, py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
-                                    py::object bias, float eps) {
-        return with_table(actions, bias, [&](const int8_t * a, const float * b, int32_t nl, int32_t ne) {
-            return llama_steer_set(as_ctx(ctx), a, b, nl, ne, eps);
+                                    py::object bias, float eps, py::object topk) {
+        return with_table(actions, bias, topk, [&](const int8_t * a, const float * b, const int32_t * k, int32_t nl, int32_t ne) {
+            return llama_steer_table_set(as_ctx(ctx), -1, a, b, k, nl, ne, eps);
         });
-    }, py::arg("ctx"), py::arg("actions"), py::arg("bias"), py::arg("eps"));
+    }, py::arg("ctx"), py::arg("actions"), py::arg("bias"), py::arg("eps"), py::arg("topk") = py::none());
 
     m.def("clear_table", [](uintptr_t ctx) { llama_steer_clear(as_ctx(ctx)); });
 
     m.def("slot_set", [with_table](uintptr_t ctx, int32_t slot,
                                    py::array_t<int8_t, py::array::c_style | py::array::forcecast> actions,
-                                   py::object bias, float eps) {
-        return with_table(actions, bias, [&](const int8_t * a, const float * b, int32_t nl, int32_t ne) {
-            return llama_steer_slot_set(as_ctx(ctx), slot, a, b, nl, ne, eps);
+                                   py::object bias, float eps, py::object topk) {
+        if (slot == -1) {  // -1 is the context-wide table in llama_steer_table_set, never a slot
+            return status(llama_steer_slot_set(as_ctx(ctx), slot, nullptr, nullptr, 0, 0, eps));
+        }
+        return with_table(actions, bias, topk, [&](const int8_t * a, const float * b, const int32_t * k, int32_t nl, int32_t ne) {
+            return llama_steer_table_set(as_ctx(ctx), slot, a, b, k, nl, ne, eps);
         });
-    }, py::arg("ctx"), py::arg("slot"), py::arg("actions"), py::arg("bias"), py::arg("eps"));
+    }, py::arg("ctx"), py::arg("slot"), py::arg("actions"), py::arg("bias"), py::arg("eps"), py::arg("topk") = py::none());
 
     m.def("slot_clear", [](uintptr_t ctx, int32_t slot) { return status(llama_steer_slot_clear(as_ctx(ctx), slot)); },
           py::arg("ctx"), py::arg("slot"));

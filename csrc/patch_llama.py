@@ -61,6 +61,22 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    steer            (params.steer), // steer-gguf\n"
      "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route, params.steer_route_nsel}, // steer-gguf\n",
      "after"),
+    # Experts per token from the steering table (steer.h, API version 4): the layer is built
+    # with K in place of the model's k, so top-k, weight normalisation / softmax-after-top-k,
+    # the expert matmuls and the sum all run over K rows, exactly as a model whose
+    # expert_used_count is K (and a smaller K reads fewer expert weights). Not where the experts
+    # come in fixed (hash routing: selected_experts_in)
+    ("src/llama-graph.cpp",
+     "    const bool weight_before_ffn = arch == LLM_ARCH_LLAMA4; // for llama4, we apply the sigmoid-ed weights before the FFN\n",
+     "    const int64_t steer_k = steer && selected_experts_in == nullptr ? steer->topk_of(il) : 0; // steer-gguf\n"
+     "    if (steer_k > 0) {\n"
+     "        n_expert_used = steer_k;\n"
+     "    }\n",
+     "after"),
+    ("src/llama-graph.cpp",
+     "    const uint32_t n_expert_used_il = hparams.n_expert_used(il);\n",
+     "    const uint32_t n_expert_used_il = steer_k > 0 ? (uint32_t) steer_k : hparams.n_expert_used(il); // steer-gguf\n",
+     "replace"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits
     ("src/llama-graph.cpp",

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_STEER_API_VERSION 3
+#define LLAMA_STEER_API_VERSION 4
 #define LLAMA_STEER_MAX_SLOTS   64
 
 enum llama_steer_action {
@@ -52,6 +52,7 @@ enum llama_steer_status {
     LLAMA_STEER_ERR_SLOT       = -9, // slot index outside [0, LLAMA_STEER_MAX_SLOTS)
     LLAMA_STEER_ERR_SEQ        = -10, // sequence id outside [0, the context's n_seq_max)
     LLAMA_STEER_ERR_ROUTE      = -11, // routing flags, layer or row count not as recorded
+    LLAMA_STEER_ERR_TOPK       = -12, // experts per token out of range, or differing between tables
 };
 
 // what llama_steer_route_record keeps of every MoE layer
@@ -89,6 +90,29 @@ LLAMA_API int32_t llama_steer_slot_clear(struct llama_context * ctx, int32_t slo
 
 // Bind a sequence to a slot, or unbind it with slot = -1. Cheap: no graph rebuild.
 LLAMA_API int32_t llama_steer_seq_bind(struct llama_context * ctx, llama_seq_id seq_id, int32_t slot);
+
+// ---- experts per token (API version 4) ------------------------------------------------------
+// llama_steer_set (slot = -1) or llama_steer_slot_set with, per layer, how many experts each
+// token takes: topk int32 [n_layer], 0 = the model's own k there; topk = NULL is those two
+// functions. A layer with K is built with K in place of the model's k: the top K of the
+// (steered) selection scores, weights computed over those K as the model computes them over
+// its k (normalisation, softmax after top-k, scaling), so K everywhere routes like the model
+// loaded with expert_used_count = K, and a smaller K reads fewer expert weights. Activated
+// experts count inside K; deactivation must leave K. With expert groups, K counts the experts
+// of the selected groups (at most n_group_used * n_expert / n_expert_groups). Layers whose
+// experts come from a fixed table (hash routing) keep them: K is not applied there.
+// K is per context: every table in force (the context-wide one and each slot) must set the
+// same K, and tokens of unbound sequences take it too (LLAMA_STEER_ERR_TOPK otherwise:
+// per-sequence K differing within one batch is not supported yet).
+LLAMA_API int32_t llama_steer_table_set(
+        struct llama_context * ctx,
+        int32_t        slot,
+        const int8_t * actions,
+        const float  * bias,
+        const int32_t * topk,
+        int32_t        n_layer,
+        int32_t        n_expert,
+        float          eps);
 
 // Message for the last error of this thread (names the layer / expert at fault).
 LLAMA_API const char * llama_steer_last_error(void);

@@ -10,7 +10,7 @@ import os as _os
 from .engine import runtime as _runtime
 from .errors import SteerError
 from .model import ModelInfo, model_info
-from .profile import BiasRule, ExpertRule, ModelRef, Profile
+from .profile import BiasRule, ExpertRule, LayerK, ModelRef, Profile
 from .trace import RoutingTrace
 
 if "llama_cpp" not in __import__("sys").modules:
@@ -29,7 +29,7 @@ _LAZY = {"SteeredLlama": "engine.steered", "BatchEngine": "engine.batch", "Reque
          "generate_batch": "engine.batch", "load_eval_set": "evaluation.evalsets",
          "behavior": "evaluation.judges", "GGUFJudge": "evaluation.judges", "bake_profile": "bake.write",
          "fetch_model": "hub"}
-__all__ = ["SteerError", "ModelInfo", "model_info", "Profile", "ModelRef", "ExpertRule", "BiasRule",
+__all__ = ["SteerError", "ModelInfo", "model_info", "Profile", "ModelRef", "ExpertRule", "BiasRule", "LayerK",
            "RoutingTrace", "evaluate", "Sampling", "EvalReport", "tune", "audit", *_LAZY]
 
 

@@ -12,11 +12,24 @@ from .errors import SteerError
 from .fileio import atomic_write
 
 
+def stack_layers(per_layer: list[np.ndarray], axis: int, fill) -> np.ndarray:
+    """Per-layer arrays [..., k_l] stacked along `axis`; where a profile's topk gives layers
+    different k, the narrower ones are padded on the right with `fill` (-1 for experts, 0 for
+    weights), so a row still lists its layer's experts first."""
+    k = max((a.shape[-1] for a in per_layer), default=0)
+    padded = [a if a.shape[-1] == k else
+              np.concatenate([a, np.full(a.shape[:-1] + (k - a.shape[-1],), fill, a.dtype)], axis=-1)
+              for a in per_layer]
+    return np.stack(padded, axis=axis)
+
+
 @dataclass
 class RoutingTrace:
     tokens: np.ndarray            # int32 [T]
     layers: list[int]             # real layer index of each MoE layer
-    experts: np.ndarray           # int32 [T, len(layers), k]
+    # int32 [T, len(layers), k]: k the most experts per token of any layer (topk); a layer
+    # with fewer has its rows padded with -1 (weights 0)
+    experts: np.ndarray
     weights: np.ndarray           # float32 [T, len(layers), k]
     pieces: list[str] = field(default_factory=list)  # detokenized text of each token, if known
 
@@ -28,7 +41,8 @@ class RoutingTrace:
         e = self.experts if rows is None else self.experts[rows]
         out = np.zeros((len(self.layers), n_expert), dtype=np.int64)
         for j in range(len(self.layers)):
-            out[j] = np.bincount(e[:, j, :].reshape(-1), minlength=n_expert)[:n_expert]
+            x = e[:, j, :].reshape(-1)
+            out[j] = np.bincount(x[x >= 0], minlength=n_expert)[:n_expert]
         return out
 
     def save(self, path: str | os.PathLike) -> None:

@@ -291,6 +291,57 @@ def test_profile_slots_steer_their_sequence_only(m):
     assert not np.array_equal(_sorted(bound), _sorted(plain[0]))
 
 
+# llama.cpp's loader cannot take an expert_used_count override on these files; why
+OVERRIDE_UNLOADABLE = {"deepseek4": "ffn_gate_tid2eid.weight' has wrong shape"}  # the hash table is k wide
+
+
+def test_topk_half_routes_as_the_expert_used_count_override(m, make_arch):
+    """A profile's topk = k/2 (issue 32) routes as llama.cpp's own loader does with
+    `<arch>.expert_used_count` = k/2: the same experts on every MoE layer and token and the same
+    weights, bit for bit; hash-routed layers keep their experts. DeepSeek V4 with a hash-routed
+    layer cannot be loaded with the override (its token table is k wide): there the file without
+    hash-routed layers is compared, and the matrix's file is checked for its hash layer."""
+    info, g, toks = m["info"], m["graph"], m["toks"]
+    k = info.n_expert_used // 2
+    prof = Profile(ModelRef.of(info), name="half", topk=k)
+    if m["arch"] in OVERRIDE_UNLOADABLE:
+        with pytest.raises(SteerError, match="could not load"):
+            _override(m["path"], info, k)
+        with g.steering(prof):
+            got = g.trace(tokens=toks)
+        for j, il in enumerate(info.moe_layers):
+            if il in info.fixed_layers:
+                np.testing.assert_array_equal(got.experts[:, j], m["base"].experts[:, j])
+            else:
+                assert (got.experts[:, j, k:] == -1).all() and (got.experts[:, j, :k] >= 0).all()
+        path = make_arch(m["arch"], LAYOUT)
+        other = SteeredLlama(path, **LLAMA)
+        try:
+            _topk_as_override(other, path, model_info(path), toks, k)
+        finally:
+            other.close()
+        return
+    _topk_as_override(g, m["path"], info, toks, k)
+
+
+def _override(path, info, k: int) -> SteeredLlama:
+    return SteeredLlama(path, kv_overrides={f"{info.architecture}.expert_used_count": k}, **LLAMA)
+
+
+def _topk_as_override(g: SteeredLlama, path, info, toks, k: int) -> None:
+    stock = _override(path, info, k)
+    try:
+        want = stock.trace(tokens=toks)
+    finally:
+        stock.close()
+    with g.steering(Profile(ModelRef.of(info), name="half", topk=k)):
+        got = g.trace(tokens=toks)
+    assert got.experts.shape == want.experts.shape == (len(toks), len(info.moe_layers), k)
+    # no steering node: the override's graph, op for op, so the same bits
+    np.testing.assert_array_equal(got.experts, want.experts)
+    np.testing.assert_array_equal(got.weights, want.weights)
+
+
 # ---- what is refused ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", sorted(REFUSED))

@@ -81,13 +81,16 @@ def mutate(d, path, value, delete: bool):
     return d
 
 
-GOOD_PATHS = list(paths(GOOD))
+# format /2: experts per token (topk), per layer
+GOOD_TOPK = {**GOOD, "format": "steer-gguf.profile/2", "topk": [{"layer": 1, "k": 3}, {"layer": 2, "k": 1}]}
+GOOD_PATHS = [(GOOD, p) for p in paths(GOOD)] + [(GOOD_TOPK, p) for p in paths(GOOD_TOPK)]
 
 
 @FUZZ
 @given(st.sampled_from(GOOD_PATHS), json_values, st.booleans())
-def test_profile_parser_on_mutated_profiles(path, value, delete):
-    data = mutate(GOOD, path, value, delete and bool(path))
+def test_profile_parser_on_mutated_profiles(good_path, value, delete):
+    good, path = good_path
+    data = mutate(good, path, value, delete and bool(path))
     p = result_or_steer_error(Profile.from_dict, data, source="fuzz.json")
     if p is not None:
         p.validate()  # what loads is valid, and comes back the same from its own JSON
@@ -220,7 +223,7 @@ NASTY_JSON = ["[" * 3000 + "]" * 3000, json.dumps(GOOD).replace('"layer": 1', '"
               json.dumps({**GOOD, "provenance": {"x": "[" * 100}}).replace('"[[', "[[").replace('[["', "[[")]
 bad_profiles = st.one_of(
     st.tuples(st.sampled_from(GOOD_PATHS), json_values, st.booleans()).map(
-        lambda t: json.dumps(mutate(GOOD, t[0], t[1], t[2] and bool(t[0])))),
+        lambda t: json.dumps(mutate(t[0][0], t[0][1], t[1], t[2] and bool(t[0][1])))),
     st.sampled_from(NASTY_JSON),
     st.binary(max_size=120),
     st.text(max_size=120),

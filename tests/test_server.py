@@ -165,7 +165,7 @@ def test_models_profiles_and_health(server, model):
     assert body["default"] == "none"
     assert body["data"] == [{"name": "force", "profile_name": "force-x", "description": "always the digit expert",
                              "dataset": "builtin:digits-words", "activated": 4, "deactivated": 0, "biased": 0,
-                             "layers": [0, 1, 2, 3]}]
+                             "layers": [0, 1, 2, 3], "topk": None}]
     excluded = {e["name"]: e["error"] for e in body["excluded"]}
     assert set(excluded) == {"alien", "broken"}
     assert "olmoe" in excluded["alien"] and "not valid JSON" in excluded["broken"]

@@ -58,6 +58,10 @@ class BakePlan:
     profile: Profile
     actions: list[Graded] = field(default_factory=list)
     removed: dict[int, list[int]] = field(default_factory=dict)  # prune: layer -> experts taken out
+    # a global topk K, written as {arch}.expert_used_count (exact: stock llama.cpp then builds
+    # every MoE layer with K, which is what the patched runtime does with the profile)
+    topk: int | None = None
+    topk_dropped: str = ""  # why the profile's topk is not baked (only with drop_unbakeable)
 
     @property
     def kept(self) -> dict[int, list[int]]:
@@ -79,7 +83,8 @@ class BakePlan:
     def all_exact(self) -> bool:
         """Every action that is baked is exact (dropped ones are reported apart)."""
         kept = [a for a in self.actions if a.grade != "dropped"]
-        return bool(kept) and all(a.grade == "exact" for a in kept)
+        # a global topk is exact (expert_used_count): a plan of it alone is all exact
+        return (bool(kept) or self.topk is not None) and all(a.grade == "exact" for a in kept)
 
     def counts(self) -> dict[str, int]:
         return {g: sum(1 for a in self.actions if a.grade == g) for g in GRADES}
@@ -90,6 +95,10 @@ class BakePlan:
                 + ", ".join(f"{n} {g}" for g, n in c.items() if n))
         if self.method == "prune":
             head += f"; {self.info.n_expert} -> {self.n_expert_out} experts in every MoE layer"
+        if self.topk is not None:
+            head += f"; experts per token {self.info.n_expert_used} -> {self.topk} (expert_used_count, exact)"
+        if self.topk_dropped:
+            head += f"; topk dropped ({self.topk_dropped})"
         if self.adds_bias:
             head += (f"; adds a selection bias (exp_probs_b, zero but for the forced experts) to the steered layers, "
                      f"which llama.cpp's {self.info.architecture} loader takes as optional")
@@ -103,6 +112,9 @@ class BakePlan:
     def to_dict(self) -> dict:
         return {"method": self.method, "counts": self.counts(),
                 "n_expert": {"source": self.info.n_expert, "baked": self.n_expert_out},
+                "n_expert_used": {"source": self.info.n_expert_used,
+                                  "baked": self.info.n_expert_used if self.topk is None else self.topk},
+                **({"topk_dropped": self.topk_dropped} if self.topk_dropped else {}),
                 "actions": [{"layer": a.layer, "expert": a.expert, "action": a.action, "grade": a.grade,
                              "why": a.why, **({"value": a.value} if a.action == "bias" else {})}
                             for a in self.actions]}
@@ -148,7 +160,7 @@ def plan_bake(info: ModelInfo, profile: Profile, method: str = "auto", drop_unba
     if method == "bias" and not kind:
         raise SteerError(f"{os.path.basename(info.path)} ({info.architecture}, {info.gating} gating) has no router "
                          f"or selection bias to edit: only --method prune (deactivation) can be baked")
-    if method == "prune":
+    if method == "prune" and profile.steers_experts:  # a topk alone removes no expert
         _check_prunable(info)
     plan = BakePlan(method, info, profile)
     unbakeable: list[str] = []
@@ -172,15 +184,35 @@ def plan_bake(info: ModelInfo, profile: Profile, method: str = "auto", drop_unba
             else:
                 _grade_prune(info, a, cannot)
         plan.actions += acts
+    topk_why = _topk_unbakeable(info, profile)
+    if topk_why:
+        unbakeable.append(f"topk: {topk_why}")
+        plan.topk_dropped = topk_why
+    else:
+        plan.topk = profile.topk_global
     if unbakeable and not drop_unbakeable:
         more = f" (and {len(unbakeable) - 1} more)" if len(unbakeable) > 1 else ""
         raise SteerError(f"{src}: cannot bake into {os.path.basename(info.path)} by {method}: {unbakeable[0]}{more}; "
                          f"{_what_can(info, kind)}; --drop-unbakeable bakes the rest")
     if method == "prune":
         plan.removed = _uniform_removal(info, plan, src)
-    if not any(a.grade != "dropped" for a in plan.actions):
+    if not any(a.grade != "dropped" for a in plan.actions) and plan.topk is None:
         raise SteerError(f"{src}: nothing left to bake once the unbakeable actions are dropped")
     return plan
+
+
+def _topk_unbakeable(info: ModelInfo, profile: Profile) -> str:
+    """Why the profile's topk cannot be written as the file's expert_used_count ("" if it can,
+    or if there is none)."""
+    if profile.topk is None:
+        return ""
+    if isinstance(profile.topk, list):
+        return ("a per-layer K is not bakeable: stock runtimes read one expert_used_count for every layer "
+                "(use a global topk, or run the profile)")
+    if info.fixed_layers:
+        return (f"layers {layer_ranges(info.fixed_layers)} are hash-routed: their token table holds k="
+                f"{info.n_expert_used} experts per token, and llama.cpp refuses the file with another count")
+    return ""
 
 
 def _check_prunable(info: ModelInfo) -> None:

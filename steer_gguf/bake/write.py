@@ -121,6 +121,8 @@ def _copy_fields(reader, writer, plan: BakePlan, phash: str, version: str) -> No
     overrides = {}
     if plan.method == "prune":
         overrides[f"{arch}.expert_count"] = plan.n_expert_out
+    if plan.topk is not None:
+        overrides[f"{arch}.expert_used_count"] = plan.topk
     for key, f in reader.fields.items():
         # split.*: the writer numbers the output's own parts
         if key.startswith(("GGUF.", "split.", BAKED_PREFIX)) or key in SKIP_KEYS:

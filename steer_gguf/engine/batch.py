@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import SteerError
 from ..profile import Profile
+from ..trace import stack_layers
 from .slots import ContextSlots, check_phase, steered_in
 
 # llama-cpp-python's create_completion defaults, so both paths sample alike
@@ -196,15 +197,22 @@ class BatchEngine:
         llama_cpp.llama_memory_clear(self.mem, True)
         active: dict[int, _Seq] = {}
         free = list(range(self.n_seq - 1, -1, -1))
+        # a request whose experts per token (topk) differ from the running ones' waits until
+        # they are done: one context runs one K per layer (steer.h, llama_steer_table_set)
+        held: tuple[object, Request] | None = None
         try:
             while True:
                 exhausted = False
                 while free:
-                    got = next_request(not active)
+                    got = held or next_request(not active)
+                    held = None
                     if got is None:
                         exhausted = True
                         break
                     key, req = got
+                    if active and self._k_of(req) != self._k_of(next(iter(active.values())).req):
+                        held = got
+                        break
                     sid = free.pop()
                     try:
                         active[sid] = self._start(sid, key, req)
@@ -212,7 +220,7 @@ class BatchEngine:
                         free.append(sid)
                         on_done(key, e)
                 if not active:
-                    if exhausted:
+                    if exhausted and held is None:
                         return
                     continue
                 try:
@@ -230,6 +238,12 @@ class BatchEngine:
                 llama_cpp.llama_sampler_free(s.sampler)
                 self.slots.release(s.slot)
             active.clear()
+
+    def _k_of(self, req: Request) -> tuple[int, ...] | None:
+        try:
+            return self.slots.topk_key(req.profile)
+        except SteerError:
+            return None  # a bad profile: _start answers it with its error
 
     def _step(self, active: dict[int, _Seq], free: list[int], on_done) -> None:
         import llama_cpp
@@ -301,7 +315,7 @@ class BatchEngine:
         for sid, s in active.items():
             if not s.req.trace:
                 continue
-            row = np.stack([e[last[sid]] for e in per_layer])
+            row = stack_layers([e[last[sid]] for e in per_layer], 0, -1)
             if (row < 0).any():
                 raise SteerError("routing recorder: a sampled token's row was not computed in every MoE layer")
             s.rows.append(row)

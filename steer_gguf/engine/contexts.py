@@ -62,10 +62,13 @@ def install_steering(ptr: int, observer, engine: str, info: ModelInfo, p: Profil
         return False
     actions, bias = p.to_arrays(info, _native.ACTIONS)
     if engine == "graph":
-        rc, msg = _native.set_table(ptr, actions, bias, float(p.eps))
+        rc, msg = _native.set_table(ptr, actions, bias, float(p.eps), p.topk_array(info))
         check_status(rc, msg, f"profile {p.name!r}")  # llama_steer_set leaves the previous table in place
         observer.clear_hook()
         return False
+    if p.topk is not None:
+        # the hook rewrites tensors of a graph already built for the model's k
+        raise SteerError(f"profile {p.name!r}: topk (experts per token) needs the graph engine, not the hook engine")
     if bias is None:
         bias = np.zeros(actions.shape, dtype=np.float32)
     observer.set_hook(actions, bias, float(p.eps), info.logit_stage, info.select_stage, info.n_expert_groups > 1)

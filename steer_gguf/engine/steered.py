@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import SteerError
 from ..grammar import check_grammar
 from ..model import NOT_RUNNABLE, ModelInfo, model_info
-from ..profile import Profile, as_profile
+from ..profile import Profile, as_profile, with_topk
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
 from .threads import ThreadGovernor, physical_cores
@@ -33,7 +33,8 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str | os.PathLike, profile: Profile | str | os.PathLike | None = None, *,
-                 engine: str = "graph", force: bool = False, recorder: str = "graph", **llama_kwargs):
+                 engine: str = "graph", force: bool = False, recorder: str = "graph", topk: int | None = None,
+                 **llama_kwargs):
         if engine not in ENGINES:
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if recorder not in RECORDERS:
@@ -76,7 +77,8 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
         self._observer = _native.Observer(self.info.n_layer)
         self._recorder = Recorder(self._ctx_ptr, self._observer, self.info.n_layer, recorder, weights=True,
                                   **recorder_kw(self.info.architecture))
-        self.set_profile(profile)
+        # topk=K: K experts per token in every MoE layer, on top of the profile if any
+        self.set_profile(with_topk(profile, topk, self.info))
 
     def _fit_arrays_to_context(self) -> None:
         # llama.cpp rounds the context up (to 256 tokens here); llama-cpp-python checks prompts

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import SteerError
 from ..model import ROUTES_TWICE
-from ..trace import RoutingTrace
+from ..trace import RoutingTrace, stack_layers
 from .contexts import _native, check_status, install_steering, llama_cpp, secondary_context
 from .rows import undouble
 
@@ -258,8 +258,8 @@ class Tracing:
             got = {il: rec[il][0].shape[0] for il in rec}
             raise SteerError(f"routing recorder saw an incomplete trace in layers {missing} "
                              f"({len(toks)} tokens expected, got {got})")
-        experts = np.stack([rec[il][0] for il in layers], axis=1).astype(np.int32)
-        weights = np.stack([rec[il][1] for il in layers], axis=1).astype(np.float32)
+        experts = stack_layers([rec[il][0] for il in layers], 1, -1).astype(np.int32)
+        weights = stack_layers([rec[il][1] for il in layers], 1, 0.0).astype(np.float32)
         pieces = [self.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
         return RoutingTrace(np.asarray(toks, dtype=np.int32), list(layers), experts, weights, pieces)
 
@@ -281,7 +281,7 @@ class RoutingLog:
             if a is None or a.shape[0] < n:
                 raise SteerError(f"routing log has {0 if a is None else a.shape[0]} rows in layer {il}, asked for {n}")
             rows.append(a[a.shape[0] - n:])
-        return np.stack(rows, axis=1)
+        return stack_layers(rows, 1, -1)
 
 
 class _TraceContext:
@@ -366,6 +366,9 @@ class _TraceContext:
         result = []
         for idx in out_index:
             tok_rows = np.asarray([a for a, _ in idx], dtype=np.int64)
+            if len({e.shape[1] for e in per_layer}) > 1:
+                raise SteerError("batched tracing (detection) needs one number of experts per token in every "
+                                 "layer: a per-layer topk profile cannot be used here")
             ex = np.stack([e[tok_rows] for e in per_layer], axis=1)
             if (ex < 0).any():
                 raise SteerError("routing recorder: a requested row was not computed in every MoE layer")

@@ -194,7 +194,8 @@ def random_control(profile: Profile, info: ModelInfo, seed: int, name: str | Non
             experts.append(ExpertRule(layer, e, r.action))
         for b, e in zip(biases, drawn[len(rules):]):
             bias.append(BiasRule(layer, e, b.value))
-    return Profile(model=ModelRef.of(info), experts=experts, bias=bias, eps=profile.eps,
+    # the same experts per token: a control differs from its profile in which experts only
+    return Profile(model=ModelRef.of(info), experts=experts, bias=bias, eps=profile.eps, topk=profile.topk,
                    name=name or f"{profile.name}~random{seed}",
                    provenance={"method": "random-control", "of": profile.name, "seed": int(seed)})
 

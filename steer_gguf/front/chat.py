@@ -7,20 +7,24 @@ chat names profiles as the server does (registry.py): `/profile NAME` as well as
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Callable
 
 from ..errors import SteerError, printable
+from ..profile import with_topk
 from ..serve.registry import Profiles, load_profiles, warn_excluded
 
-HELP = "/profile PATH|off, /compare, /quit"
-HELP_NAMED = "/profile NAME|PATH|off, /compare, /quit"
+HELP = "/profile PATH|off, /topk K|off, /compare, /quit"
+HELP_NAMED = "/profile NAME|PATH|off, /topk K|off, /compare, /quit"
 
 
 class ChatSession:
     def __init__(self, llm, system: str | None, max_tokens: int, temperature: float, seed: int,
-                 out: Callable[..., None], err: Callable[[str], None], profiles: Profiles | None = None):
+                 out: Callable[..., None], err: Callable[[str], None], profiles: Profiles | None = None,
+                 topk: int | None = None):
         self.llm = llm
+        self.topk = topk  # /topk K: kept across /profile switches
         # without a directory the registry holds only "none": every other argument is a path
         self.profiles = profiles or Profiles()
         self.help = HELP if self.profiles.directory is None else HELP_NAMED
@@ -65,6 +69,8 @@ class ChatSession:
             return False
         if line.startswith("/profile"):
             self._profile(line[len("/profile"):].strip())
+        elif line.startswith("/topk"):
+            self._topk(line[len("/topk"):].strip())
         elif line == "/compare":
             self._compare()
         elif line.startswith("/"):
@@ -78,11 +84,29 @@ class ChatSession:
             self.out("usage: " + self.help.split(",")[0])
             return
         try:
-            self.llm.set_profile(None if arg == "off" else self.profiles.pick(arg))
+            self.llm.set_profile(with_topk(None if arg == "off" else self.profiles.pick(arg), self.topk, self.llm.info))
         except SteerError as e:
             self.err(f"error: {e}")
             return
         self.out(f"profile: {profile_name(self.llm)}")
+
+    def _topk(self, arg: str) -> None:
+        """/topk K: K experts per token in every MoE layer, under whichever profile is in force;
+        /topk off: the model's own k."""
+        if arg != "off" and not (arg.isascii() and arg.isdigit() and int(arg) >= 1):
+            self.err("usage: /topk K|off (K: experts per token, at least 1)")
+            return
+        k = None if arg == "off" else int(arg)
+        cur = self.llm.profile
+        plain = None if cur is None else dataclasses.replace(cur, topk=None)
+        try:
+            self.llm.set_profile(with_topk(plain, k, self.llm.info))
+        except SteerError as e:
+            self.err(f"error: {e}")
+            return
+        self.topk = k
+        what = f"the model's k={self.llm.info.n_expert_used}" if k is None else str(k)
+        self.out(f"experts per token: {what}")
 
     def _say(self, line: str) -> None:
         msgs = self.fit(self.turns, line)

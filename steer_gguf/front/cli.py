@@ -53,16 +53,23 @@ def llama_options(f):
     return f
 
 
+def topk_option(f):
+    """--topk K: experts per token in every MoE layer, with or without a --profile."""
+    return click.option("--topk", type=click.IntRange(min=1), default=None,
+                        help="experts per token in every MoE layer (the model's own k if not given); "
+                             "replaces a profile's own topk")(f)
+
+
 def thread_kwargs(n_threads: int | None) -> dict:
     """--threads N as llama-cpp-python arguments (None: llama.cpp's choice)."""
     return {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
 
 
 def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
-               engine: str, force: bool, verbose: bool, **extra):
+               engine: str, force: bool, verbose: bool, topk: int | None = None, **extra):
     from ..engine.steered import SteeredLlama
 
-    return SteeredLlama(model, profile=profile, engine=engine, force=force, n_ctx=n_ctx,
+    return SteeredLlama(model, profile=profile, engine=engine, force=force, n_ctx=n_ctx, topk=topk,
                         n_gpu_layers=n_gpu_layers, verbose=verbose, **thread_kwargs(n_threads), **extra)
 
 
@@ -147,6 +154,7 @@ def models():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object")
 @llama_options
+@topk_option
 def generate(model, prompt, profile, chat, system, max_tokens, temperature, seed, as_json, **kw):
     """Generate one answer, steered by --profile if given."""
     from .prompts import complete
@@ -170,9 +178,11 @@ def generate(model, prompt, profile, chat, system, max_tokens, temperature, seed
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @llama_options
+@topk_option
 def chat(model, profile, profiles_dir, system, max_tokens, temperature, seed, **kw):
     """Interactive chat. Commands: /profile NAME|PATH|off, /compare, /quit."""
     from .chat import ChatSession, chat_profiles, run_chat
+    from ..profile import with_topk
     from .prompts import check_text
     from ..serve.registry import check_dir
 
@@ -181,8 +191,10 @@ def chat(model, profile, profiles_dir, system, max_tokens, temperature, seed, **
     named = profiles_dir is not None
     llm = open_model(model, None if named else profile, seed=seed, **kw)
     registry = chat_profiles(llm, profiles_dir, profile, force=kw["force"]) if named else None
+    if registry is not None and kw["topk"] is not None:  # the registry's default replaced the profile
+        llm.set_profile(with_topk(llm.profile, kw["topk"], llm.info))
     session = ChatSession(llm, system, max_tokens, temperature, seed, out=click.echo,
-                          err=lambda msg: click.echo(msg, err=True), profiles=registry)
+                          err=lambda msg: click.echo(msg, err=True), profiles=registry, topk=kw["topk"])
     run_chat(session, os.path.basename(model))
 
 
@@ -195,6 +207,7 @@ def chat(model, profile, profiles_dir, system, max_tokens, temperature, seed, **
 @click.option("--profile", type=click.Path(), help="trace under this steering profile")
 @click.option("--output", "-o", required=True, type=click.Path(), help="trace.json or trace.npz")
 @llama_options
+@topk_option
 def trace(model, prompt, messages, chat, profile, output, **kw):
     """Record the experts every token is routed to, in every MoE layer."""
     from ..detect.datasets import read_messages
@@ -546,20 +559,23 @@ def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw
 @click.option("--max-body", type=click.IntRange(min=1), default=8, show_default=True,
               help="largest request body in MiB; larger ones get 413")
 @llama_options
+@topk_option
 def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, max_queue, access_log, max_body,
-          **kw):
+          topk, **kw):
     """OpenAI-compatible HTTP server; requests pick a profile with "steer_profile"."""
     try:
         from ..serve import app as server
     except ImportError as e:
         raise SteerError(f"serve needs the server extra ({e.name} is missing): pip install 'steer-gguf[server]'") from None
 
-    from ..serve.registry import check_dir, load_profiles, warn_excluded
+    from ..serve.registry import NONE, check_dir, load_profiles, warn_excluded
     from ..serve.scheduler import BatchExecutor, SerialExecutor, Worker
 
     check_dir(profiles_dir)
     if api_key is not None and not api_key.strip():
         raise SteerError("--api-key is empty")
+    if topk is not None and kw["engine"] == "hook":
+        raise SteerError("--topk (experts per token) needs the graph engine, not the hook engine")
     sock = server.bind(host, port)
     with sock:
         llm = open_model(model, None, **kw)
@@ -568,7 +584,9 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, m
         # the hook engine steers a whole context, not a sequence: one request at a time
         executor = BatchExecutor(llm, parallel, llm.n_ctx()) if llm.engine == "graph" else SerialExecutor(llm)
         state = server.ServerState(llm, profiles, Worker(executor, max_queue), model_id=os.path.basename(model),
-                                   api_key=api_key, max_body=max_body * 1024 * 1024)
+                                   api_key=api_key, max_body=max_body * 1024 * 1024, topk=topk)
+        if topk is not None:
+            state.profile_with_k(NONE, None, topk)  # a K the model cannot take fails here, not per request
         try:
             server.run(state, sock, access_log=access_log)
         finally:

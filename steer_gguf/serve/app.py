@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Literal, Optional
 from ..engine.steered import SteeredLlama
 from ..errors import SteerError
 from ..fileio import check_json_value
+from ..profile import Profile, with_topk
 from .registry import NONE, ProfileUnavailable, Profiles, describe
 from .scheduler import Job, QueueFull, ShuttingDown, Worker
 
@@ -26,7 +27,7 @@ import llama_cpp  # isort: skip
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest  # isort: skip
-from pydantic import BaseModel, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes (serve --max-body): far above any chat request, far below what ties the server up
@@ -66,6 +67,7 @@ class _SteerFields(BaseModel):
     steer_profile: Optional[StrictStr] = None
     steer_trace: StrictBool = False
     steer_phase: Literal["all", "generation", "prompt"] = "all"
+    steer_topk: Optional[StrictInt] = None  # experts per token in every MoE layer (issue 32)
 
 
 class ChatRequest(CreateChatCompletionRequest, _SteerFields):
@@ -77,7 +79,7 @@ class CompletionRequest(CreateCompletionRequest, _SteerFields):
 
 
 _NOT_LLAMA_ARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "steer_profile", "steer_trace",
-                   "steer_phase"}
+                   "steer_phase", "steer_topk"}
 
 
 def llama_kwargs(llm: SteeredLlama, body: ChatRequest | CompletionRequest, model_id: str) -> dict:
@@ -156,6 +158,20 @@ class ServerState:
     api_key: Optional[str] = None
     max_body: int = DEFAULT_MAX_BODY
     started: int = field(default_factory=lambda: int(time.time()))
+    topk: Optional[int] = None  # serve --topk: requests that give no steer_topk
+    # (profile name, K) -> the profile with that K, made once: the batch engine keeps a slot
+    # per profile object, so a new object per request would reload a slot every time
+    with_k: dict = field(default_factory=dict)
+
+    def profile_with_k(self, name: str, profile: Profile | None, k: Optional[int]) -> Profile | None:
+        if k is None:
+            return profile
+        key = (name, k)
+        if key not in self.with_k:
+            p = with_topk(profile, k, self.llm.info)
+            p.check(self.llm.info, force=True)  # the model was checked with its profile already
+            self.with_k[key] = p
+        return self.with_k[key]
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -312,6 +328,11 @@ async def _generate(state: ServerState, request: Request, body: ChatRequest | Co
     except ProfileUnavailable as e:
         raise APIError(400, f"steer_profile {e.name!r} {e.why}", "invalid_request_error", e.code,
                        "steer_profile") from None
+    try:
+        profile = state.profile_with_k(name, profile, body.steer_topk if body.steer_topk is not None else state.topk)
+    except SteerError as e:
+        raise APIError(400, f"steer_topk: {str(e).split(': ', 1)[-1]}", "invalid_request_error", "invalid_topk",
+                       "steer_topk") from None
     job = Job(chat=chat, stream=body.stream, kwargs=llama_kwargs(state.llm, body, state.model_id),
               profile_name=name, profile=profile, trace=body.steer_trace,
               loop=asyncio.get_running_loop(), events=asyncio.Queue(), phase=body.steer_phase)

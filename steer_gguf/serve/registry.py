@@ -119,6 +119,8 @@ def describe(name: str, p: Optional[Profile]) -> dict:
         "deactivated": p.count("deactivate") if p is not None else 0,
         "biased": sum(1 for b in p.bias if b.value != 0.0) if p is not None else 0,
         "layers": sorted({r.layer for r in p.experts} | {b.layer for b in p.bias}) if p is not None else [],
+        # experts per token: null (the model's k), K, or [{"layer", "k"}] (profile topk)
+        "topk": p.to_dict().get("topk") if p is not None else None,
     }
 
 
