@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "steer_gguf" / "data" / "bilingual.gguf"))
     ap.add_argument("--pairs", type=int, default=64, help="pairs per behavior for detection (causal is the slow part)")
+    ap.add_argument("--drift-pairs", type=int, default=None, help="pairs for the drift behavior  [default: --pairs]")
     ap.add_argument("--sizes", default=None, help="profile sizes N (default: the sizes tune sweeps)")
     ap.add_argument("--controls", type=int, default=5)
     ap.add_argument("--greedy-pool", type=int, default=24)
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
-    result = {"model": os.path.basename(args.model), "pairs": args.pairs, "controls": args.controls,
+    n_pairs = {"language": args.pairs, "drift": args.drift_pairs or args.pairs}
+    result = {"model": os.path.basename(args.model), "pairs": n_pairs, "controls": args.controls,
               "goal": f"detect says strong signal; in >= 2 of 3 targets a profile's shift - its controls' mean "
                       f">= {GOAL_POINTS:.0f} points, p < {GOAL_P}, KL <= controls' mean",
               "detect_cli": detect_verdict(args.model, log), "targets": {}, "detection": {}}
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     result["sizes"] = sizes
     tabs_by = {}
     for name in ("language", "drift"):
-        tabs, info = tables(llm, name, args.pairs, max(sizes), args.greedy_pool, cache, log,
+        tabs, info = tables(llm, name, n_pairs[name], max(sizes), args.greedy_pool, cache, log,
                             pairs_spec=f"builtin:{name}")
         tabs_by[name] = tabs
         rd = tabs["risk_diff"]
