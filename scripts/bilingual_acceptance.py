@@ -51,6 +51,19 @@ def detect_verdict(model: str, log) -> dict:
             "last_line": out[-1] if out else "", "strong": bool(out) and "strong signal" in out[-1]}
 
 
+def write(result: dict, path: str, t_start: float, complete: bool) -> None:
+    met = [t for t, r in result["targets"].items() if r["met_by"]]
+    result["targets_meeting_goal"] = met
+    result["goal_met"] = bool(result["detect_cli"]["strong"]) and len(met) >= 2
+    result["complete"] = complete
+    result["seconds"] = round(time.perf_counter() - t_start)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def sub_eval_set(es, group: str | None):
     from steer_gguf.evaluation.evalsets import EvalSet
     if group is None:
@@ -76,7 +89,8 @@ def main(argv=None) -> int:
     from steer_gguf.engine.steered import SteeredLlama
     from steer_gguf.evaluation.evalsets import load_eval_set
     from steer_gguf.evaluation.judges import behavior as judged
-    from steer_gguf.evaluation.measure import Sampling, evaluate
+    from steer_gguf.errors import SteerError
+    from steer_gguf.evaluation.measure import Sampling, evaluate, random_control
 
     cache = pathlib.Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -110,6 +124,17 @@ def main(argv=None) -> int:
         reverse = toward == b.labels[1]
         profiles, missing = sized_profiles(llm.info, tabs_by[bname], sizes, reverse, toward,
                                            f"{target}-{{method}}-{{n}}", log)
+        # a profile that touches more than half of a layer's experts has no random control of its
+        # shape: it cannot be judged against controls, so it is listed with why, not evaluated
+        kept = []
+        for p in profiles:
+            try:
+                random_control(p, llm.info, 0)
+                kept.append(p)
+            except SteerError as e:
+                missing.append({"profile": p.name, "why": str(e)})
+                log(f"{p.name}: not evaluated: {e}")
+        profiles = kept
         es = sub_eval_set(load_eval_set(b.eval_set), group)
         t0 = time.perf_counter()
         rep = evaluate(llm, es, b, profiles, controls=args.controls, sampling=Sampling(2, 0.7, max_tokens=64),
@@ -128,16 +153,10 @@ def main(argv=None) -> int:
             "eval_seconds": round(secs), "profiles": rows, "not_made": missing,
             "best": max(rows, key=lambda r: r["beyond_controls"])["profile"] if rows else None,
             "met_by": [r["profile"] for r in rows if r["meets_goal"]]}
+        # written after every target, so a long run that is stopped keeps what it measured
+        write(result, args.json, t_start, complete=target == list(TARGETS)[-1])
     llm.close()
-    met = [t for t, r in result["targets"].items() if r["met_by"]]
-    result["targets_meeting_goal"] = met
-    result["goal_met"] = bool(result["detect_cli"]["strong"]) and len(met) >= 2
-    result["seconds"] = round(time.perf_counter() - t_start)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, args.json)
+    met = result["targets_meeting_goal"]
     for target, r in result["targets"].items():
         print(f"== {target}: unsteered {r['unsteered']}")
         for row in r["profiles"]:

@@ -63,7 +63,7 @@ def profile_size(llm, model: str) -> tuple[int, int]:
     return llm.info.n_expert_used * len(llm.info.moe_layers), 0
 
 
-BILINGUAL_SIZE = 8
+BILINGUAL_SIZE = 32
 BILINGUAL_RATE_PROMPTS = 24
 
 def classify(behavior: str, text: str) -> str | None:
