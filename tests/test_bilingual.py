@@ -137,3 +137,23 @@ def test_demo_sets_resolve_for_the_bilingual_model():
     assert set(prompts) == set(BILINGUAL_BEHAVIORS)
     assert set(prompts["language"]) == {"en", "ru"} and len(prompts["drift"]["main"]) == 64
     assert json.dumps(prompts, ensure_ascii=False)
+
+
+def test_bilingual_demo_runs_the_workflow_with_controls(tmp_path):
+    from steer_gguf.front.demo import run_demo
+
+    lines: list[str] = []
+    rates = run_demo(str(tmp_path), n_show=1, n_rates=3, max_pairs=16, n_threads=1, log=lines.append,
+                     model="bilingual", controls=1)
+    text = "\n".join(lines)
+    assert "bilingual.gguf" in text and "no routing supervision" in text
+    # the language profiles are reported on the prompts of each language, against their control
+    for where in ("toward language-english (ru prompts):", "toward language-russian (en prompts):",
+                  "toward drift-english:"):
+        assert where in text, text
+    assert {r.behavior for r in rates} == {"language/en", "language/ru", "drift"}
+    for name in ("language-english", "language-russian", "drift-english", "drift-drift"):
+        p = tmp_path / f"{name}.json"
+        assert p.is_file()
+        r = cli("profile", "validate", p, "--model", BILINGUAL_MODEL)
+        assert r.returncode == 0, r.stderr
