@@ -247,3 +247,21 @@ def run_from_args(args, configs: Mapping[str, Measure], figures: Sequence[Figure
     return run_interleaved(configs, figures, min_rounds=args.min_rounds, max_rounds=args.max_rounds,
                            target_width=args.target_width, warmup_rounds=args.warmup_rounds, seed=args.seed,
                            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+
+
+def agreement(runs: Sequence[Mapping], figure: str, max_width: float) -> dict:
+    """Whether repeated runs agree on a figure: their intervals share a point, each is narrow enough."""
+    cis = [r["figures"][figure]["ci95"] for r in runs]
+    widths = [hi - lo for lo, hi in cis]
+    return {"figure": figure, "ci95": cis, "widths": widths,
+            "overlap": max(lo for lo, _ in cis) <= min(hi for _, hi in cis),
+            "narrow": all(w <= max_width for w in widths),
+            "quiet": [r["figures"][figure]["load"]["quiet"] for r in runs],
+            "other_cores": [r["figures"][figure]["load"]["other_cores"] for r in runs]}
+
+
+if __name__ == "__main__":
+    # python benchmarks/harness.py FIGURE MAX_WIDTH RESULT.json...: do repeated runs agree?
+    import json
+
+    print(json.dumps(agreement([json.load(open(p)) for p in sys.argv[3:]], sys.argv[1], float(sys.argv[2])), indent=1))

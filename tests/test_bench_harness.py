@@ -164,3 +164,13 @@ def test_load_meter_reads_files(tmp_path):
     b = meter.sample()
     assert (b.busy - a.busy, b.own - a.own) == (100, 50)
     assert harness.LoadMeter(str(tmp_path / "missing"), str(me)).sample() is None
+
+
+def test_agreement_of_repeated_runs():
+    def run(lo, hi, quiet=True):
+        return {"figures": {"f": {"ci95": [lo, hi], "load": {"quiet": quiet, "other_cores": 0.01}}}}
+
+    ok = harness.agreement([run(0.99, 1.005), run(0.995, 1.01), run(0.992, 1.0)], "f", 0.02)
+    assert ok["overlap"] and ok["narrow"] and ok["quiet"] == [True] * 3
+    apart = harness.agreement([run(0.95, 0.97), run(0.98, 1.03)], "f", 0.02)
+    assert not apart["overlap"] and not apart["narrow"]
