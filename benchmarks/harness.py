@@ -175,7 +175,8 @@ def run_interleaved(configs: Mapping[str, Measure], figures: Sequence[Figure], *
                     max_seconds: float | None = None, meter: LoadMeter | None = None,
                     log: Callable[[str], None] | None = None) -> dict:
     """Runs rounds of every configuration until each watched figure's 95% interval is at most
-    `target_width` wide (in ratio units: 0.02 is 2% of a ratio near 1), or a cap is reached.
+    `target_width` wide (in ratio units: 0.02 is 2% of a ratio near 1), or a cap is reached
+    (`max_seconds` even before `min_rounds`).
     Returns the rates of every round, the figures with intervals and verdicts, and the load."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     meter = meter or LoadMeter()
@@ -197,6 +198,11 @@ def run_interleaved(configs: Mapping[str, Measure], figures: Sequence[Figure], *
                 rates[name].setdefault(metric, []).append(float(rate))
         orders.append(order)
         round_load.append(meter.between(before, meter.sample()).get("other_cores"))
+        # the time cap holds even before min_rounds: on a machine busy enough to slow a round
+        # tenfold, a run must still end; its figures then say how few rounds they rest on
+        if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+            stop = "max_seconds"
+            break
         if rnd + 1 < min_rounds:
             continue
         widths = {f.name: figure_result(f, rates[f.num][f.metric], rates[f.den][f.metric], seed)["width"]
@@ -204,9 +210,6 @@ def run_interleaved(configs: Mapping[str, Measure], figures: Sequence[Figure], *
         log(f"round {rnd + 1}: widest watched interval {max(widths.values(), default=0):.4f}")
         if all(w <= target_width for w in widths.values()):
             stop = "width"
-            break
-        if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-            stop = "max_seconds"
             break
     load = meter.between(start, meter.sample())
     load["per_round_other_cores"] = round_load

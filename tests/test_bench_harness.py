@@ -174,3 +174,9 @@ def test_agreement_of_repeated_runs():
     assert ok["overlap"] and ok["narrow"] and ok["quiet"] == [True] * 3
     apart = harness.agreement([run(0.95, 0.97), run(0.98, 1.03)], "f", 0.02)
     assert not apart["overlap"] and not apart["narrow"]
+
+
+def test_time_cap_ends_a_run_even_before_min_rounds():
+    out = harness.run_interleaved({"a": lambda: {"t": 1.0}, "b": lambda: {"t": 1.0}}, [Figure("a/b", "t", "a", "b")],
+                                  min_rounds=20, max_seconds=0.0, log=lambda s: None)
+    assert out["rounds"] == 1 and out["stopped_by"] == "max_seconds" and out["figures"]["a/b"]["n"] == 1
