@@ -3,8 +3,10 @@
     python benchmarks/batched.py [--quick] [--threads N] [--json OUT]
 
 For N = 1, 2, 4, 8 concurrent sequences (each with its own prompt in its own KV sequence),
-one llama.cpp context decodes one token per sequence per step. Configurations, interleaved
-over the repetitions (in a rotating order) so that drift hits all alike:
+one llama.cpp context decodes one token per sequence per step. Timed by benchmarks/harness.py: every
+(configuration, N) once per round in a shuffled order, rounds added until the watched ratios'
+bootstrap 95% intervals are --target-width wide (at least 20), the load of other processes
+recorded. Configurations:
   plain       no steering at all: llama.cpp's batched decode (the reference)
   mixed       sequences bound in turn to: none, a profile steering ~10% of the experts of
               every MoE layer, a second such profile; every graph carries the per-token
@@ -19,23 +21,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 
+import harness
 from common import QUICK_SHAPE, bench_profiles, machine, summary, synthetic_model, thread_kwargs, timed
+from harness import Figure, Target
+
+
+def figures(seq_counts: list[int]) -> list[Figure]:
+    # the per-sequence op's own cost (mixed-noop) has the op's target, at most 1%
+    return [f for n in seq_counts for f in (
+        Figure(f"mixed/plain decode @{n}", "decode", f"mixed@{n}", f"plain@{n}", watch=False),
+        Figure(f"mixed-noop/plain decode @{n}", "decode", f"mixed-noop@{n}", f"plain@{n}", Target(low=0.99)),
+        Figure(f"plain/one-by-one decode @{n}", "decode", f"plain@{n}", f"one-by-one@{n}", watch=False))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller model and fewer repetitions (smoke run)")
     ap.add_argument("--json", help="write all numbers to this file")
-    ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--seqs", default="1,2,4,8")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=None, help="[default: 128, 32 with --quick]")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
+    harness.add_arguments(ap)
     args = ap.parse_args()
 
     from steer_gguf import Profile, SteeredLlama, model_info
@@ -44,7 +55,6 @@ def main() -> None:
     from steer_gguf.engine.contexts import llama_cpp, secondary_context
 
     path = synthetic_model(**QUICK_SHAPE) if args.quick else synthetic_model()
-    reps = args.reps or (2 if args.quick else 9)
     args.decode_tokens = args.decode_tokens or (32 if args.quick else 128)
     info = model_info(path)
     seq_counts = [int(x) for x in args.seqs.split(",")]
@@ -116,35 +126,39 @@ def main() -> None:
         return sum(made) / t
 
     kinds = ["plain", "mixed", "mixed-noop", "one-by-one"]
-    rates = {n: {k: [] for k in kinds + ["engine"]} for n in seq_counts}
-    for rep in range(reps):
-        for n in seq_counts:
-            seqs = list(range(n))
-            # the order rotates with the repetition: no configuration always runs first
-            for kind in kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]:
-                configure(kind, n)
-                prefill(seqs)
-                run = decode_one_by_one if kind == "one-by-one" else decode_together
-                rates[n][kind].append(n * args.decode_tokens / timed(lambda: run(seqs)))
-            slots.clear()
-            rates[n]["engine"].append(engine_rate(n))
-        print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
 
-    result = {"machine": machine(), "model": path.name, "reps": reps, "threads": args.threads,
+    def timed_decode(kind: str, n: int) -> dict[str, float]:
+        seqs = list(range(n))
+        configure(kind, n)
+        prefill(seqs)
+        run = decode_one_by_one if kind == "one-by-one" else decode_together
+        rate = n * args.decode_tokens / timed(lambda: run(seqs))
+        slots.clear()
+        return {"decode": rate}
+
+    configs = {f"{k}@{n}": (lambda k=k, n=n: timed_decode(k, n)) for n in seq_counts for k in kinds}
+    configs.update({f"engine@{n}": (lambda n=n: {"decode": engine_rate(n)}) for n in seq_counts})
+    run = harness.run_from_args(args, configs, figures(seq_counts))
+
+    result = {"machine": machine(), "model": path.name, "threads": args.threads,
               "n_gpu_layers": args.n_gpu_layers, "prompt_tokens": args.prompt_tokens,
-              "decode_tokens": args.decode_tokens, "by_seqs": {}}
+              "decode_tokens": args.decode_tokens, "settings": run["settings"], "rounds": run["rounds"],
+              "stopped_by": run["stopped_by"], "load": run["load"], "figures": run["figures"], "by_seqs": {}}
+    print(f"{run['rounds']} rounds (stopped by {run['stopped_by']})")
     print(f"{'seqs':>4} {'plain tok/s':>12} {'mixed/plain':>12} {'noop/plain':>11} {'batched/1-by-1':>15} "
           f"{'engine tok/s':>13}")
     for n in seq_counts:
-        r = rates[n]
-        ratio = lambda k: float(np.median(np.array(r[k]) / np.array(r["plain"])))  # noqa: E731
-        row = {k: summary(v) for k, v in r.items()}
-        row["ratios"] = {"mixed/plain": ratio("mixed"), "mixed-noop/plain": ratio("mixed-noop"),
-                         "plain/one-by-one": float(np.median(np.array(r["plain"]) / np.array(r["one-by-one"])))}
+        row = {k: summary(run["rates"][f"{k}@{n}"]["decode"]) for k in kinds + ["engine"]}
+        # the old keys, for readers of earlier results: the medians alone
+        fig = lambda name: run["figures"][f"{name} decode @{n}"]["ratio"]  # noqa: E731
+        row["ratios"] = {"mixed/plain": fig("mixed/plain"), "mixed-noop/plain": fig("mixed-noop/plain"),
+                         "plain/one-by-one": fig("plain/one-by-one")}
         result["by_seqs"][str(n)] = row
         print(f"{n:>4} {row['plain']['median']:>12.1f} {row['ratios']['mixed/plain']:>12.3f} "
               f"{row['ratios']['mixed-noop/plain']:>11.3f} {row['ratios']['plain/one-by-one']:>15.2f} "
               f"{row['engine']['median']:>13.1f}")
+    for name, r in run["figures"].items():
+        print(harness.format_figure(name, r))
     llama_cpp.llama_batch_free(batch)
     ctx.close()
     llm.close()

@@ -106,4 +106,18 @@ def machine() -> dict:
     except OSError:
         commit = ""
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "python": platform.python_version(),
-            "commit": commit}
+            "commit": commit, "libraries": libraries()}
+
+
+def libraries() -> dict:
+    """Size and time of the measured native libraries: runs compared with each other must be of
+    one build, and a shared machine's install can be rebuilt between them."""
+    from steer_gguf.engine.runtime import lib_dir
+
+    out = {}
+    for name in ("libllama.so", "libggml-cpu.so"):
+        p = lib_dir() / name
+        if p.exists():
+            st = p.stat()
+            out[name] = {"bytes": st.st_size, "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime))}
+    return out

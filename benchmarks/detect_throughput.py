@@ -7,16 +7,21 @@ its own model (so neither switches its recorder, a graph rebuild, between repeti
 detection records routing as graph outputs with the target spans as routed rows (through the
 last layer, without logits), plain prefill asks for one output per conversation. Also the
 eval-callback recorder (the oracle; detection before steer.h API 3), with the spans as outputs.
-Repetitions interleave the three; the ratios are medians of per-repetition ratios.
+Timed by benchmarks/harness.py: the three interleaved in a shuffled order each round, rounds
+added until detection/plain's bootstrap 95% interval is --target-width wide (at least 20), the
+ratios medians of per-round ratios, the load of other processes recorded.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 
+import harness
 from common import QUICK_SHAPE, machine, summary, synthetic_model, thread_kwargs, timed
+from harness import Figure, Target
+
+FIGURES = [Figure("detect/plain prefill", "prefill", "detect", "plain", Target(low=0.95)),
+           Figure("detect-cb/plain prefill", "prefill", "detect-cb", "plain", watch=False)]
 
 
 def main() -> None:
@@ -24,10 +29,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pairs", default="builtin:safety")
     ap.add_argument("--max-pairs", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json")
+    harness.add_arguments(ap)
     args = ap.parse_args()
 
     from steer_gguf import SteeredLlama
@@ -36,10 +41,10 @@ def main() -> None:
 
     if args.quick:
         path = synthetic_model(**QUICK_SHAPE)
-        reps, max_pairs = args.reps or 2, args.max_pairs or 24
+        max_pairs = args.max_pairs or 24
     else:
         path = synthetic_model()
-        reps, max_pairs = args.reps or 5, args.max_pairs or 64
+        max_pairs = args.max_pairs or 64
     threads = thread_kwargs(args.threads)
     llm = SteeredLlama(path, n_ctx=512, **threads)
     plain_llm = SteeredLlama(path, n_ctx=512, **threads)
@@ -55,31 +60,25 @@ def main() -> None:
     runs = {"plain": lambda: plain_llm.trace_many(seqs, rows, args.batch, record=False),
             "detect": lambda: llm.trace_many(seqs, rows, args.batch),
             "detect-cb": lambda: callback.trace_many(seqs, rows, args.batch)}
-    for f in runs.values():  # warm-up
-        f()
-    rates = {k: [] for k in runs}
-    order = list(runs)
-    for rep in range(reps):
-        order = order[1:] + order[:1]  # no configuration always first
-        for k in order:
-            rates[k].append(n_tokens / timed(runs[k]))
-        print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
+    run = harness.run_from_args(args, {k: (lambda f=f: {"prefill": n_tokens / timed(f)}) for k, f in runs.items()},
+                                FIGURES)
     res = {"model": path.name, "pairs": args.pairs, "conversations": len(seqs), "tokens": n_tokens,
            "target_tokens": sum(map(len, rows)), "batch_tokens": args.batch, "machine": machine(),
-           "rates": {k: summary(v) for k, v in rates.items()}}
-    def per_rep(a: str, b: str) -> float:
-        return float(statistics.median(x / y for x, y in zip(rates[a], rates[b])))
-
-    res["ratio"] = per_rep("detect", "plain")
-    res["ratio_callback"] = per_rep("detect-cb", "plain")
+           "settings": run["settings"], "rounds": run["rounds"], "stopped_by": run["stopped_by"],
+           "load": run["load"], "rates": {k: summary(v["prefill"]) for k, v in run["rates"].items()},
+           "figures": run["figures"]}
+    # the old keys, for readers of earlier results: the medians alone
+    res["ratio"] = run["figures"]["detect/plain prefill"]["ratio"]
+    res["ratio_callback"] = run["figures"]["detect-cb/plain prefill"]["ratio"]
     print(f"model {path.name}; {len(seqs)} conversations, {n_tokens} tokens ({res['target_tokens']} traced), "
-          f"{reps} reps; {res['machine']['cpu']} x{res['machine']['cores']}")
+          f"{run['rounds']} rounds; {res['machine']['cpu']} x{res['machine']['cores']}")
     for k, s in res["rates"].items():
         print(f"{k:7s} {s['median']:10.1f} tok/s [{s['min']:.1f}-{s['max']:.1f}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-    print(f"ratio: detection/plain prefill {res['ratio']:.3f} (eval-callback recorder: {res['ratio_callback']:.3f})")
+    for name, r in run["figures"].items():
+        print(harness.format_figure(name, r))
 
 
 if __name__ == "__main__":
