@@ -54,17 +54,20 @@ def judge_name(behavior: str) -> str:
     return behavior if behavior in BILINGUAL_BEHAVIORS else f"demo-{behavior}"
 
 
+# The bilingual demo's profiles: 32 on + 32 off risk-difference experts, the only size at which
+# risk difference moved the reply's script in the acceptance run (benchmarks/results/
+# bilingual-acceptance.json; smaller ones move nothing), garbling the text as it does
+BILINGUAL_SIZE = 32
+BILINGUAL_RATE_PROMPTS = 24
+
+
 def profile_size(llm, model: str) -> tuple[int, int]:
-    """(activate, deactivate) of each demo profile. The demo model's styles hold every routing
-    slot; the bilingual profiles take the size its acceptance run measured best
-    (benchmarks/results/bilingual-acceptance.json)."""
+    """(activate, deactivate) of each demo profile: every routing slot for the demo models'
+    styles, BILINGUAL_SIZE on and off for the bilingual one."""
     if model == "bilingual":
         return BILINGUAL_SIZE, BILINGUAL_SIZE
     return llm.info.n_expert_used * len(llm.info.moe_layers), 0
 
-
-BILINGUAL_SIZE = 32
-BILINGUAL_RATE_PROMPTS = 24
 
 def classify(behavior: str, text: str) -> str | None:
     """The style an answer shows, or None when it shows neither or both: the judge of the
