@@ -64,13 +64,6 @@ def write(result: dict, path: str, t_start: float, complete: bool) -> None:
     os.replace(tmp, path)
 
 
-def sub_eval_set(es, group: str | None):
-    from steer_gguf.evaluation.evalsets import EvalSet
-    if group is None:
-        return es
-    return EvalSet([i for i in es.items if i.group == group], f"{es.source} (group {group})", [group])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "steer_gguf" / "data" / "bilingual.gguf"))
@@ -135,7 +128,7 @@ def main(argv=None) -> int:
                 missing.append({"profile": p.name, "why": str(e)})
                 log(f"{p.name}: not evaluated: {e}")
         profiles = kept
-        es = sub_eval_set(load_eval_set(b.eval_set), group)
+        es = load_eval_set(b.eval_set).subset(group)
         t0 = time.perf_counter()
         rep = evaluate(llm, es, b, profiles, controls=args.controls, sampling=Sampling(2, 0.7, max_tokens=64),
                        toward=toward, parallel=args.parallel)

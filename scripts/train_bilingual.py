@@ -151,12 +151,7 @@ def learn_merges_fast(fragments: list[str], n_merges: int) -> list[tuple[str, st
                 pairs[(x, y)] -= freq[wi]
                 if pairs[(x, y)] <= 0:
                     del pairs[(x, y)]
-            out, j = [], 0
-            while j < len(s):
-                if j < len(s) - 1 and s[j] == a and s[j + 1] == b:
-                    out.append(a + b); j += 2
-                else:
-                    out.append(s[j]); j += 1
+            out = td.apply_merge(s, a, b)
             syms[wi] = out
             for x, y in zip(out, out[1:]):
                 pairs[(x, y)] += freq[wi]

@@ -448,6 +448,17 @@ def pretokenize(text: str) -> list[str]:
     return ["".join(BYTE_ENC[b] for b in w.encode("utf-8")) for w in PRETOKENIZE_RE.findall(text)]
 
 
+def apply_merge(sym, a: str, b: str) -> list[str]:
+    """A word's symbols with every adjacent (a, b) joined, left to right."""
+    out, i = [], 0
+    while i < len(sym):
+        if i < len(sym) - 1 and sym[i] == a and sym[i + 1] == b:
+            out.append(a + b); i += 2
+        else:
+            out.append(sym[i]); i += 1
+    return out
+
+
 def learn_merges(fragments: list[str], n_merges: int) -> list[tuple[str, str]]:
     words = Counter()
     for f in fragments:
@@ -468,13 +479,8 @@ def learn_merges(fragments: list[str], n_merges: int) -> list[tuple[str, str]]:
         merges.append((a, b))
         new = {}
         for sym, c in vocab.items():
-            out, i = [], 0
-            while i < len(sym):
-                if i < len(sym) - 1 and sym[i] == a and sym[i + 1] == b:
-                    out.append(a + b); i += 2
-                else:
-                    out.append(sym[i]); i += 1
-            new[tuple(out)] = new.get(tuple(out), 0) + c
+            out = tuple(apply_merge(sym, a, b))
+            new[out] = new.get(out, 0) + c
         vocab = new
     return merges
 

@@ -51,6 +51,13 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.items)
 
+    def subset(self, group: str | None = None, per_group: int | None = None) -> "EvalSet":
+        """The items of one group (None: every group), at most `per_group` of each, in order."""
+        groups = self.groups if group is None else [group]
+        items = [it for g in groups for it in [x for x in self.items if x.group == g][:per_group]]
+        source = self.source if group is None else f"{self.source} (group {group})"
+        return EvalSet(items, source, groups)
+
     @property
     def has_answers(self) -> bool:
         return bool(self.items) and all(i.answer_0 and i.answer_1 for i in self.items)

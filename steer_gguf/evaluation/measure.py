@@ -279,11 +279,15 @@ def quality(llm, windows: list[list[int]], conds: list[Condition]) -> tuple[dict
     return ({k: v / n for k, v in kl_sum.items()}, {k: math.exp(v / n) for k, v in nll_sum.items()})
 
 
-def kl_cost(llm, conds: list[Condition], quality_text: str | None = None) -> tuple[dict[str, float], str, int]:
-    """Per condition the mean KL on the quality text (default: the built-in neutral text),
-    the text's description, and the number of positions measured."""
+def kl_cost(llm, conds: list[Condition], quality_text: str | None = None,
+            neutral: str | None = None) -> tuple[dict[str, float], str, int]:
+    """Per condition the mean KL on the quality text (default: the built-in neutral text, or the
+    built-in text `neutral` of data/eval that a behavior names), the text's description, and the
+    number of positions measured."""
     if quality_text is None:
-        quality_text, qname = NEUTRAL_TEXT.read_text(encoding="utf-8"), "the built-in neutral text"
+        path = NEUTRAL_TEXT if neutral is None else DATA_DIR / "eval" / neutral
+        quality_text = path.read_text(encoding="utf-8")
+        qname = "the built-in neutral text" if neutral is None else f"the built-in {neutral}"
     else:
         qname = "the given quality text"
     windows = quality_windows(llm, quality_text)
@@ -348,11 +352,7 @@ def evaluate(llm, eval_set: EvalSet, behavior: Behavior, profiles: list[Profile]
     judge = judge or behavior.judge_rule
     outcomes = run_outcomes(llm, eval_set.items, conds, judge, sampling, on_progress, parallel)
     reports = summarize(conds, outcomes, eval_set.groups, behavior.labels)
-    if quality_text is None and behavior.neutral:
-        kl, qname, n_q = kl_cost(llm, conds, (DATA_DIR / "eval" / behavior.neutral).read_text(encoding="utf-8"))
-        qname = f"the built-in {behavior.neutral}"
-    else:
-        kl, qname, n_q = kl_cost(llm, conds, quality_text)
+    kl, qname, n_q = kl_cost(llm, conds, quality_text, behavior.neutral)
     for r in reports:
         r.kl = kl[r.name]
     base_ppl = None

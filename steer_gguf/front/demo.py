@@ -230,11 +230,7 @@ def _eval_with_controls(llm, behavior: str, profiles, controls: int, n_items: in
     from ..evaluation.judges import behavior as judged
 
     b = judged(judge_name(behavior))
-    es = load_eval_set(b.eval_set)
-    if n_items is not None:  # the first n of each prompt group
-        from ..evaluation.evalsets import EvalSet
-        es = EvalSet([it for g in es.groups for it in [x for x in es.items if x.group == g][:n_items]],
-                     es.source, es.groups)
+    es = load_eval_set(b.eval_set).subset(per_group=n_items)  # the first n of each prompt group
     rep = evaluate(llm, es, b, profiles, controls=controls, sampling=Sampling(RATE_SAMPLES, RATE_TEMPERATURE),
                    parallel=4)
     for line in rep.table().splitlines():
