@@ -17,6 +17,7 @@
 #include <vector>
 
 struct llama_model;
+struct llama_ubatch;
 class llm_graph_result;
 class llm_graph_input_steer_sel;
 
@@ -38,6 +39,7 @@ struct llama_steer_route_chunk {
     std::vector<char> ids;                  // int32 rows of the top-k tensor, as laid out there
     std::vector<char> w;                    // the final expert weights, as laid out there (or empty)
     std::vector<int32_t> batch_idx;         // each row's token: its index in its llama_decode batch
+    std::vector<int32_t> row_k;             // each row's own K where a micro-batch mixes K (else empty)
 };
 
 // The rows one micro-batch's last layer computes while routed rows that need no logits are
@@ -73,6 +75,12 @@ struct llama_steer_graph {
     int64_t n_outputs = 0;
     const llama_steer_route * route = nullptr; // non-null: keep every MoE layer's routing
     int64_t n_sel = -1;          // >= 0: the last layer computes these rows (llama_steer_sel)
+    const llama_ubatch * ubatch = nullptr; // the micro-batch this graph is built for
+    // experts per token of this graph (llama_adapter_steer::graph_k), made on first use: by
+    // layer, 0 for the model's own k; mixed: the layer holds tokens of several K
+    std::vector<int32_t> k;
+    std::vector<char> k_mixed;
+    std::vector<char> tables_used; // by adapter table: some token of the micro-batch takes it
     ggml_tensor * tok = nullptr; // I32 [n_tokens]
     ggml_tensor * out = nullptr; // I32 [n_outputs, or n_sel]: the rows the last layer computes
     llm_graph_input_steer_sel * sel_inp = nullptr; // holds the two inputs below
@@ -108,12 +116,16 @@ struct llama_adapter_steer {
         // max + 2, deactivated: min - 2), and the model tensor it was made from; null where none
         ggml_tensor * sel_bias = nullptr;
         const ggml_tensor * sel_bias_src = nullptr;
+        // per-sequence adapters whose tables give this layer different K: the distinct K
+        // (ascending) and kmask [kvals.size(), n_tables], 1 where table t takes kvals[j]
+        std::vector<int32_t> kvals;
+        ggml_tensor * kmask = nullptr;
     };
 
     std::vector<layer> layers; // by real layer index
-    // experts per token by layer, 0: the model's own; one per adapter (every table of a
-    // context agrees on it: llama-steer.cpp, steer_commit)
-    std::vector<int32_t> topk;
+    // experts per token by table and layer, 0: the model's own there (empty: no table sets K)
+    std::vector<std::vector<int32_t>> table_k;
+    std::vector<int32_t> model_k; // the model's k by layer
     int32_t n_tables = 1;
     bool per_seq = false;
     std::shared_ptr<llama_steer_binds> binds; // per-sequence adapters
@@ -121,9 +133,22 @@ struct llama_adapter_steer {
     bool has_layer(int il) const {
         return il >= 0 && (size_t) il < layers.size() && layers[il].coef != nullptr;
     }
-    int32_t topk_of(int il) const {
-        return il >= 0 && (size_t) il < topk.size() ? topk[il] : 0;
-    }
+    bool any_topk() const { return !table_k.empty(); }
+    // table t's experts per token at layer il, the model's k where the table sets none
+    int32_t k_of(int32_t t, int il) const;
+    // the K layer il of this graph is built with (0: the model's k, the upstream graph): the
+    // one K of the micro-batch's tokens, or the widest where they differ (graph_mixed), which
+    // mix_weights then cuts to each token's own K
+    int32_t graph_k(llama_steer_graph & g, int il) const;
+    bool graph_mixed(llama_steer_graph & g, int il) const;
+    // the routing weights [1, K, n_rows] of a mixed layer, from the selected experts' gating
+    // values: each token's first K_t columns computed as a graph built with K_t computes them
+    // (softmax after top-k, normalisation over K_t), the rest 0, so the experts beyond K_t add
+    // exactly nothing
+    ggml_tensor * mix_weights(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * weights, int il,
+                              bool softmax_after, bool norm) const;
+    // the adapter table a token of a micro-batch takes (its first sequence id's)
+    int32_t table_of_token(const llama_ubatch & ub, uint32_t i) const;
 
     ggml_tensor * apply_logits(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * logits, int il) const;
     ggml_tensor * apply_selection(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * scores, int il,

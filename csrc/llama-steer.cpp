@@ -203,11 +203,17 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
     layers.assign(n_layer, layer{});
     n_tables = (int32_t) tables.size();
     per_seq = per_seq_;
-    topk.clear();
-    for (const table * t : tables) {
-        if (t && !t->topk.empty()) {
-            topk = t->topk;  // every table agrees (steer_commit)
-            break;
+    model_k.assign(n_layer, 0);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        model_k[il] = model.layers[il].ffn_gate_inp ? (int32_t) model.hparams.n_expert_used(il) : 0;
+    }
+    table_k.clear();
+    if (std::any_of(tables.begin(), tables.end(), [](const table * t) { return t && !t->topk.empty(); })) {
+        table_k.assign(n_tables, std::vector<int32_t>(n_layer, 0));
+        for (int32_t t = 0; t < n_tables; ++t) {
+            if (tables[t] && !tables[t]->topk.empty()) {
+                table_k[t] = tables[t]->topk;
+            }
         }
     }
 
@@ -295,6 +301,33 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
         }
     }
 
+    // per-sequence K: which K each table gives a layer, as a [K values x tables] 0/1 table on
+    // the layer's device, gathered per token like the coefficient rows
+    std::vector<std::vector<float>> host_kmask(n_layer);
+    for (int32_t il = 0; per_seq && any_topk() && il < n_layer; ++il) {
+        layer & l = layers[il];
+        for (int32_t t = 0; t < n_tables; ++t) {
+            l.kvals.push_back(k_of(t, il));
+        }
+        std::sort(l.kvals.begin(), l.kvals.end());
+        l.kvals.erase(std::unique(l.kvals.begin(), l.kvals.end()), l.kvals.end());
+        if (l.kvals.size() < 2) {
+            l.kvals.clear();
+            continue;
+        }
+        const int64_t n_kv = (int64_t) l.kvals.size();
+        host_kmask[il].assign(n_kv * n_tables, 0.0f);
+        for (int32_t t = 0; t < n_tables; ++t) {
+            const auto j = std::find(l.kvals.begin(), l.kvals.end(), k_of(t, il)) - l.kvals.begin();
+            host_kmask[il][(size_t) t * n_kv + j] = 1.0f;
+        }
+        ggml_context * c = ctx_for(model.select_buft(il));
+        if (!c) {
+            return false;
+        }
+        l.kmask = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_kv, n_tables);
+    }
+
     for (auto & [buft, c] : ctx_map) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
         if (!buf) {
@@ -310,8 +343,133 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
         if (layers[il].sel_bias) {
             ggml_backend_tensor_set(layers[il].sel_bias, host_bias[il].data(), 0, host_bias[il].size() * sizeof(float));
         }
+        if (layers[il].kmask) {
+            ggml_backend_tensor_set(layers[il].kmask, host_kmask[il].data(), 0, host_kmask[il].size() * sizeof(float));
+        }
     }
     return true;
+}
+
+int32_t llama_adapter_steer::k_of(int32_t t, int il) const {
+    if (il < 0 || (size_t) il >= model_k.size()) {
+        return 0;
+    }
+    const int32_t k = t >= 0 && (size_t) t < table_k.size() ? table_k[t][il] : 0;
+    return k > 0 ? k : model_k[il];
+}
+
+int32_t llama_adapter_steer::table_of_token(const llama_ubatch & ub, uint32_t i) const {
+    if (!per_seq) {
+        return 0;
+    }
+    // as llm_graph_input_steer::set_input: a token shared by sequences takes its first one's
+    const llama_seq_id s = ub.n_seq_id && ub.n_seq_id[i] > 0 ? ub.seq_id[i][0] : -1;
+    const std::vector<int32_t> & seq_table = binds->seq_table;
+    return s >= 0 && (size_t) s < seq_table.size() ? seq_table[s] : 0;
+}
+
+// Holds the experts per token a graph was built with: a graph is reused only for a micro-batch
+// whose tokens take the same K in every layer (a rebinding may change that without a new table)
+class llm_graph_input_steer_k : public llm_graph_input_i {
+public:
+    llm_graph_input_steer_k(const llama_adapter_steer * a, std::vector<char> used) : a(a), used(std::move(used)) {}
+
+    void set_input(const llama_ubatch * ub) override { GGML_UNUSED(ub); }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.steer == a && tables_used(*a, params.ubatch) == used;
+    }
+
+    static std::vector<char> tables_used(const llama_adapter_steer & a, const llama_ubatch & ub) {
+        std::vector<char> used(a.n_tables, 0);
+        for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+            const int32_t t = a.table_of_token(ub, i);
+            used[t >= 0 && t < a.n_tables ? t : 0] = 1;
+        }
+        return used;
+    }
+
+    const llama_adapter_steer * a;
+    std::vector<char> used;
+};
+
+int32_t llama_adapter_steer::graph_k(llama_steer_graph & g, int il) const {
+    if (!any_topk() || il < 0 || (size_t) il >= model_k.size()) {
+        return 0;
+    }
+    if (g.k.empty()) {
+        const int32_t n_layer = (int32_t) model_k.size();
+        if (per_seq && g.ubatch) {
+            g.tables_used = llm_graph_input_steer_k::tables_used(*this, *g.ubatch);
+            if (g.res) {
+                g.res->add_input(std::make_unique<llm_graph_input_steer_k>(this, g.tables_used));
+            }
+        } else {
+            g.tables_used.assign(n_tables, 0);
+            g.tables_used[0] = 1;
+        }
+        g.k.assign(n_layer, 0);
+        g.k_mixed.assign(n_layer, 0);
+        for (int32_t l = 0; l < n_layer; ++l) {
+            bool any_set = false;
+            int32_t lo = 0, hi = 0;
+            for (int32_t t = 0; t < n_tables; ++t) {
+                if (!g.tables_used[t]) {
+                    continue;
+                }
+                any_set |= !table_k.empty() && table_k[t][l] > 0;
+                const int32_t k = k_of(t, l);
+                lo = lo ? std::min(lo, k) : k;
+                hi = std::max(hi, k);
+            }
+            // no token's table sets K here: the upstream graph, bit for bit
+            g.k[l] = any_set ? hi : 0;
+            g.k_mixed[l] = any_set && lo != hi;
+        }
+    }
+    return g.k[il];
+}
+
+bool llama_adapter_steer::graph_mixed(llama_steer_graph & g, int il) const {
+    return graph_k(g, il) > 0 && g.k_mixed[il] && layers[il].kmask;
+}
+
+ggml_tensor * llama_adapter_steer::mix_weights(ggml_context * ctx, llama_steer_graph & g, ggml_tensor * weights,
+                                               int il, bool softmax_after, bool norm) const {
+    const layer & l = layers[il];
+    const int64_t kmax = weights->ne[1];
+    const int64_t n = weights->ne[2];
+    ggml_tensor * w = ggml_reshape_2d(ctx, weights, kmax, n);
+    ggml_tensor * m = ggml_get_rows(ctx, l.kmask, token_tables(ctx, g, n)); // [n_kv, n]
+    ggml_tensor * acc = nullptr;
+    for (size_t j = 0; j < l.kvals.size(); ++j) {
+        const int64_t k = l.kvals[j];
+        bool used = false;
+        for (int32_t t = 0; t < n_tables && !used; ++t) {
+            used = g.tables_used[t] && k_of(t, il) == k;
+        }
+        if (!used || k > kmax) {
+            continue;
+        }
+        // the same nodes on the same values as a graph built with K = k (llama-graph.cpp's
+        // build_moe_ffn), then widened with zeros and kept for this K's tokens only; the
+        // others' terms are 0 and x + 0 is x, so each token's weights are bit for bit its own
+        ggml_tensor * wk = k == kmax ? w : ggml_cont(ctx, ggml_view_2d(ctx, w, k, n, w->nb[1], 0));
+        if (softmax_after) {
+            wk = ggml_soft_max(ctx, wk);
+        }
+        if (norm) {
+            ggml_tensor * sum = ggml_clamp(ctx, ggml_sum_rows(ctx, wk), 6.103515625e-5, INFINITY);
+            wk = ggml_div(ctx, wk, sum);
+        }
+        if (k < kmax) {
+            wk = ggml_pad(ctx, wk, (int) (kmax - k), 0, 0, 0);
+        }
+        ggml_tensor * mk = ggml_cont(ctx, ggml_view_2d(ctx, m, 1, n, m->nb[1], j * m->nb[0]));
+        wk = ggml_mul(ctx, wk, mk);
+        acc = acc ? ggml_add(ctx, acc, wk) : wk;
+    }
+    return ggml_reshape_3d(ctx, acc, 1, kmax, n);
 }
 
 // ---- routing as graph outputs ---------------------------------------------------------------
@@ -525,15 +683,20 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
     // a row's token: every token of the micro-batch, or (the last layer computes output rows
     // only, or outputs and routed rows) those tokens, in micro-batch order as out_ids lists them
     const bool have_idx = ubatch.data && ubatch.data->batch_idxs.size() == ubatch.n_tokens;
-    std::vector<int32_t> all(ubatch.n_tokens), outs;
+    std::vector<int32_t> all(ubatch.n_tokens), outs, outs_u;
     const bool sel = steer_route.sel_for == ubatch.data && steer_route.n_sel >= 0;
     for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
         all[i] = have_idx ? ubatch.data->batch_idxs[i] : (int32_t) i;
         // with routed rows (llama_steer_sel) the last layer computes those and the outputs
         if (sel ? steer_route.sel->in_rows[i] : !ubatch.output || ubatch.output[i]) {
             outs.push_back(all[i]);
+            outs_u.push_back((int32_t) i);
         }
     }
+    // where tokens of one micro-batch take different K, a layer's top-k is the widest: each
+    // row keeps its own token's K (the columns beyond carry weight 0 and are not its routing)
+    const llama_adapter_steer * a = steer.get();
+    const bool mixed_k = a && a->per_seq && a->any_topk();
     for (const auto & kl : inp->layers) {
         const int64_t n_rows = kl.ids->ne[1];
         if ((size_t) kl.il >= steer_route.layers.size()) {
@@ -555,6 +718,13 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
         c.k = (int32_t) kl.ids->ne[0];
         c.ids_row = kl.ids->nb[1];
         c.batch_idx = n_rows == (int64_t) all.size() ? all : outs;
+        if (mixed_k) {
+            c.row_k.resize(n_rows);
+            for (int64_t r = 0; r < n_rows; ++r) {
+                const uint32_t i = n_rows == (int64_t) all.size() ? (uint32_t) r : (uint32_t) outs_u[r];
+                c.row_k[r] = std::min<int32_t>(c.k, a->k_of(a->table_of_token(ubatch, i), kl.il));
+            }
+        }
         route_get(sched.get(), kl.ids, c.ids);
         if (kl.w) {
             // [1, k, n] before normalization, [k, n] after
@@ -641,30 +811,6 @@ static int32_t steer_commit(llama_context * ctx, llama_steer_state st) {
         tables.push_back(&*st.all);
     }
 
-    // one K per layer for the whole context: the graph has one shape for every token (a
-    // per-token K would need the widest K and masked weights, which reads more experts)
-    const llama_adapter_steer::table * k_from = nullptr;
-    for (const auto * t : tables) {
-        if (!t) {
-            continue;
-        }
-        if (!k_from) {
-            k_from = t;
-            continue;
-        }
-        const int32_t n_layer = (int32_t) model.hparams.n_layer();
-        for (int32_t il = 0; il < n_layer; ++il) {
-            const int32_t a = k_from->topk.empty() ? 0 : k_from->topk[il];
-            const int32_t b = t->topk.empty() ? 0 : t->topk[il];
-            if (a != b) {
-                return fail(LLAMA_STEER_ERR_TOPK, "per-request K differing within one batch is not supported yet: "
-                    "two tables of this context set layer " + std::to_string(il) + " to " +
-                    (a ? std::to_string(a) : "the model's k") + " and " + (b ? std::to_string(b) : "the model's k") +
-                    " experts per token");
-            }
-        }
-    }
-
     std::shared_ptr<llama_adapter_steer> a;
     if (!tables.empty()) {
         a = std::make_shared<llama_adapter_steer>();
@@ -673,7 +819,7 @@ static int32_t steer_commit(llama_context * ctx, llama_steer_state st) {
         }
         bool any = false;
         for (int32_t il = 0; il < (int32_t) model.hparams.n_layer(); ++il) {
-            any |= a->has_layer(il) || a->topk_of(il) > 0;
+            any |= a->has_layer(il) || a->any_topk();
         }
         if (!any) {
             a.reset();  // tables that steer nothing are no tables
@@ -913,7 +1059,7 @@ int32_t llama_steer_route_rows(llama_context * ctx, int32_t il, int32_t * k) {
     if ((size_t) il < r.layers.size()) {
         for (const auto & c : r.layers[il]) {
             n += c.n_rows;
-            kk = c.k;
+            kk = std::max(kk, c.k);
         }
     }
     if (k) {
@@ -940,20 +1086,20 @@ int32_t llama_steer_route_read(llama_context * ctx, int32_t il, int32_t * expert
     const auto & chunks = ctx->steer_route.layers[il];
     int64_t row = 0;
     for (const auto & c : chunks) {
-        if (c.k != k) {
-            return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
-                        ": experts per token changed since the last clear");
-        }
         if (weights && c.w.empty()) {
             return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
                         ": weights were not recorded (LLAMA_STEER_ROUTE_WEIGHTS) in every decode since the last clear");
         }
         for (int32_t i = 0; i < c.n_rows; ++i, ++row) {
-            std::memcpy(experts + row * k, c.ids.data() + i * c.ids_row, k * sizeof(int32_t));
+            // a row's own K first, then -1 (weight 0) up to the widest K recorded
+            const int32_t kr = c.row_k.empty() ? c.k : c.row_k[i];
+            std::memcpy(experts + row * k, c.ids.data() + i * c.ids_row, kr * sizeof(int32_t));
+            std::fill(experts + row * k + kr, experts + (row + 1) * k, -1);
             if (weights) {
-                for (int32_t j = 0; j < k; ++j) {
+                for (int32_t j = 0; j < kr; ++j) {
                     std::memcpy(weights + row * k + j, c.w.data() + i * c.w_row + j * c.w_elem, sizeof(float));
                 }
+                std::fill(weights + row * k + kr, weights + (row + 1) * k, 0.0f);
             }
             if (batch_idx) {
                 batch_idx[row] = c.batch_idx[i];

@@ -59,7 +59,7 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "    res              (params.res),\n",
      "    steer            (params.steer), // steer-gguf\n"
-     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route, params.steer_route_nsel}, // steer-gguf\n",
+     "    steer_graph      {params.res, (int64_t) params.ubatch.n_tokens, (int64_t) params.n_outputs, params.steer_route, params.steer_route_nsel, &params.ubatch}, // steer-gguf\n",
      "after"),
     # Experts per token from the steering table (steer.h, API version 4): the layer is built
     # with K in place of the model's k, so top-k, weight normalisation / softmax-after-top-k,
@@ -68,7 +68,8 @@ EDITS: list[tuple[str, str, str, str]] = [
     # come in fixed (hash routing: selected_experts_in)
     ("src/llama-graph.cpp",
      "    const bool weight_before_ffn = arch == LLM_ARCH_LLAMA4; // for llama4, we apply the sigmoid-ed weights before the FFN\n",
-     "    const int64_t steer_k = steer && selected_experts_in == nullptr ? steer->topk_of(il) : 0; // steer-gguf\n"
+     "    const int64_t steer_k = steer && selected_experts_in == nullptr ? steer->graph_k(steer_graph, il) : 0; // steer-gguf\n"
+     "    const bool steer_mixed = steer_k > 0 && steer->graph_mixed(steer_graph, il);\n"
      "    if (steer_k > 0) {\n"
      "        n_expert_used = steer_k;\n"
      "    }\n",
@@ -76,6 +77,28 @@ EDITS: list[tuple[str, str, str, str]] = [
     ("src/llama-graph.cpp",
      "    const uint32_t n_expert_used_il = hparams.n_expert_used(il);\n",
      "    const uint32_t n_expert_used_il = steer_k > 0 ? (uint32_t) steer_k : hparams.n_expert_used(il); // steer-gguf\n",
+     "replace"),
+    # Tokens of one micro-batch with different K (per-sequence tables): the layer is built with
+    # the widest, and each token's weights are cut to its own K (llama-steer.cpp, mix_weights),
+    # in place of upstream's softmax-after-top-k and normalisation, which would run over the widest
+    ("src/llama-graph.cpp",
+     "    ggml_tensor * weights = ggml_get_rows(ctx0, probs, selected_experts); // [1, n_expert_used, n_tokens]\n"
+     "    cb(weights, \"ffn_moe_weights\", il);\n",
+     "    if (steer_mixed) { // steer-gguf\n"
+     "        weights = steer->mix_weights(ctx0, steer_graph, weights, il,\n"
+     "            gating_op == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT, norm_w);\n"
+     "        cb(weights, \"ffn_moe_weights_mixed_k\", il);\n"
+     "    }\n",
+     "after"),
+    ("src/llama-graph.cpp",
+     "    if (gating_op == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT) {\n        weights = ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens);\n",
+     "    if (!steer_mixed && gating_op == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT) { // steer-gguf\n"
+     "        weights = ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens);\n",
+     "replace"),
+    ("src/llama-graph.cpp",
+     "    if (norm_w) {\n        weights = ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens);\n",
+     "    if (!steer_mixed && norm_w) { // steer-gguf\n"
+     "        weights = ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens);\n",
      "replace"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits

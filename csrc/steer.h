@@ -52,7 +52,7 @@ enum llama_steer_status {
     LLAMA_STEER_ERR_SLOT       = -9, // slot index outside [0, LLAMA_STEER_MAX_SLOTS)
     LLAMA_STEER_ERR_SEQ        = -10, // sequence id outside [0, the context's n_seq_max)
     LLAMA_STEER_ERR_ROUTE      = -11, // routing flags, layer or row count not as recorded
-    LLAMA_STEER_ERR_TOPK       = -12, // experts per token out of range, or differing between tables
+    LLAMA_STEER_ERR_TOPK       = -12, // experts per token out of range
 };
 
 // what llama_steer_route_record keeps of every MoE layer
@@ -101,9 +101,12 @@ LLAMA_API int32_t llama_steer_seq_bind(struct llama_context * ctx, llama_seq_id 
 // experts count inside K; deactivation must leave K. With expert groups, K counts the experts
 // of the selected groups (at most n_group_used * n_expert / n_expert_groups). Layers whose
 // experts come from a fixed table (hash routing) keep them: K is not applied there.
-// K is per context: every table in force (the context-wide one and each slot) must set the
-// same K, and tokens of unbound sequences take it too (LLAMA_STEER_ERR_TOPK otherwise:
-// per-sequence K differing within one batch is not supported yet).
+// K is per table, so per sequence: each token takes the K of its table (an unbound sequence's
+// tokens the context-wide table's, or the model's k). A micro-batch whose tokens all take one K
+// is built with that K; one whose tokens differ is built with the widest, and each token's
+// weights are computed over its own K exactly as a graph of that K computes them, the experts
+// beyond it weighted 0: each sequence routes as in a context of its own K (but reads the widest
+// K's expert weights). The routing recorder gives each row its own K experts, then -1.
 LLAMA_API int32_t llama_steer_table_set(
         struct llama_context * ctx,
         int32_t        slot,
@@ -143,11 +146,13 @@ LLAMA_API void llama_steer_set_eval_callback(
 LLAMA_API int32_t llama_steer_route_record(struct llama_context * ctx, int32_t flags);
 
 // Rows recorded in layer il (0 for a dense layer), or a negative status; k (may be NULL)
-// receives the layer's experts per token. Waits for the device.
+// receives the most experts per token of any of its rows. Waits for the device.
 LLAMA_API int32_t llama_steer_route_rows(struct llama_context * ctx, int32_t il, int32_t * k);
 
 // Copy layer il's n_rows rows (n_rows must be what llama_steer_route_rows says): experts int32
-// [n_rows * k]; weights float [n_rows * k] or NULL; batch_idx int32 [n_rows] or NULL.
+// [n_rows * k]; weights float [n_rows * k] or NULL; batch_idx int32 [n_rows] or NULL. k is the
+// most experts per token of any row since the last clear (tables with K, steer.h version 4): a
+// row with fewer lists its own first, then -1 with weight 0.
 LLAMA_API int32_t llama_steer_route_read(
         struct llama_context * ctx,
         int32_t    il,

@@ -124,11 +124,6 @@ class Profile:
                 a[il] = k
         return a
 
-    def topk_key(self, info: ModelInfo) -> tuple[int, ...] | None:
-        """What decides the graph's shape: K per layer (hashable), None for the model's own."""
-        a = self.topk_array(info)
-        return None if a is None else tuple(int(x) for x in a)
-
     @property
     def topk_global(self) -> int | None:
         """The one K of a global topk, else None (per-layer or none)."""

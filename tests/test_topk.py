@@ -1,6 +1,6 @@
 """Experts per token (issue 32): a profile's `topk` routes exactly as the same model loaded with
 llama.cpp's own `<arch>.expert_used_count` override; the format, every bad input, per-layer K,
-and the refusals (hook engine, hash routing, per-request K differing within one batch)."""
+per-sequence K with several K in one batch, and the refusals (hook engine, hash routing)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import pytest
 from fixtures.backend import TEST_NGL
 from steer_gguf import ExpertRule, LayerK, ModelRef, Profile, SteeredLlama, SteerError, model_info
 from steer_gguf.engine.contexts import _native
+from steer_gguf.engine.tracing import Recorder, recorder_kw
 from steer_gguf.profile import FORMAT, FORMAT_TOPK
 
 LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1, n_gpu_layers=TEST_NGL)
@@ -196,33 +197,82 @@ def test_hash_routed_layers_refuse_k(make_arch):
     assert set(_topk_profile(info, 1).topk_layers(info)) == set(info.moe_layers) - {0}
 
 
-# ---- slots: one K per context ---------------------------------------------------------------
+# ---- slots: K per sequence, several K in one batch -------------------------------------------
 
-def test_slots_with_differing_k_are_refused_with_one_line(steered, kind_path):
-    info = model_info(kind_path)
-    tc = steered._trace_context(256)
+def _slot_table(tc, info, slot, k) -> None:
     none = np.full((info.n_layer, info.n_expert), _native.ACTIONS["none"], np.int8)
-    k2 = _topk_profile(info, 2).topk_array(info)
-    k3 = _topk_profile(info, 3).topk_array(info)
-    ok = _native.STATUS["OK"]
+    topk = None if k is None else _topk_profile(info, k).topk_array(info)
+    assert _native.slot_set(tc.ptr, slot, none, None, 0.01, topk)[0] == _native.STATUS["OK"]
+
+
+def test_sequences_of_different_k_in_one_batch_route_as_each_alone(steered, kind_path):
+    """Three sequences in one decode, bound to tables of K = 2, the model's k and 6: the graph is
+    built with the widest K and each token's weights are cut to its own. Each sequence's experts
+    and weights are bit for bit those of the same batch built with its K alone, and its experts
+    those of its own single-sequence run (weights within float noise: a batch of other shape
+    sums in another order upstream); a row lists its own K experts, then -1."""
+    info = model_info(kind_path)
+    toks = steered.tokenize(TEXT.encode(), add_bos=True, special=True)[:10]
+    tc = steered._trace_context(256)
+    ks = [2, None, 6]
     try:
-        assert _native.slot_set(tc.ptr, 1, none, None, 0.01, k2)[0] == ok
-        assert _native.slot_set(tc.ptr, 2, none, None, 0.01, k2)[0] == ok  # the same K: fine
-        rc, msg = _native.slot_set(tc.ptr, 3, none, None, 0.01, k3)
-        assert rc == _native.STATUS["ERR_TOPK"] and "per-request K differing within one batch is not supported yet" in msg
-        rc, msg = _native.slot_set(tc.ptr, 3, none, None, 0.01, None)
-        assert rc == _native.STATUS["ERR_TOPK"] and "the model's k" in msg and "\n" not in msg
-        rc, msg = _native.set_table(tc.ptr, none, None, 0.01, np.full(info.n_layer, 99, np.int32))
-        assert rc == _native.STATUS["ERR_TOPK"] and "outside 1..8" in msg
+        for slot, k in enumerate(ks):
+            _slot_table(tc, info, slot + 1, k)
+        for seq in range(3):
+            assert _native.seq_bind(tc.ptr, seq, seq + 1)[0] == _native.STATUS["OK"]
+        rec = Recorder(tc.ptr, tc.obs, info.n_layer, "graph", weights=True, **recorder_kw(info.architecture))
+        rec.on()
+        mixed = _record(tc, rec, [toks] * 3)
+        same, alone = [], []
+        for seq, k in enumerate(ks):
+            for other in range(3):  # the same batch, every sequence of this K: a graph of one K
+                _native.seq_bind(tc.ptr, other, seq + 1)
+            same.append(_record(tc, rec, [toks] * 3))
+            alone.append(_record(tc, rec, [toks]))
     finally:
-        for s in (1, 2, 3):
-            _native.slot_clear(tc.ptr, s)
+        rec.off()
+        if tc.rec.recording:  # the trace context's own recorder (experts only) as it was
+            tc.rec.on()
+        for slot in range(1, 4):
+            _native.slot_clear(tc.ptr, slot)
+        for seq in range(3):
+            _native.seq_bind(tc.ptr, seq, -1)
         tc.profile_applied = False
+    n = len(toks)
+    for seq, k in enumerate(ks):
+        kk = K_MODEL if k is None else k
+        for il, (e, w) in mixed.items():
+            es, ws = same[seq][il]
+            ea, wa = alone[seq][il]
+            rows = slice(seq * n, (seq + 1) * n)
+            assert e.shape[0] == 3 * n and ea.shape == (n, kk) and es.shape == (3 * n, kk)
+            np.testing.assert_array_equal(e[rows, :kk], es[rows], err_msg=f"layer {il}, K={kk}")
+            np.testing.assert_array_equal(w[rows, :kk], ws[rows], err_msg=f"layer {il}, K={kk}")
+            assert (e[rows, kk:] == -1).all() and (w[rows, kk:] == 0).all()
+            np.testing.assert_array_equal(e[rows, :kk], ea, err_msg=f"layer {il}, K={kk}")
+            np.testing.assert_allclose(w[rows, :kk], wa, rtol=1e-4, atol=1e-6)
 
 
-def test_batch_engine_runs_requests_with_differing_k_one_after_the_other(steered, kind_path):
-    """Requests with different K are never decoded in one batch: each one's routing and text
-    equal its own run alone."""
+def _record(tc, rec, seqs: list[list[int]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """One decode of the sequences (ids 0..) with every token an output; each MoE layer's rows."""
+    import llama_cpp
+
+    b = tc.batch
+    n = 0
+    for sid, toks in enumerate(seqs):
+        for pos, t in enumerate(toks):
+            b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = t, pos, 1, sid, True
+            n += 1
+    b.n_tokens = n
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(tc.ctx.ctx), True)
+    rec.clear()
+    assert llama_cpp.llama_decode(tc.ctx.ctx, b) == 0
+    return {il: (e, w) for il, (e, w, _) in rec.take().items()}
+
+
+def test_batch_engine_decodes_requests_of_different_k_together(steered, kind_path):
+    """The server's engine puts requests of different K in one batch: each one's text and
+    routing equal its own run alone."""
     from test_arch_matrix import _batch
 
     info = model_info(kind_path)
@@ -240,7 +290,17 @@ def test_batch_engine_runs_requests_with_differing_k_one_after_the_other(steered
         (alone,) = run([p])
         assert got.tokens == alone.tokens
         assert got.experts.shape[-1] == (K_MODEL if p is None else p.topk)
-        np.testing.assert_array_equal(np.sort(got.experts, -1), np.sort(alone.experts, -1))
+        np.testing.assert_array_equal(got.experts, alone.experts)
+
+
+def test_bad_k_in_a_slot_is_refused_with_one_line(steered, kind_path):
+    info = model_info(kind_path)
+    tc = steered._trace_context(256)
+    none = np.full((info.n_layer, info.n_expert), _native.ACTIONS["none"], np.int8)
+    rc, msg = _native.slot_set(tc.ptr, 3, none, None, 0.01, np.full(info.n_layer, 99, np.int32))
+    assert rc == _native.STATUS["ERR_TOPK"] and "outside 1..8" in msg and "\n" not in msg
+    rc, msg = _native.set_table(tc.ptr, none, None, 0.01, np.full(info.n_layer, -1, np.int32))
+    assert rc == _native.STATUS["ERR_TOPK"] and "outside 1..8" in msg
 
 
 # ---- everywhere a profile goes ---------------------------------------------------------------
@@ -360,8 +420,9 @@ def test_random_control_keeps_the_profiles_k(make):
 
 
 @pytest.mark.parametrize("phase", ["generation", "prompt"])
-def test_k_holds_in_every_phase(steered, kind_path, phase):
-    """phase chooses what the expert rules steer; the request's K holds for all its tokens."""
+def test_k_follows_the_steering_phase(steered, kind_path, phase):
+    """K is part of the profile: it holds in the phase the profile steers, and the other phase's
+    tokens take the model's k (row 0 is the prompt's last token, the others generated ones)."""
     from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
 
     info = model_info(kind_path)
@@ -375,7 +436,11 @@ def test_k_holds_in_every_phase(steered, kind_path, phase):
     finally:
         eng.close()
     assert not isinstance(out[0], Exception), out[0]
-    assert out[0].experts.shape[-1] == 2 and (out[0].experts >= 0).all()
+    e = out[0].experts
+    width = (e >= 0).sum(axis=-1)  # [tokens, layers]: experts per token in each layer
+    prompt_k, gen_k = (K_MODEL, 2) if phase == "generation" else (2, K_MODEL)
+    assert e.shape[-1] == K_MODEL and len(e) == 3
+    assert (width[0] == prompt_k).all() and (width[1:] == gen_k).all()
 
 
 _GRAPH_DUMP = """

@@ -157,7 +157,7 @@ class BatchEngine:
         self.slots.bind(sid, None)
         if s.req.on_text is not None and len(text) > s.sent:
             s.req.on_text(text[s.sent:])
-        experts = np.stack(s.rows).astype(np.int32) if s.req.trace and s.rows else None
+        experts = stack_layers(s.rows, 0, -1).astype(np.int32) if s.req.trace and s.rows else None
         if s.req.trace and experts is None:
             k = max(self.llm.info.n_expert_used, 1)
             experts = np.zeros((0, len(self.llm.info.moe_layers), k), dtype=np.int32)
@@ -197,22 +197,15 @@ class BatchEngine:
         llama_cpp.llama_memory_clear(self.mem, True)
         active: dict[int, _Seq] = {}
         free = list(range(self.n_seq - 1, -1, -1))
-        # a request whose experts per token (topk) differ from the running ones' waits until
-        # they are done: one context runs one K per layer (steer.h, llama_steer_table_set)
-        held: tuple[object, Request] | None = None
         try:
             while True:
                 exhausted = False
                 while free:
-                    got = held or next_request(not active)
-                    held = None
+                    got = next_request(not active)
                     if got is None:
                         exhausted = True
                         break
                     key, req = got
-                    if active and self._k_of(req) != self._k_of(next(iter(active.values())).req):
-                        held = got
-                        break
                     sid = free.pop()
                     try:
                         active[sid] = self._start(sid, key, req)
@@ -220,7 +213,7 @@ class BatchEngine:
                         free.append(sid)
                         on_done(key, e)
                 if not active:
-                    if exhausted and held is None:
+                    if exhausted:
                         return
                     continue
                 try:
@@ -238,12 +231,6 @@ class BatchEngine:
                 llama_cpp.llama_sampler_free(s.sampler)
                 self.slots.release(s.slot)
             active.clear()
-
-    def _k_of(self, req: Request) -> tuple[int, ...] | None:
-        try:
-            return self.slots.topk_key(req.profile)
-        except SteerError:
-            return None  # a bad profile: _start answers it with its error
 
     def _step(self, active: dict[int, _Seq], free: list[int], on_done) -> None:
         import llama_cpp
@@ -316,9 +303,10 @@ class BatchEngine:
             if not s.req.trace:
                 continue
             row = stack_layers([e[last[sid]] for e in per_layer], 0, -1)
-            if (row < 0).any():
+            if (row[:, 0] < 0).any():
                 raise SteerError("routing recorder: a sampled token's row was not computed in every MoE layer")
-            s.rows.append(row)
+            # a decode mixing requests of different K (topk) records the widest; this row keeps its own
+            s.rows.append(row[:, :int((row >= 0).sum(axis=1).max())])
 
     def close(self) -> None:
         import llama_cpp

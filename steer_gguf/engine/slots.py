@@ -73,7 +73,6 @@ class ContextSlots:
 
     def acquire(self, profile: Profile | None) -> int | None:
         """The slot holding `profile` (put there if need be), or None for no steering."""
-        self._make_room_for_k(profile)
         if profile is None or profile.is_empty:
             return None
         self._clock += 1
@@ -92,28 +91,6 @@ class ContextSlots:
         actions, bias = profile.to_arrays(self.info, _native().ACTIONS)
         rc, msg = _native().slot_set(self.ptr, slot, actions, bias, float(profile.eps), profile.topk_array(self.info))
         _check(rc, msg, f"profile {profile.name!r}")
-
-    def topk_key(self, profile: Profile | None) -> tuple[int, ...] | None:
-        return None if profile is None else profile.topk_key(self.info)
-
-    def _make_room_for_k(self, profile: Profile | None) -> None:
-        """A context runs one K per layer, for unsteered sequences too (steer.h,
-        llama_steer_table_set): idle profiles with another K leave their slots; a running one
-        is an error (BatchEngine never starts a request beside others with another K)."""
-        want = self.topk_key(profile)
-        for slot, h in list(self.held.items()):
-            if h.profile.topk_key(self.info) == want:
-                continue
-            if h.users:
-                mine = "the model's k" if profile is None else profile.topk_summary()
-                raise SteerError(f"per-request K differing within one batch is not supported yet ({mine}, while "
-                                 f"profile {h.profile.name!r} runs with {h.profile.topk_summary()})")
-            del self.held[slot]
-            if self.wide == slot:
-                _native().clear_table(self.ptr)
-                self.wide = None
-            if h.loaded:
-                _native().slot_clear(self.ptr, slot)
 
     def _free_slot(self) -> int:
         unused = [s for s in range(self.n_slots) if s not in self.held]
@@ -144,12 +121,6 @@ class ContextSlots:
         if self.wide is not None:
             _native().clear_table(self.ptr)
             self.wide = None
-        for slot, h in self.held.items():
-            # a running profile's K holds for all of its request's tokens, whatever the phase
-            # (the context runs one K, unbound sequences included): its table stays in force
-            if not h.loaded and h.users and h.profile.topk is not None:
-                self._load(slot, h.profile)
-                h.loaded = True
         for seq, slot in wanted.items():
             if slot is not None and not self.held[slot].loaded:
                 self._load(slot, self.held[slot].profile)
