@@ -480,3 +480,50 @@ def test_topk_graph_is_the_override_graph_node_for_node(kind_path):
     the same nodes (op, tensor, size, backend), in the same order, in prefill and in decode."""
     stock, prof = _graph_nodes(kind_path, "stock", 2), _graph_nodes(kind_path, "profile", 2)
     assert len(stock) > 50 and stock == prof
+
+
+# ---- tune --topk: speed beside quality -----------------------------------------------------------
+
+def test_tune_topk_sweeps_k_and_writes_the_fewest_experts_within_the_kl_budget(tmp_path):
+    from clitools import cli
+    from steer_gguf.front.demo import DEMO_MODEL
+
+    out, sweep = tmp_path / "k.json", tmp_path / "sweep.json"
+    r = cli("tune", DEMO_MODEL, "--topk", "1,2,3", "--topk-schemes", "global,edges", "--behavior", "digits-words",
+            "--max-items", "4", "--samples", "1", "--rounds", "1", "--max-kl", "100", "-o", out, "--json", sweep,
+            "-t", "1")
+    assert r.returncode == 0, r.stderr
+    assert "skipped topk-global2: the model's own k in every layer" in r.stdout  # the demo model's k is 2
+    d = json.loads(sweep.read_text())
+    pts = {p["name"]: p for p in d["points"]}
+    assert set(pts) == {"model k", "topk-global1", "topk-global3", "topk-edges1", "topk-edges3"}
+    ref = pts["model k"]
+    assert ref["kl"] == 0 and ref["mean_k"] == 2
+    assert pts["topk-global1"]["mean_k"] == 1 and pts["topk-global3"]["mean_k"] == 3
+    assert 1 < pts["topk-edges1"]["mean_k"] < 2  # K in the first and last quarter only
+    for p in pts.values():
+        assert p["prefill_tps"] > 0 and p["decode_tps"] > 0 and p["perplexity"] > 0
+        assert abs(sum(p["rates"]["main"].values()) - 1) < 1e-9  # every reply judged once
+    assert all(p["kl"] > 0 for n, p in pts.items() if n != "model k")
+    # the budget admits every point: the fewest experts per token wins
+    assert pts["topk-global1"]["chosen"] and d["chosen"] == "topk-global1"
+    p = Profile.load(out)
+    assert p.topk == 1 and not p.experts and p.provenance["tune_topk"]["mean_k"] == 1
+    assert cli("profile", "validate", out, "--model", DEMO_MODEL).returncode == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--topk", "0,2"], "--topk: expected positive integers"),
+    (["--topk", "2", "--topk-schemes", "sideways"], "--topk-schemes: sideways"),
+    (["--topk", "99"], "every K must lie in 1..16"),
+    (["--topk", "1", "-o", "x.json"], "needs --max-kl"),
+    (["--topk", "2"], "every point of the sweep is the model's own k"),
+    (["--topk", "1", "--table", "t.csv"], "drop --table"),
+    ([], "tune needs --table and --output"),
+])
+def test_tune_topk_bad_input_is_one_line(args, needle, tmp_path):
+    from clitools import assert_one_line_error, cli
+    from steer_gguf.front.demo import DEMO_MODEL
+
+    assert_one_line_error(cli("tune", DEMO_MODEL, *args, "-t", "1"), needle)
+    assert not (tmp_path / "x.json").exists()

@@ -718,8 +718,15 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
 
 @main.command("tune")
 @_model_arg()
-@click.option("--table", required=True, type=click.Path(), help="detection table (CSV) to build profiles from")
+@click.option("--table", type=click.Path(), help="detection table (CSV) to build profiles from")
 @_judge_options
+@click.option("--topk", "topk_list", help="sweep experts per token instead, e.g. 1,2,3: speed beside KL, "
+              "perplexity and (with --behavior) rates; no --table")
+@click.option("--topk-schemes", default="global", show_default=True,
+              help="with --topk: which layers take K: global, edges (first and last quarter), middle")
+@click.option("--text", "text_file", type=click.Path(), help="with --topk: the text for speed, KL and perplexity "
+              "[default: the built-in neutral text]")
+@click.option("--rounds", type=int, default=5, show_default=True, help="with --topk: interleaved timing rounds")
 @click.option("--reverse", is_flag=True, help="steer toward behavior 2 instead of behavior 1")
 @click.option("--max-kl", type=float, help="KL budget (nats/token on the neutral text); default: none")
 @click.option("--alpha", type=float, default=0.01, show_default=True, help="significance level of a shift")
@@ -730,19 +737,26 @@ def eval_cmd(model, profiles, behavior_name, eval_set, max_items, n_controls, sa
               help="which kinds of profile to sweep")
 @click.option("--controls", "n_controls", type=int, default=2, show_default=True,
               help="random-expert controls of the chosen profile (recorded in its provenance)")
-@click.option("--output", "-o", required=True, type=click.Path(), help="the chosen profile (JSON)")
+@click.option("--output", "-o", type=click.Path(), help="the chosen profile (JSON; required but with --topk)")
 @click.option("--json", "json_out", type=click.Path(), help="write the sweep (every point) as JSON")
 @click.option("--plot", type=click.Path(), help="effect and KL against profile size (PNG)")
 @llama_options
 def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperature, max_tokens, seed, judge_model,
-             parallel, phase, reverse, max_kl, alpha, tolerance, n_controls, sizes, arms, output, json_out, plot,
-             **kw):
-    """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift."""
+             parallel, phase, topk_list, topk_schemes, text_file, rounds, reverse, max_kl, alpha, tolerance,
+             n_controls, sizes, arms, output, json_out, plot, **kw):
+    """Sweep profile sizes on held-out prompts; write the smallest profile with the largest significant shift.
+    With --topk: sweep experts per token, speed beside quality."""
     from ..detect.risk import DetectionTable
     from ..fileio import atomic_write
     from .progress import Progress
     from ..evaluation.tune import chosen_summary, sweep_table, to_json, tune, work_units
 
+    if topk_list is not None:
+        return _tune_topk(model, topk_list, topk_schemes, text_file, rounds, table, behavior_name, eval_set,
+                          max_items, samples, temperature, max_tokens, seed, judge_model, parallel, phase, max_kl,
+                          output, json_out, plot, kw)
+    if table is None or output is None:
+        raise SteerError("tune needs --table and --output (or --topk K,... to sweep experts per token)")
     _nonneg("controls", n_controls)
     sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
     size_list = _int_list("sizes", sizes) if sizes else None
@@ -771,6 +785,53 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
                          f"(p < {alpha}){' within the KL budget' if max_kl is not None else ''}; no profile written")
     res.chosen.save(output)
     click.echo(chosen_summary(res, output))
+
+
+def _tune_topk(model, topk_list, topk_schemes, text_file, rounds, table, behavior_name, eval_set, max_items, samples,
+               temperature, max_tokens, seed, judge_model, parallel, phase, max_kl, output, json_out, plot, kw):
+    from ..evaluation import topk_sweep
+    from ..evaluation.measure import NEUTRAL_TEXT
+    from ..fileio import atomic_write, decode_text, read_bytes
+    from .progress import Progress
+
+    if table is not None:
+        raise SteerError("--topk sweeps experts per token, not a detection table: drop --table")
+    if plot:
+        raise SteerError("--plot draws the profile-size sweep; with --topk use --json")
+    if output is not None and max_kl is None:
+        raise SteerError("--topk with --output needs --max-kl: the profile written is the point with the fewest "
+                         "experts per token within that KL budget")
+    ks = _int_list("topk", topk_list)
+    schemes = [x.strip() for x in topk_schemes.split(",") if x.strip()]
+    bad = [x for x in schemes if x not in topk_sweep.SCHEMES]
+    if bad or not schemes:
+        raise SteerError(f"--topk-schemes: {', '.join(bad) or 'none given'}: choose among "
+                         f"{', '.join(topk_sweep.SCHEMES)}")
+    _outputs(output, json_out)
+    text_name = "the built-in neutral text" if text_file is None else text_file
+    text = NEUTRAL_TEXT.read_text(encoding="utf-8") if text_file is None else decode_text(
+        read_bytes(text_file, "text file"), text_file)
+    es = b = judge = sampling = None
+    if behavior_name or eval_set:
+        sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
+    llm = open_model(model, None, **kw)
+    if sampling is not None:
+        es, b, judge = _judging(behavior_name, eval_set, max_items, judge_model, kw)
+    n_points = len(set(ks)) * len(schemes)
+    with Progress(topk_sweep.work_units(n_points, rounds, es, sampling), "sweeping K") as bar:
+        res = topk_sweep.sweep_topk(llm, ks, schemes, text, text_name, rounds=rounds, max_kl=max_kl, eval_set=es,
+                                    behavior=b, sampling=sampling, judge=judge, parallel=parallel,
+                                    on_progress=bar)
+    click.echo(res.table())
+    if json_out:
+        atomic_write(json_out, res.to_json())
+    if output is not None:
+        if res.chosen is None:
+            raise SteerError(f"no point of the sweep is within the KL budget {max_kl}; no profile written")
+        res.chosen.provenance.update(topk_sweep.provenance(res))
+        res.chosen.name = os.path.splitext(os.path.basename(output))[0]
+        res.chosen.save(output)
+        click.echo(f"{output}: {res.chosen.summary()}")
 
 
 def _int_list(name: str, text: str) -> list[int]:
