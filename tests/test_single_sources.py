@@ -30,9 +30,13 @@ def test_the_pin_has_one_home():
     # the build and the installer read it from pyproject.toml instead of repeating it
     for f in ("CMakeLists.txt", "scripts/install.sh"):
         assert pin() not in (ROOT / f).read_text(), f
-    # the README's commands name it (they are copied by hand), and must name this one
-    named = set(re.findall(r"llama-cpp-python[= ]=?([0-9][0-9A-Za-z.+]*[0-9A-Za-z])", (ROOT / "README.md").read_text()))
-    assert named == {pin()}, named
+    # the README's install commands name it, and so do docs pages (offline builds): they are
+    # copied by hand, and every copy must name this one
+    version = r"llama-cpp-python[= ]=?([0-9][0-9A-Za-z.+]*[0-9A-Za-z])"
+    assert set(re.findall(version, (ROOT / "README.md").read_text())) == {pin()}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        named = set(re.findall(version, page.read_text()))
+        assert named <= {pin()}, (page.name, named)
 
 
 def test_the_installer_finds_the_pin():
