@@ -363,19 +363,18 @@ class Row:
     family: str
     k: int
     level: str            # "whole model": the tokens run through both models end to end
-    slots: int
+    slots: int            # tokens x MoE layers
     decisive: int
     same_set: int         # decisive slots whose expert sets agree
     undecisive_same: int  # near-tie slots that agree anyway (reported, not required)
     max_abs_dw: float     # weights, over the decisive slots
     max_rel_dw: float
-    min_margin: float
+    weights_ok: bool      # every decisive slot's weights within ATOL + RTOL * |w|
+    min_margin: float     # the smallest selection gap of the reference over all slots
 
     @property
     def ok(self) -> bool:
-        return self.same_set == self.decisive and self.decisive > 0 and self.weights_ok
-
-    weights_ok: bool = True
+        return self.decisive > 0 and self.same_set == self.decisive and self.weights_ok
 
 
 def compare(kind: str, k: int, ref: Routing, exp: np.ndarray, w: np.ndarray) -> Row:
@@ -398,7 +397,7 @@ def compare(kind: str, k: int, ref: Routing, exp: np.ndarray, w: np.ndarray) -> 
                     weights_ok &= d <= ATOL + RTOL * abs(want)
     return Row(kind, FAMILY[kind], k, "whole model", T * L, int(decisive.sum()),
                int((same & decisive).sum()), int((same & ~decisive).sum()), dabs, drel,
-               float(ref.margin.min()), weights_ok=bool(weights_ok))
+               bool(weights_ok), float(ref.margin.min()))
 
 
 def steer_routing(path: pathlib.Path, k: int, tokens: list[int] | None = None):
@@ -413,10 +412,14 @@ def steer_routing(path: pathlib.Path, k: int, tokens: list[int] | None = None):
     return toks, tr.experts, tr.weights
 
 
-def run(kind: str, path: pathlib.Path, k: int) -> Row:
+def run(kind: str, path: pathlib.Path, k: int, tweak: Callable | None = None) -> Row:
+    """steer-gguf at topk=k against the reference at num_experts_per_tok=k; tweak(model), if
+    given, alters the reference first (the test's check that a wrong reference is caught)."""
     toks, exp, w = steer_routing(path, k)
-    ref = reference_routing(build_reference(kind, path, k), toks, k)
-    return compare(kind, k, ref, exp, w)
+    model = build_reference(kind, path, k)
+    if tweak is not None:
+        tweak(model)
+    return compare(kind, k, reference_routing(model, toks, k), exp, w)
 
 
 def make_fixture(kind: str, directory: pathlib.Path) -> pathlib.Path:
