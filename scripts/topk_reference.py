@@ -328,7 +328,9 @@ def _selection_margin(router, x, k: int) -> np.ndarray:
         group_gap = torch.full_like(s[:, 0], np.inf)
     top = s.sort(dim=-1, descending=True)[0]
     gap = top[:, k - 1] - top[:, k] if k < s.shape[-1] else torch.full_like(top[:, 0], np.inf)
-    gap = torch.nan_to_num(gap, posinf=np.inf)  # -inf past the kept groups: an infinite gap
+    # the (K+1)-th past the kept groups is -inf: an infinite gap; K past them too (-inf - -inf,
+    # nan) would leave the choice to tie-breaking: 0, never decisive
+    gap = torch.nan_to_num(gap, nan=0.0, posinf=np.inf)
     return torch.minimum(gap, group_gap).numpy()
 
 
