@@ -1,4 +1,4 @@
-"""Can detection be trusted? The figures of README "Does it work?" (issue 25).
+"""Can detection be trusted? The figures of docs/detection.md (issue 25).
 
     python benchmarks/trust.py [--json OUT] [--plot OUT.png] [--threads N]
 

@@ -15,7 +15,7 @@ Measured on Vulkan (llvmpipe, Mesa 25.0): qwen3moe, OLMoE, Mixtral and gpt-oss k
 layer fused with a slot bound or unbound, the slot's logits equal to the context-wide table's;
 DeepSeek-V3 without groups fuses every MoE layer unsteered and with a context-wide table, none
 while any slot holds a table (bound to the evaluated sequence or not). A backend that starts
-fusing the latter fails the test on purpose: update CASES and the README then. The batch
+fusing the latter fails the test on purpose: update CASES and docs/architectures.md then. The batch
 engine therefore runs a batch whose conversations share one profile as the context-wide table
 on such models: fused; a batch mixing profiles (or with an unsteered one) is not.
 

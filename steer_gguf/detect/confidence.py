@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import SteerError
 
-# the verdict's thresholds (design.md; README "Does it work?" has the measurements behind them)
+# the verdict's thresholds (design.md; docs/detection.md has the measurements behind them)
 NULL_QUANTILE = 0.99        # an expert is "beyond the null" above this quantile of its layer's null max
 SIGNAL_P = 0.01             # any signal: the table-wide max |risk_diff| beats the null's at this level
 STRONG_MIN_EFFECT = 0.5     # strong: the largest |risk_diff| at least this (bundled natural model: 0.10-0.25,
