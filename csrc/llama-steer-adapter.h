@@ -40,6 +40,7 @@ struct llama_steer_route_chunk {
     std::vector<char> w;                    // the final expert weights, as laid out there (or empty)
     std::vector<int32_t> batch_idx;         // each row's token: its index in its llama_decode batch
     std::vector<int32_t> row_k;             // each row's own K where a micro-batch mixes K (else empty)
+    std::vector<char> norms;                // float [n_rows, k], contiguous: expert output norms (or empty)
 };
 
 // The rows one micro-batch's last layer computes while routed rows that need no logits are
@@ -102,6 +103,9 @@ struct llama_steer_graph {
     // build_moe_ffn, after the weights are in the graph: mark the layer's top-k (and weights)
     // as graph outputs, so the allocator keeps them for the host copy after the graph ran
     void keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ids, ggml_tensor * weights, int il);
+    // build_moe_ffn, after the expert down projection [n_embd, k, n_rows]: keep each expert
+    // output's L2 norm while the context records them (LLAMA_STEER_ROUTE_NORMS)
+    void keep_norms(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * experts, int il);
 };
 
 struct llama_adapter_steer {

@@ -485,6 +485,7 @@ public:
         int il;
         ggml_tensor * ids; // I32 [k, n_rows], rows with their stride
         ggml_tensor * w;   // F32 [1, k, n_rows] or [k, n_rows], or null
+        ggml_tensor * norms = nullptr; // F32 [1, k, n_rows], contiguous, or null
     };
     std::vector<kept> layers;
 };
@@ -531,6 +532,28 @@ void llama_steer_graph::keep_route(ggml_context * ctx, ggml_cgraph * gf, ggml_te
         inp = static_cast<llm_graph_input_steer_route *>(res->add_input(std::make_unique<llm_graph_input_steer_route>()));
     }
     inp->layers.push_back({il, ids, want_w ? weights : nullptr});
+}
+
+void llama_steer_graph::keep_norms(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * experts, int il) {
+    if (!route || !res || il < 0 || !(route->flags & LLAMA_STEER_ROUTE_NORMS)) {
+        return;
+    }
+    for (auto & i : res->inputs) {
+        auto * inp = dynamic_cast<llm_graph_input_steer_route *>(i.get());
+        if (!inp) {
+            continue;
+        }
+        for (auto & kl : inp->layers) {
+            if (kl.il == il) {
+                ggml_tensor * x = ggml_is_contiguous(experts) ? experts : ggml_cont(ctx, experts);
+                kl.norms = ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, x)));
+                ggml_set_name(kl.norms, ("steer_route_norms-" + std::to_string(il)).c_str());
+                ggml_set_output(kl.norms);
+                ggml_build_forward_expand(gf, kl.norms);
+                return;
+            }
+        }
+    }
 }
 
 // the last layer's rows while routed rows need no logits (llama_steer_sel): out_ids lists
@@ -593,7 +616,8 @@ ggml_tensor * llama_steer_graph::cut_to_outputs(ggml_context * ctx, ggml_tensor 
 }
 
 ggml_tensor * llama_steer_graph::expert_rows(ggml_context * ctx, const ggml_tensor * cur) {
-    if (n_sel < 0 || ggml_n_dims(cur) > 2 || cur->ne[1] != n_sel) {
+    // recording expert output norms: the routed rows need their experts computed too
+    if (n_sel < 0 || ggml_n_dims(cur) > 2 || cur->ne[1] != n_sel || (route->flags & LLAMA_STEER_ROUTE_NORMS)) {
         return nullptr;
     }
     return outputs_of_sel(ctx, *this);
@@ -732,6 +756,12 @@ void llama_context::steer_route_extract(const llm_graph_result * res, const llam
             c.w_elem = lead1 ? kl.w->nb[1] : kl.w->nb[0];
             c.w_row  = lead1 ? kl.w->nb[2] : kl.w->nb[1];
             route_get(sched.get(), kl.w, c.w);
+        }
+        if (kl.norms && kl.norms->ne[2] == n_rows && kl.norms->ne[1] == c.k) {
+            route_get(sched.get(), kl.norms, c.norms);
+        } else if (kl.norms && steer_route.error.empty()) {
+            steer_route.error = "layer " + std::to_string(kl.il) + " computed expert outputs for " +
+                std::to_string(kl.norms->ne[2]) + " of its " + std::to_string(n_rows) + " routed rows";
         }
         steer_route.layers[kl.il].push_back(std::move(c));
     }
@@ -1011,10 +1041,10 @@ int32_t llama_steer_route_record(llama_context * ctx, int32_t flags) {
     if (!ctx) {
         return fail(LLAMA_STEER_ERR_NULL, "null context");
     }
-    if (flags != 0 && (flags & ~(LLAMA_STEER_ROUTE_EXPERTS | LLAMA_STEER_ROUTE_WEIGHTS) ||
+    if (flags != 0 && (flags & ~(LLAMA_STEER_ROUTE_EXPERTS | LLAMA_STEER_ROUTE_WEIGHTS | LLAMA_STEER_ROUTE_NORMS) ||
                        !(flags & LLAMA_STEER_ROUTE_EXPERTS))) {
         return fail(LLAMA_STEER_ERR_ROUTE, "routing flags " + std::to_string(flags) +
-                    ": LLAMA_STEER_ROUTE_EXPERTS, optionally | LLAMA_STEER_ROUTE_WEIGHTS, or 0");
+                    ": LLAMA_STEER_ROUTE_EXPERTS, optionally | LLAMA_STEER_ROUTE_WEIGHTS | LLAMA_STEER_ROUTE_NORMS, or 0");
     }
     llama_steer_route & r = ctx->steer_route;
     if (r.flags == flags) {
@@ -1104,6 +1134,33 @@ int32_t llama_steer_route_read(llama_context * ctx, int32_t il, int32_t * expert
             if (batch_idx) {
                 batch_idx[row] = c.batch_idx[i];
             }
+        }
+    }
+    g_last_error.clear();
+    return LLAMA_STEER_OK;
+}
+
+int32_t llama_steer_route_read_norms(llama_context * ctx, int32_t il, float * norms, int32_t n_rows) {
+    int32_t k = 0;
+    const int32_t n = llama_steer_route_rows(ctx, il, &k);
+    if (n < 0) {
+        return n;
+    }
+    if (!norms || n != n_rows) {
+        return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) + " holds " + std::to_string(n) +
+                    " rows, " + std::to_string(n_rows) + " asked for" + (norms ? "" : " into no buffer"));
+    }
+    int64_t row = 0;
+    for (const auto & c : ctx->steer_route.layers[il]) {
+        if (c.norms.empty()) {
+            return fail(LLAMA_STEER_ERR_ROUTE, "layer " + std::to_string(il) +
+                        ": expert output norms were not recorded (LLAMA_STEER_ROUTE_NORMS) in every decode since the last clear");
+        }
+        const float * src = (const float *) c.norms.data();
+        for (int32_t i = 0; i < c.n_rows; ++i, ++row) {
+            const int32_t kr = c.row_k.empty() ? c.k : c.row_k[i];
+            std::copy(src + (size_t) i * c.k, src + (size_t) i * c.k + kr, norms + row * k);
+            std::fill(norms + row * k + kr, norms + (row + 1) * k, 0.0f);
         }
     }
     g_last_error.clear();

@@ -295,6 +295,7 @@ PYBIND11_MODULE(_native, m) {
     py::dict route_flags;
     route_flags["experts"] = (int) LLAMA_STEER_ROUTE_EXPERTS;
     route_flags["weights"] = (int) LLAMA_STEER_ROUTE_WEIGHTS;
+    route_flags["norms"] = (int) LLAMA_STEER_ROUTE_NORMS;
     m.attr("ROUTE") = route_flags;
 
     m.def("route_record", [](uintptr_t ctx, int32_t flags) {
@@ -304,7 +305,8 @@ PYBIND11_MODULE(_native, m) {
     // every row recorded since the last clear, then clear: {layer: (experts int32 [n, k],
     // weights float32 [n, k] or None, batch_idx int32 [n])} for the layers that recorded rows;
     // raises ValueError with steer.h's message when the recorder failed
-    m.def("route_take", [](uintptr_t ctx, int32_t n_layer, bool weights) {
+    // {layer: (experts, weights or None, batch_idx)}, with norms=True a fourth: the expert output norms
+    m.def("route_take", [](uintptr_t ctx, int32_t n_layer, bool weights, bool norms) {
         llama_context * c = as_ctx(ctx);
         py::dict out;
         for (int32_t il = 0; il < n_layer; ++il) {
@@ -332,11 +334,19 @@ PYBIND11_MODULE(_native, m) {
             if (rc != LLAMA_STEER_OK) {
                 throw py::value_error(llama_steer_last_error());
             }
-            out[py::int_(il)] = py::make_tuple(e, w, b);
+            if (!norms) {
+                out[py::int_(il)] = py::make_tuple(e, w, b);
+                continue;
+            }
+            py::array_t<float> na({(py::ssize_t) n, (py::ssize_t) k});
+            if (llama_steer_route_read_norms(c, il, na.mutable_data(), n) != LLAMA_STEER_OK) {
+                throw py::value_error(llama_steer_last_error());
+            }
+            out[py::int_(il)] = py::make_tuple(e, w, b, na);
         }
         llama_steer_route_clear(c);
         return out;
-    }, py::arg("ctx"), py::arg("n_layer"), py::arg("weights"));
+    }, py::arg("ctx"), py::arg("n_layer"), py::arg("weights"), py::arg("norms") = false);
 
     // tokens to route without logits: a bool/int8 mask over the next decodes' batch, or None
     m.def("route_tokens", [](uintptr_t ctx, py::object want) -> py::tuple {

@@ -100,6 +100,12 @@ EDITS: list[tuple[str, str, str, str]] = [
      "    if (!steer_mixed && norm_w) { // steer-gguf\n"
      "        weights = ggml_reshape_2d(ctx0, weights, n_expert_used, n_tokens);\n",
      "replace"),
+    # REAP saliency (llama_steer_route_read_norms): each selected expert's output norm, before
+    # its weight multiplies it
+    ("src/llama-graph.cpp",
+     "    if (!weight_before_ffn) {\n        experts = ggml_mul(ctx0, experts, weights);\n",
+     "    steer_graph.keep_norms(ctx0, gf, experts, il); // steer-gguf\n\n",
+     "before"),
     # the two places where routing is decided: router logits, and the selection
     # scores when a selection bias / expert groups make them differ from the logits
     ("src/llama-graph.cpp",

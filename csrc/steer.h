@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define LLAMA_STEER_API_VERSION 4
+#define LLAMA_STEER_API_VERSION 5
 #define LLAMA_STEER_MAX_SLOTS   64
 
 enum llama_steer_action {
@@ -59,6 +59,7 @@ enum llama_steer_status {
 enum llama_steer_route_flags {
     LLAMA_STEER_ROUTE_EXPERTS = 1, // the selected experts (required)
     LLAMA_STEER_ROUTE_WEIGHTS = 2, // and their final weights
+    LLAMA_STEER_ROUTE_NORMS   = 4, // and the L2 norm of each selected expert's output (API version 5)
 };
 
 // actions: int8 [n_layer * n_expert], row-major by layer; bias: float [n_layer * n_expert] or NULL.
@@ -160,6 +161,13 @@ LLAMA_API int32_t llama_steer_route_read(
         float    * weights,
         int32_t  * batch_idx,
         int32_t    n_rows);
+
+// Layer il's expert output norms (recorded with LLAMA_STEER_ROUTE_NORMS): float [n_rows * k],
+// row for row and column for column as llama_steer_route_read's experts, each the L2 norm of
+// that expert's output for that token before its weight multiplies it (0 where the expert is
+// -1). REAP's saliency of an expert is the mean of weight x norm over the tokens routed to it.
+// While norms are recorded the last layer computes its experts for routed rows too.
+LLAMA_API int32_t llama_steer_route_read_norms(struct llama_context * ctx, int32_t il, float * norms, int32_t n_rows);
 
 // Tokens to route in every layer although they are not outputs: want[i] != 0 for the token
 // at batch index i of each following llama_decode (NULL / 0 tokens: outputs only, upstream's

@@ -113,6 +113,8 @@ class ModelInfo:
             lines.append(f"baked         profile {printable(str(b.get('profile', '?')))} by {printable(str(b.get('method', '?')))}"
                          f" (steer-gguf {printable(str(b.get('version', '?')))}), from a model with fingerprint "
                          f"{printable(str(b.get('source_fingerprint', '?')))}")
+            if "prune" in b:
+                lines.append(f"pruned by     {printable(str(b['prune']))}")
         return "\n".join(lines)
 
 

@@ -140,6 +140,9 @@ def _copy_fields(reader, writer, plan: BakePlan, phash: str, version: str) -> No
             "grades": json.dumps(plan.counts(), sort_keys=True)}
     if plan.method == "prune":
         meta["kept"] = json.dumps({str(il): ks for il, ks in plan.kept.items()})
+        prune = (plan.profile.provenance or {}).get("prune")
+        if prune:  # `steer-gguf prune`: the criterion and the data that chose what was kept
+            meta["prune"] = json.dumps(prune, sort_keys=True)
     for k, v in meta.items():
         writer.add_key_value(BAKED_PREFIX + k, str(v), gguf.GGUFValueType.STRING)
 

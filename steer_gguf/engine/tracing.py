@@ -242,6 +242,8 @@ class Tracing:
         return out  # type: ignore[return-value]
 
     def _trace_context(self, batch_tokens: int) -> "_TraceContext":
+        # a context holds at least as many tokens as sequences (up to 64): llama.cpp aborts on fewer
+        batch_tokens = max(batch_tokens, 64)
         tc = getattr(self, "_tctx", None)
         if tc is None or tc.n_tok < batch_tokens:
             if tc is not None:

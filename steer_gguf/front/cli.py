@@ -373,6 +373,90 @@ def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out
         atomic_write(json_out, json.dumps(doc, indent=2) + "\n")
 
 
+@main.command()
+@_model_arg()
+@click.option("--calibration", required=True, help="the workload: a text file, a JSONL of chats, or builtin:NAME")
+@click.option("--keep", type=float, help="fraction of each MoE layer's experts to keep, e.g. 0.75")
+@click.option("--drop", type=int, help="experts to drop from every MoE layer (instead of --keep)")
+@click.option("--criterion", type=click.Choice(["reap", "frequency"]), default="reap", show_default=True,
+              help="reap: mean gate weight x expert output norm over the tokens routed to it; frequency: how "
+                   "often it is routed to")
+@click.option("--heldout", type=click.Path(), help="held-out text for KL and perplexity [default: the built-in "
+              "neutral text]")
+@click.option("--seeds", type=int, default=5, show_default=True, help="random prunes of the same size to compare")
+@click.option("--sweep", help="keep fractions to compare, e.g. 0.9,0.75,0.5 (prints size against cost; no file)")
+@click.option("--output", "-o", type=click.Path(), help="the pruned GGUF (required but with --sweep)")
+@click.option("--merge", is_flag=True, help="write one file for a split model (default: split like the source)")
+@click.option("--json", "json_out", type=click.Path(), help="write the report as JSON")
+@click.option("--plot", type=click.Path(), help="kept/dropped experts per layer and the size-cost curves (PNG)")
+@llama_options
+def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, output, merge, json_out, plot, **kw):
+    """A smaller model: drop the experts a workload uses least, measured against random pruning."""
+    from ..bake import prune as pr
+    from ..evaluation.measure import NEUTRAL_TEXT
+    from ..fileio import atomic_write, decode_text, read_bytes
+    from .progress import Progress
+
+    if sweep is not None:
+        if output is not None or keep is not None or drop is not None:
+            raise SteerError("--sweep compares keep fractions and writes no model: drop --output/--keep/--drop")
+        fracs = _float_list("sweep", sweep)
+    elif output is None:
+        raise SteerError("prune needs --output (or --sweep F,... to compare sizes without writing)")
+    _outputs(output, json_out, plot=plot)
+    if heldout is not None and os.path.abspath(heldout) == os.path.abspath(calibration):
+        raise SteerError(f"{heldout}: the held-out text is the calibration data; its cost would be measured "
+                         f"on what chose the experts")
+    held_name = "the built-in neutral text" if heldout is None else heldout
+    held = (NEUTRAL_TEXT.read_text(encoding="utf-8") if heldout is None
+            else decode_text(read_bytes(heldout, "held-out text"), heldout))
+    from ..model import model_info
+
+    info = model_info(model)
+    keeps = sorted({pr.n_keep(info, f, None) for f in fracs}, reverse=True) if sweep is not None else \
+        [pr.n_keep(info, keep, drop)]
+    llm = open_model(model, None, **kw)
+    windows = pr.calibration_windows(llm, calibration)
+    with Progress(len(windows), "recording expert use") as bar:
+        rep, kept = pr.run_prune(llm, calibration, windows, held, held_name, keeps, criterion, seeds=seeds,
+                                 on_progress=bar)
+    click.echo(rep.table())
+    if output is not None:
+        from ..bake.check import check_bake
+        from ..bake.plan import plan_bake
+        from ..bake.write import package_version, write_baked
+
+        k = keeps[0]
+        p = pr.drop_profile(info, kept[k], os.path.splitext(os.path.basename(output))[0])
+        p.provenance["prune"] = {"criterion": criterion, "calibration": calibration,
+                                 "calibration_tokens": rep.calibration_tokens, "kept_per_layer": k}
+        plan = plan_bake(info, p, "prune", force=llm.force)
+        res = write_baked(plan, output, package_version(), merge=merge)
+        rep.written = res.path
+        chk = check_bake(plan, res.path, n_ctx=kw.get("n_ctx") or 1024, n_gpu_layers=kw.get("n_gpu_layers", 0),
+                         verbose=kw.get("verbose", False), **thread_kwargs(kw.get("n_threads")))
+        rep.check = chk.to_dict(plan)
+        click.echo(f"{res.path}: {res.bytes / 2**20:.1f} MiB written ({k} of {info.n_expert} experts kept per "
+                   f"MoE layer, by {criterion})")
+        click.echo(chk.report(plan))
+    if json_out:
+        atomic_write(json_out, json.dumps(rep.to_dict(), indent=1) + "\n")
+    if plot:
+        from .plots import prune_plot
+
+        prune_plot(rep, kept[keeps[0]], plot)
+
+
+def _float_list(name: str, text: str) -> list[float]:
+    try:
+        xs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteerError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+    if not xs:
+        raise SteerError(f"--{name}: no value given")
+    return xs
+
+
 # ---- detection and statistics ----------------------------------------------------------------------
 def _trust_options(f):
     """How detect measures its own uncertainty (detect/confidence.py)."""

@@ -239,3 +239,33 @@ def compare_plot(comparisons: list, path: str) -> None:
         bx.set_ylim(0, 1.05)
         bx.set_ylabel("overlap share")
     save(fig, path)
+
+
+def prune_plot(report, kept: dict[int, list[int]], path: str) -> None:
+    """`prune --plot`: which experts each MoE layer keeps, and KL against size per criterion
+    (random: the mean of its seeds, each seed a dot)."""
+    plt = pyplot()
+    layers = sorted(kept)
+    grid = np.zeros((len(layers), report.n_expert))
+    for j, il in enumerate(layers):
+        grid[j, kept[il]] = 1
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 1.5 + len(layers) * 0.25 + 2))
+    ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(layers)), [str(il) for il in layers])
+    ax.set_title("kept (black) and dropped experts")
+    mib = lambda p: p.size_bytes / 2**20  # noqa: E731
+    for crit in sorted({p.criterion for p in report.points} - {"random"}):
+        pts = sorted((p for p in report.points if p.criterion == crit), key=mib)
+        ax2.plot([mib(p) for p in pts], [p.kl for p in pts], marker="o", label=crit)
+    rnd = [p for p in report.points if p.criterion == "random"]
+    ax2.scatter([mib(p) for p in rnd], [p.kl for p in rnd], s=10, color="#999999", label="random seeds")
+    keeps = sorted({p.keep for p in rnd})
+    ax2.plot([next(mib(p) for p in rnd if p.keep == k) for k in keeps], [report.random_mean(k)[0] for k in keeps],
+             marker="s", color="#555555", label="random (mean)")
+    ax2.set_xlabel("tensor MiB after the prune")
+    ax2.set_ylabel("KL to the source (nats/token, held-out text)")
+    ax2.set_title(f"size against cost (source {report.size_before / 2**20:.1f} MiB)")
+    ax2.legend(fontsize=8)
+    save(fig, path)
