@@ -13,18 +13,20 @@ import pytest
 from webtools import (KEY, PROMPT, STYLE_EXPERTS, WebServer, ask, bad_profile, find_chromium, launch, open_page,
                       shot, style_profile, synthetic_trace, wait_answers)
 
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    pytest.skip("no Chromium installed (apt-get install chromium); the web page's browser tests need one",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install '.[test]')")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 
-from clitools import cli  # noqa: E402
+from clitools import ENV, NEUTRAL_CWD, cli  # noqa: E402
 from steer_gguf.front.demo import DEMO_MODEL, classify  # noqa: E402
 
-WEB_DIR = pathlib.Path(__file__).resolve().parent.parent / "steer_gguf" / "serve" / "web"
+CHROMIUM = find_chromium()
+
+import steer_gguf  # noqa: E402
+
+# the installed copy: what the wheel carries
+WEB_DIR = pathlib.Path(steer_gguf.__file__).resolve().parent / "serve" / "web"
+MSGS = [{"role": "user", "content": PROMPT}]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,10 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    # the only tests skipped without these: the ones in a browser
+    if CHROMIUM is None:
+        pytest.skip("no Chromium installed (apt-get install chromium): the page's browser tests need one")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install '.[test]')")
     with sync_api.sync_playwright() as p:
         b = launch(p, CHROMIUM)
         yield b
@@ -53,6 +59,94 @@ def page(browser, server):
     pg.context.close()
 
 
+def api(server, path: str, body=None, key: str | None = KEY) -> "httpx.Response":
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = server.page_url + path
+    if body is None:
+        return httpx.get(url, headers=headers, timeout=120)
+    return httpx.post(url, json=body, headers=headers, timeout=120)
+
+
+# ---- without a browser -------------------------------------------------------------------------
+def test_the_page_is_served_from_the_package_and_names_no_host(server):
+    assert {"index.html", "main.js", "api.js", "chat.js", "routing.js", "board.js", "detection.js", "grid.js",
+            "style.css"} <= {f.name for f in WEB_DIR.iterdir()}
+    r = httpx.get(server.page_url)
+    assert r.status_code == 200 and "<title>steer-gguf</title>" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    for f in WEB_DIR.iterdir():
+        text = f.read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9-]+(\.[a-z0-9-]+)+", text), f"{f.name} names a host"
+        for dep in re.findall(r'from "\./([\w.]+)"', text):  # every module a module imports is served
+            assert (WEB_DIR / dep).is_file(), f"{f.name} imports {dep}"
+    js = httpx.get(server.page_url + "web/main.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    for bad in ("web/page.py", "web/..%2Fapp.py", "web/%2E%2E%2Fpage.py", "web/nope.js"):
+        assert httpx.get(server.page_url + bad).status_code == 404, bad
+    # the page's own calls need the key, as /v1 does
+    for path, body in (("v1/steer/model", None), ("v1/steer/profiles/digits", None), ("v1/steer/profile/check", {}),
+                       ("v1/steer/trace", {}), ("v1/steer/detection", {})):
+        r = api(server, path, body, key=None)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+
+
+def test_a_whole_profile_as_steer_profile_and_the_retrace_rows_match_steer_trace(server, tmp_path):
+    digits = json.loads(style_profile("digits", tmp_path).read_text())
+    req = {"messages": MSGS, "steer_trace": True, "max_tokens": 16, "temperature": 0, "seed": 0}
+    inline = api(server, "v1/chat/completions", {**req, "steer_profile": digits}).json()
+    named = api(server, "v1/chat/completions", {**req, "steer_profile": "digits"}).json()
+    assert inline["steer_profile"].startswith("inline:") and named["steer_profile"] == "digits"
+    assert inline["choices"][0]["message"]["content"] == named["choices"][0]["message"]["content"]
+    assert classify("numbers", inline["choices"][0]["message"]["content"]) == "digits"
+    # traced again (one prefill of prompt + answer) under the profile the answer ran under: the rows
+    # of steer_trace, with weights and the tokens' text
+    plain = api(server, "v1/chat/completions", {**req, "steer_profile": "none"}).json()
+    tr = plain["steer_trace"]
+    again = api(server, "v1/steer/trace", {"messages": MSGS, "tokens": tr["tokens"], "steer_profile": "none"}).json()
+    assert again["layers"] == tr["layers"] and again["tokens"] == tr["tokens"]
+    cells = [(t, j) for t in range(len(tr["tokens"])) for j in range(len(tr["layers"]))]
+    same = sum(sorted(again["experts"][t][j]) == sorted(tr["experts"][t][j]) for t, j in cells)
+    assert same >= 0.95 * len(cells), f"{same}/{len(cells)} cells agree"
+    assert all(abs(sum(again["weights"][t][j]) - 1) < 1e-3 for t, j in cells)  # qwen3moe renormalizes top-k
+    assert plain["choices"][0]["message"]["content"] in "".join(again["pieces"])
+    # a profile the model cannot take, sent whole: a 400 naming the field
+    alien = dict(digits, experts=[{"layer": 0, "expert": 99, "action": "activate"}])
+    for path in ("v1/chat/completions", "v1/steer/trace"):
+        r = api(server, path, {**req, "tokens": tr["tokens"], "steer_profile": alien})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "invalid_profile" and "experts[0].expert" in err["message"], err
+    r = api(server, "v1/steer/profile/check", dict(digits, strength=1))
+    assert r.status_code == 400 and "strength" in r.json()["error"]["message"]
+    assert api(server, "v1/steer/profile/check", digits).json()["profile"]["experts"] == digits["experts"]
+
+
+def test_ui_serves_and_opens_the_page(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    seen = tmp_path / "url"
+    opener = tmp_path / "browser.sh"
+    opener.write_text(f'#!/bin/sh\necho "$1" > "{seen}"\n')
+    opener.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "steer_gguf", "ui", str(DEMO_MODEL), "--port", "0", "-t", "1"],
+                            cwd=NEUTRAL_CWD, env=dict(ENV, BROWSER=f"{opener} %s"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (seen.is_file() and seen.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert seen.is_file(), proc.stderr.read() if proc.poll() is not None else "no browser opened"
+        url = seen.read_text().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), url
+        r = httpx.get(url, timeout=60)
+        assert r.status_code == 200 and "<title>steer-gguf</title>" in r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ---- in the browser ----------------------------------------------------------------------------
 def messages(page) -> list[str]:
     return page.evaluate("steerUI.messages.filter(m => m.kind === 'error').map(m => m.text)")
 
@@ -82,15 +176,6 @@ def test_page_loads_offline_and_its_calls_need_the_key(browser, server):
         assert all("401" in c for c in console), "\n".join(console)
     finally:
         page.context.close()
-    # nothing the page loads comes from elsewhere: no absolute URL in its files, and a CSP that forbids it
-    for f in WEB_DIR.iterdir():
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", f.read_text()), f"{f.name} names a host"
-    import httpx
-
-    r = httpx.get(server.page_url)
-    assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
-    assert httpx.get(server.page_url + "web/../app.py").status_code == 404
-    assert httpx.get(server.page_url + "v1/steer/model").status_code == 401
 
 
 def test_a_prompt_streams_tokens(page):
