@@ -232,6 +232,8 @@ def test_routing_view_marks_the_forced_expert_in_every_steered_token(page):
     page.select_option("#routing-mode", "diff")
     values = page.evaluate("Array.from(steerUI.routing.data.values)")
     assert len(values) == n_tok * n_layer and all(0 <= v <= 1 for v in values), values
+    page.mouse.move(box["x"] + xy["x"], box["y"] + xy["y"])
+    shot(page, "routing-diff")
     # the grid is a canvas: the view holds a fixed handful of elements, not one per cell
     assert page.evaluate("document.querySelectorAll('#view-routing *').length") < 60
 
@@ -241,7 +243,7 @@ def test_routing_view_of_a_large_model_stays_a_few_elements(page):
     canvas; its timings are measured by benchmarks/web_routing.py, not asserted here."""
     page.click("#tabs button[data-view=routing]")
     before = page.evaluate("document.querySelectorAll('*').length")
-    page.evaluate(f"steerUI.routing.showTrace({synthetic_trace(2000, 48, 128, 8)})")
+    page.evaluate(f"(tr => steerUI.routing.showTrace(tr, null, {{weights: tr.weights}}))({synthetic_trace(2000, 48, 128, 8)})")
     page.select_option("#routing-mode", "expert")
     page.fill("#routing-expert", "5")
     page.dispatch_event("#routing-expert", "change")
@@ -260,6 +262,8 @@ def test_routing_view_of_a_large_model_stays_a_few_elements(page):
         return bad === 0; })()""")
     assert ok
     assert page.evaluate("document.querySelectorAll('*').length") - before < 10
+    page.evaluate("steerUI.routing.setZoom(4); steerUI.routing.inspect(1000, 20)")
+    shot(page, "routing-large")
 
 
 def test_board_profile_downloads_validates_and_loads_back(page, tmp_path):

@@ -65,6 +65,7 @@ export class RoutingView {
     } catch (e) { this.ui.report(e); }
     this.showTrace(answer.trace, rules);
     const token = this.data;
+    token.retracing = true;
     this.status("tracing again for the weights and the unsteered routing…");
     const ask = (spec) => postJSON("/v1/steer/trace", { messages: answer.messages, tokens: answer.trace.tokens,
                                                           steer_profile: spec });
@@ -74,6 +75,7 @@ export class RoutingView {
       this.setRetrace(own, none);
       this.status("");
     } catch (e) {
+      token.retracing = false;
       this.status("no weights or unsteered routing: " + e.message);
       this.ui.report(e);
     }
@@ -104,6 +106,7 @@ export class RoutingView {
       rows.forEach((row, t) => row.forEach((l, j) => l.forEach((e, i) => { if (i < d.k) out[(t * d.L + j) * d.k + i] = e; })));
       return out;
     };
+    d.retracing = false;
     d.pieces = own.pieces;
     d.weights = this.flatWeights(own.weights, d.experts, own.experts);
     d.unsteered = flatten(none.experts);
@@ -169,9 +172,14 @@ export class RoutingView {
           color = m === 1 ? rgba(COLORS.forced) : m === -1 ? rgba(COLORS.forcedOff) : m === 0 ? rgba(COLORS.missed)
             : m === 3 ? rgba(COLORS.avoided) : rgba(COLORS.unsteered);
         } else if (mode === "expert") {
-          let v = 0;
+          // darker: a larger share of the token's experts' weight in that layer (top-8 weights
+          // of 0.1 would be invisible on an absolute scale)
+          let v = 0, top = 0;
+          if (d.weights) for (let i = 0; i < k; i++) if (d.weights[base + i] > top) top = d.weights[base + i];
           for (let i = 0; i < k; i++) {
-            if (experts[base + i] === E) { const w = d.weights ? d.weights[base + i] : NaN; v = Number.isNaN(w) ? 1 : Math.max(0.15, Math.min(1, w)); }
+            if (experts[base + i] !== E) continue;
+            const w = d.weights ? d.weights[base + i] : NaN;
+            v = Number.isNaN(w) || !(top > 0) ? 1 : 0.25 + 0.75 * w / top;
           }
           values[c] = v;
           color = v > 0 ? rgba(COLORS.chosen, Math.round(255 * v)) : rgba(COLORS.empty);
@@ -210,7 +218,7 @@ export class RoutingView {
       forced: [[COLORS.forced, "a forced-on expert chosen"], [COLORS.missed, "steered layer, none chosen"],
                [COLORS.forcedOff, "a forced-off expert chosen"],
                [COLORS.avoided, "forced-off experts avoided"], [COLORS.unsteered, "layer not steered"]],
-      expert: [[COLORS.chosen, `expert ${$("routing-expert").value} chosen (darker: larger weight)`], [COLORS.empty, "not chosen"]],
+      expert: [[COLORS.chosen, `expert ${$("routing-expert").value} chosen (darker: more of the token's weight in that layer)`], [COLORS.empty, "not chosen"]],
       diff: [[COLORS.diff, "experts unsteered routing would not choose (darker: more)"], [COLORS.empty, "same as unsteered"],
              [COLORS.pending, "unsteered routing not known yet"]],
     }[mode];
@@ -337,7 +345,7 @@ export class RoutingView {
   inspect(t, jHover) {
     const d = this.data;
     const piece = d.pieces ? JSON.stringify(d.pieces[t]) : `token id ${d.tokens[t]}`;
-    const lines = [`token ${t}: ${piece}` + (d.weights ? "" : "  (weights: tracing…)")];
+    const lines = [`token ${t}: ${piece}` + (d.weights ? "" : d.retracing ? "  (weights: tracing…)" : "  (no weights)")];
     for (let j = 0; j < d.L; j++) {
       const c = this.cell(t, j);
       const parts = c.experts.map((e, i) => {
