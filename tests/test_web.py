@@ -88,6 +88,11 @@ def test_the_page_is_served_from_the_package_and_names_no_host(server):
                        ("v1/steer/trace", {}), ("v1/steer/detection", {})):
         r = api(server, path, body, key=None)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    # an uploaded table's name only ever names it in messages
+    for name in ("..", "../../etc/passwd", "a/b.csv", "x" * 300):
+        r = api(server, "v1/steer/detection", {"name": name, "csv": "layer,expert\n"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "invalid_table" and "/" not in err["message"].split(":")[0], err
 
 
 def test_a_whole_profile_as_steer_profile_and_the_retrace_rows_match_steer_trace(server, tmp_path):

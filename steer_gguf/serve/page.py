@@ -181,7 +181,8 @@ def _load_table(name: str, text: str):
     from ..detect.risk import DetectionTable
 
     base = os.path.basename(name)
-    shown = base if re.fullmatch(r"[\w.\- ]{1,100}", base) else "table.csv"
+    # the page's name for it, if a plain file name (never "..", never a path): it only ever names the file in errors
+    shown = base if re.fullmatch(r"[\w\- ][\w.\- ]{0,99}", base) else "table.csv"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, shown)
         with open(path, "w", encoding="utf-8", newline="") as f:
