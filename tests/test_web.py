@@ -105,9 +105,11 @@ def test_a_whole_profile_as_steer_profile_and_the_retrace_rows_match_steer_trace
     assert classify("numbers", inline["choices"][0]["message"]["content"]) == "digits"
     # traced again (one prefill of prompt + answer) under the profile the answer ran under: the rows
     # of steer_trace, with weights and the tokens' text
-    plain = api(server, "v1/chat/completions", {**req, "steer_profile": "none"}).json()
+    # (a prompt whose answer's rows differ from their neighbours': rows off by one agree in 15% of cells)
+    story = [{"role": "user", "content": "Tell me a story about a cat."}]
+    plain = api(server, "v1/chat/completions", {**req, "messages": story, "steer_profile": "none"}).json()
     tr = plain["steer_trace"]
-    again = api(server, "v1/steer/trace", {"messages": MSGS, "tokens": tr["tokens"], "steer_profile": "none"}).json()
+    again = api(server, "v1/steer/trace", {"messages": story, "tokens": tr["tokens"], "steer_profile": "none"}).json()
     assert again["layers"] == tr["layers"] and again["tokens"] == tr["tokens"]
     cells = [(t, j) for t in range(len(tr["tokens"])) for j in range(len(tr["layers"]))]
     same = sum(sorted(again["experts"][t][j]) == sorted(tr["experts"][t][j]) for t, j in cells)
