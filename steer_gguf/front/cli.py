@@ -645,8 +645,8 @@ def stats(model, prompts, output, plot, max_prompts, profile, batch_tokens, **kw
 @llama_options
 @topk_option
 def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, max_queue, access_log, max_body,
-          topk, **kw):
-    """OpenAI-compatible HTTP server; requests pick a profile with "steer_profile"."""
+          topk, open_browser=False, **kw):
+    """OpenAI-compatible HTTP server and its web page at /; requests pick a profile with "steer_profile"."""
     try:
         from ..serve import app as server
     except ImportError as e:
@@ -672,9 +672,15 @@ def serve(model, default_profile, profiles_dir, host, port, api_key, parallel, m
         if topk is not None:
             state.profile_with_k(NONE, None, topk)  # a K the model cannot take fails here, not per request
         try:
-            server.run(state, sock, access_log=access_log)
+            server.run(state, sock, access_log=access_log, open_browser=open_browser)
         finally:
             executor.shut_down()  # a running generation finishes before the model goes
+
+
+@main.command(params=serve.params)
+def ui(**kw):
+    """`serve`, then open its web page (chat, routing, expert board, detection) in the browser."""
+    serve.callback(**kw, open_browser=True)
 
 
 @main.command()

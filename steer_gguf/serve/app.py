@@ -7,13 +7,16 @@ scheduler.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Optional
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from ..engine.steered import SteeredLlama
 from ..errors import SteerError
@@ -33,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes (serve --max-body): far above any chat request, far below what ties the server up
 # request bodies nest a few levels; JSON schemas of tools a few more
 MAX_BODY_DEPTH = 128
+MAX_INLINE_PROFILES = 16  # whole profiles sent in requests, kept for reuse
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -63,8 +67,9 @@ def _worker_error(e: Exception) -> APIError:
 
 # ---- requests --------------------------------------------------------------------------------
 class _SteerFields(BaseModel):
-    # strict: "yes" or 1 must not quietly mean true, nor 3 a profile name
-    steer_profile: Optional[StrictStr] = None
+    # strict: "yes" or 1 must not quietly mean true, nor 3 a profile name; an object is a
+    # whole profile (the web page's expert board), checked against the model like a file
+    steer_profile: Optional[Union[StrictStr, dict[str, Any]]] = None
     steer_trace: StrictBool = False
     steer_phase: Literal["all", "generation", "prompt"] = "all"
     steer_topk: Optional[StrictInt] = None  # experts per token in every MoE layer (issue 32)
@@ -162,6 +167,41 @@ class ServerState:
     # (profile name, K) -> the profile with that K, made once: the batch engine keeps a slot
     # per profile object, so a new object per request would reload a slot every time
     with_k: dict = field(default_factory=dict)
+    # profiles sent whole in requests (canonical JSON digest -> Profile): a board re-run with
+    # the same rules reuses one object, so the batch engine keeps its slot
+    inline: "collections.OrderedDict[str, Optional[Profile]]" = field(default_factory=collections.OrderedDict)
+
+    def profile_of(self, spec: "str | dict | None", k: Optional[int]) -> tuple[str, Optional[Profile]]:
+        """A request's steer_profile (a registered name, or a whole profile) and steer_topk
+        as (the name it answers under, the profile to run), or a 400."""
+        if isinstance(spec, dict):
+            name, profile = self._inline(spec)
+        else:
+            try:
+                name, profile = self.profiles.get(spec)
+            except ProfileUnavailable as e:
+                raise APIError(400, f"steer_profile {e.name!r} {e.why}", "invalid_request_error", e.code,
+                               "steer_profile") from None
+        try:
+            return name, self.profile_with_k(name, profile, k if k is not None else self.topk)
+        except SteerError as e:
+            raise APIError(400, f"steer_topk: {str(e).split(': ', 1)[-1]}", "invalid_request_error", "invalid_topk",
+                           "steer_topk") from None
+
+    def _inline(self, data: dict) -> tuple[str, Optional[Profile]]:
+        key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        name = f"inline:{key}"
+        if key not in self.inline:
+            try:
+                p = Profile.from_dict(data, source="steer_profile")
+                p.check(self.llm.info, source="steer_profile")
+            except SteerError as e:
+                raise APIError(400, str(e), "invalid_request_error", "invalid_profile", "steer_profile") from None
+            self.inline[key] = None if p.is_empty else p
+            while len(self.inline) > MAX_INLINE_PROFILES:
+                self.inline.popitem(last=False)
+        self.inline.move_to_end(key)
+        return name, self.inline[key]
 
     def profile_with_k(self, name: str, profile: Profile | None, k: Optional[int]) -> Profile | None:
         if k is None:
@@ -238,6 +278,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         return await _generate(state, request, await _parse(request, CompletionRequest, state.max_body), chat=False)
 
+    from . import page  # the web page and the calls only it makes; it imports this module
+
+    page.add_routes(app, state, auth)
     return app
 
 
@@ -262,7 +305,7 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def _parse(request: Request, model: type[BaseModel], max_body: int) -> Any:
+async def _parse_json(request: Request, max_body: int) -> Any:
     # parsed by hand, whatever the Content-Type: `curl -d` sends JSON as a form
     raw = await _read_body(request, max_body)
     try:
@@ -275,6 +318,11 @@ async def _parse(request: Request, model: type[BaseModel], max_body: int) -> Any
         check_json_value(data, "request body", max_depth=MAX_BODY_DEPTH)
     except SteerError as e:
         raise APIError(400, str(e), code="invalid_json") from None
+    return data
+
+
+async def _parse(request: Request, model: type[BaseModel], max_body: int) -> Any:
+    data = await _parse_json(request, max_body)
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         # OpenAI allows null content (an assistant turn that only called tools); the
         # request types here want a string
@@ -323,16 +371,7 @@ class ClientGone(Exception):
 
 
 async def _generate(state: ServerState, request: Request, body: ChatRequest | CompletionRequest, chat: bool):
-    try:
-        name, profile = state.profiles.get(body.steer_profile)
-    except ProfileUnavailable as e:
-        raise APIError(400, f"steer_profile {e.name!r} {e.why}", "invalid_request_error", e.code,
-                       "steer_profile") from None
-    try:
-        profile = state.profile_with_k(name, profile, body.steer_topk if body.steer_topk is not None else state.topk)
-    except SteerError as e:
-        raise APIError(400, f"steer_topk: {str(e).split(': ', 1)[-1]}", "invalid_request_error", "invalid_topk",
-                       "steer_topk") from None
+    name, profile = state.profile_of(body.steer_profile, body.steer_topk)
     job = Job(chat=chat, stream=body.stream, kwargs=llama_kwargs(state.llm, body, state.model_id),
               profile_name=name, profile=profile, trace=body.steer_trace,
               loop=asyncio.get_running_loop(), events=asyncio.Queue(), phase=body.steer_phase)
@@ -390,7 +429,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(state: ServerState, sock: socket.socket, access_log: bool = False) -> None:
+def run(state: ServerState, sock: socket.socket, access_log: bool = False, open_browser: bool = False) -> None:
     import uvicorn
 
     config = uvicorn.Config(create_app(state), log_level="info" if access_log else "warning",
@@ -400,5 +439,21 @@ def run(state: ServerState, sock: socket.socket, access_log: bool = False) -> No
     print(f"steer-gguf: serving {state.model_id} at http://{shown}:{port}/v1 "
           f"(default profile: {state.profiles.default}; profiles: {', '.join(state.profiles.usable)})",
           flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    print(f"steer-gguf: web page at http://{shown}:{port}/", flush=True)
+    server = uvicorn.Server(config)
+    if open_browser:
+        threading.Thread(target=_open_when_started, args=(server, f"http://{shown}:{port}/"), daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def _open_when_started(server, url: str) -> None:
+    """The browser opens once the page can be served: opened earlier it would wait on a
+    socket nobody accepts yet. The API key is never put in the URL (other users of the
+    machine see a browser's command line): the page asks for it."""
+    import webbrowser
+
+    while not server.started and not server.should_exit:
+        time.sleep(0.1)
+    if server.started and not webbrowser.open(url):
+        print(f"steer-gguf: no browser to open here; open {url} yourself", flush=True)
 
