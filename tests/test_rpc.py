@@ -13,12 +13,12 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from clitools import ENV, NEUTRAL_CWD, assert_one_line_error, cli
+from rpcserver import free_port, start_server, stop
 from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
 from steer_gguf.engine import rpc
 from steer_gguf.engine.contexts import _native
@@ -35,38 +35,16 @@ OK = _native.STATUS["OK"]
 MODES = {"remote": 99, "split": 3}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int) -> subprocess.Popen:
-    p = subprocess.Popen([str(rpc.server_binary()), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):  # until it listens (or dies)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return p
-        except OSError:
-            if p.poll() is not None:
-                raise RuntimeError(f"rpc-server on port {port} exited with {p.returncode}")
-            time.sleep(0.05)
-    p.kill()
-    raise RuntimeError(f"rpc-server on port {port} never listened")
-
-
 @pytest.fixture(scope="session")
 def servers():
     """Two servers for the whole session: llama.cpp asks every registered device for its memory
     at each model load, so a registered server must outlive every later load in this process."""
-    procs = [start_server(free_port()) for _ in range(2)]
-    endpoints = [f"127.0.0.1:{p.args[4]}" for p in procs]
+    started = [start_server(rpc.server_binary()) for _ in range(2)]
+    endpoints = [e for _, e in started]
     rpc.connect(endpoints)
     yield endpoints
-    for p in procs:
-        p.kill()
-        p.wait()
+    for p, _ in started:
+        stop(p)
 
 
 def devices_of_layers(log: str) -> dict[int, str]:
@@ -157,8 +135,7 @@ print("no error", flush=True)
 
 def test_a_server_killed_mid_run_is_one_error_line(make):
     path = make("qwen3moe", n_layer=4)
-    server = start_server(free_port())
-    endpoint = f"127.0.0.1:{server.args[4]}"
+    server, endpoint = start_server(rpc.server_binary())
     w = subprocess.Popen([sys.executable, "-c", WORKER, str(path), endpoint], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=NEUTRAL_CWD, env=ENV)
     try:
@@ -167,10 +144,8 @@ def test_a_server_killed_mid_run_is_one_error_line(make):
         server.wait()
         out, err = w.communicate("\n", timeout=120)  # a hang fails here
     finally:
-        for p in (w, server):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop(w)
+        stop(server)
     assert w.returncode == 2, (w.returncode, err)
     assert "no error" not in out
     lines = [l for l in err.splitlines() if l.strip()]
