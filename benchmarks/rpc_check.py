@@ -79,6 +79,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2, default=str))
 
     stage = pathlib.Path(args.build_dir).resolve() / "stage"
+    # CMake and Ninja installed by pip into this interpreter's environment, active or not
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     if not args.skip_build:
         os.environ["CMAKE_ARGS"] = (os.environ.get("CMAKE_ARGS", "") + " -DGGML_RPC=ON").strip()
         result["build"] = gpu_check.build(argparse.Namespace(build_dir=args.build_dir, jobs=args.jobs), "cpu")

@@ -84,3 +84,18 @@ def server_binary() -> pathlib.Path | None:
     """The rpc-server built with this package (an RPC build installs it), or None."""
     p = PACKAGE_DIR / "bin" / "rpc-server"
     return p if p.is_file() and os.access(p, os.X_OK) else None
+
+
+def main(argv: list[str]) -> None:
+    """`python -m steer_gguf.engine.rpc [rpc-server options]`: run the bundled rpc-server."""
+    binary = server_binary()
+    if binary is None:
+        raise SystemExit("steer-gguf: error: this build installed no rpc-server: reinstall with "
+                         "CMAKE_ARGS=-DGGML_RPC=ON (see docs/rpc.md)")
+    os.execv(binary, [str(binary), *argv])
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
