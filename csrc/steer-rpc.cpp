@@ -5,7 +5,7 @@
 // ggml's RPC client aborts the process when a server stops answering (ggml-rpc.cpp's
 // RPC_STATUS_ASSERT, in its dispatcher thread): the abort callback installed here turns that
 // into one error line and exit status 2, the CLI's error status, instead of a core dump; the
-// transport's own "send failed"/"recv failed" log line, logged just before, joins that line.
+// client's own log line just before it (a failed send/recv, a protocol mismatch) joins that line.
 #include "ggml.h"
 #include "ggml-backend.h"
 
@@ -30,9 +30,11 @@ void * g_log_previous_data = nullptr;
 bool g_installed = false;
 
 void on_log(ggml_log_level level, const char * text, void * data) {
-    // ggml-rpc's transport logs a failed send/recv, then the client aborts: keep it for that line
+    // ggml-rpc logs a failed send/recv or a protocol mismatch, then the client aborts: keep the
+    // line for the abort's
     if (level == GGML_LOG_LEVEL_ERROR && text &&
-        (std::strncmp(text, "send failed", 11) == 0 || std::strncmp(text, "recv failed", 11) == 0)) {
+        (std::strncmp(text, "send failed", 11) == 0 || std::strncmp(text, "recv failed", 11) == 0 ||
+         std::strncmp(text, "RPC server version mismatch", 27) == 0)) {
         std::snprintf(g_transport_note, sizeof(g_transport_note), "%s", text);
         g_transport_note[std::strcspn(g_transport_note, "\n")] = '\0';
         return;
@@ -46,7 +48,8 @@ void on_log(ggml_log_level level, const char * text, void * data) {
 }
 
 void on_abort(const char * message) {
-    // only the RPC client's aborts become an error line; any other keeps ggml's behaviour
+    // only the RPC client's aborts become an error line; any other is printed as ggml prints it
+    // (less its backtrace) and aborts as before
     if (message && std::strstr(message, "ggml-rpc")) {
         const char * text = std::strstr(message, ": ");  // drop the source file:line prefix
         text = text ? text + 2 : message;
