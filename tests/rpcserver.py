@@ -1,10 +1,19 @@
 """llama.cpp rpc-server processes on 127.0.0.1 for the RPC tests and benchmarks/rpc_check.py."""
 from __future__ import annotations
 
+import ctypes
 import pathlib
+import signal
 import socket
 import subprocess
+import sys
 import time
+
+
+def _die_with_parent() -> None:
+    # a test process that ends abruptly (a failed RPC check exits from C) must not leave its
+    # servers behind: Linux kills the child when its parent dies
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -17,7 +26,8 @@ def start_server(binary: str | pathlib.Path, port: int | None = None) -> tuple[s
     """Start one server (one thread) and wait until it listens; returns it and its HOST:PORT."""
     port = port or free_port()
     p = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     for _ in range(600):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
