@@ -34,6 +34,23 @@ static ggml_tensor * row_extreme(ggml_context * ctx, ggml_tensor * x, bool want_
     return ggml_reshape_2d(ctx, v, 1, n_tokens);
 }
 
+// whether buffers of this type belong to this process's own CPU backend, the only one that runs
+// the custom ops below (their function pointers mean nothing in another process). Host-visible
+// GPU buffers (CUDA pinned, Metal shared) do not; nor does a device of llama.cpp's RPC backend,
+// whatever type the remote device reports (GPU today; ggml-rpc.cpp means to ask the server).
+static bool steer_local_cpu(ggml_backend_buffer_type_t buft) {
+    if (!ggml_backend_buft_is_host(buft)) {
+        return false;
+    }
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    if (!dev) {
+        return true;
+    }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    return ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU &&
+           !(reg && std::strcmp(ggml_backend_reg_name(reg), "RPC") == 0);
+}
+
 // the CPU ops: userdata packs the add row (bits 0-1), any_act (2), any_deact (3), clamp (4)
 static void steer_cpu_op(ggml_tensor * dst, const ggml_tensor * x, const ggml_tensor * coef,
                          int ith, int nth, void * userdata) {
@@ -259,13 +276,10 @@ bool llama_adapter_steer::init(const llama_model & model, const std::vector<cons
         l.any_act   = f.act;
         l.any_deact = f.deact;
         ggml_backend_buffer_type_t buft = model.select_buft(il);
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-        // only the CPU backend runs the custom op (its buffer type names no device);
-        // host-visible GPU buffers (CUDA pinned, Metal shared) belong to backends that do not.
+        // only the local CPU backend runs the custom op; GPU and RPC devices take the op chain.
         // STEER_GGUF_PORTABLE_OPS=1 forces the GPU op chain on the CPU too, so that machines
         // without a GPU can test what GPUs run.
-        l.on_cpu = ggml_backend_buft_is_host(buft) && (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) &&
-                   !portable;
+        l.on_cpu = steer_local_cpu(buft) && !portable;
         ggml_context * c = ctx_for(buft);
         if (!c) {
             return false;
@@ -1060,10 +1074,7 @@ int32_t llama_steer_route_record(llama_context * ctx, int32_t flags) {
         // as the steering op decides (llama_adapter_steer::init): a layer whose buffers are the
         // CPU backend's runs no fused kernels, so its routing tensors can be outputs in place;
         // STEER_GGUF_PORTABLE_OPS=1 takes the copy path on the CPU too, so CPU machines test it
-        ggml_backend_buffer_type_t buft = model.select_buft(il);
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-        const bool cpu = ggml_backend_buft_is_host(buft) && (!dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU);
-        r.copy_layer[il] = !cpu || portable;
+        r.copy_layer[il] = !steer_local_cpu(model.select_buft(il)) || portable;
     }
     // the graph changes: let a running decode finish, rebuild the next graph, re-reserve
     ggml_backend_sched_synchronize(ctx->get_sched());

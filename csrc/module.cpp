@@ -202,10 +202,13 @@ struct Observer {
     void clear_hook() { hook = false; }
 };
 
+void steer_rpc_bind(py::module_ & m);  // steer-rpc.cpp
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "steer-gguf native bridge (patched libllama)";
     m.attr("API_VERSION") = llama_steer_api_version();
     m.attr("LLAMA_CPP_PYTHON_VERSION") = STEER_LLAMA_CPP_PYTHON_VERSION;
+    steer_rpc_bind(m);
     // steer.h's codes, so that Python names them instead of copying the numbers
     py::dict codes;
     codes["OK"] = (int) LLAMA_STEER_OK;

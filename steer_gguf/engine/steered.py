@@ -14,6 +14,8 @@ from ..model import NOT_RUNNABLE, ModelInfo, model_info
 from ..profile import Profile, as_profile, with_topk
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
+from .rpc import connect as rpc_connect
+from .rpc import connect_from_env as rpc_connect_from_env
 from .threads import ThreadGovernor, physical_cores
 from .tracing import RECORDERS, Recorder, Tracing, recorder_kw
 
@@ -29,12 +31,15 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
     recorder="graph" records routing from the graph's own outputs; recorder="callback" through
     the eval callback (slower; the test oracle of the first).
 
+    rpc="HOST:PORT,...": llama.cpp rpc-server processes whose devices take the offloaded layers
+    (n_gpu_layers), for the whole process (engine/rpc.py); STEER_GGUF_RPC does the same.
+
     Safe to share between threads: generation, tracing and profile switches take one lock.
     """
 
     def __init__(self, model_path: str | os.PathLike, profile: Profile | str | os.PathLike | None = None, *,
                  engine: str = "graph", force: bool = False, recorder: str = "graph", topk: int | None = None,
-                 **llama_kwargs):
+                 rpc: str | list[str] | None = None, **llama_kwargs):
         if engine not in ENGINES:
             raise SteerError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if recorder not in RECORDERS:
@@ -56,6 +61,11 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
             llama_kwargs["n_ctx"] = min(4096, self.info.n_ctx_train or 4096)
         from llama_cpp import _logger
         _logger.set_verbose(bool(llama_kwargs["verbose"]))
+        # rpc="HOST:PORT,...": those servers' devices join the offload targets (docs/rpc.md)
+        if rpc:
+            rpc_connect(rpc)
+        else:
+            rpc_connect_from_env()
         try:
             # info.path: a split model's first part, which llama.cpp wants whichever part was named
             super().__init__(model_path=self.info.path, **llama_kwargs)

@@ -50,7 +50,18 @@ def llama_options(f):
                      help="graph: steering inside llama.cpp's gating; hook: eval-callback oracle")(f)
     f = click.option("--force", is_flag=True, help="apply a profile made for another model of the same shape")(f)
     f = click.option("--verbose", is_flag=True, help="show llama.cpp's log")(f)
+    f = click.option("--rpc", metavar="HOST:PORT[,...]", expose_value=False, callback=_connect_rpc,
+                     help="offload layers to these llama.cpp rpc-server processes (with --n-gpu-layers; "
+                          "docs/rpc.md)")(f)
     return f
+
+
+def _connect_rpc(ctx, param, value):
+    # the servers join llama.cpp's devices for this whole process, before any model loads
+    if value:
+        from ..engine.rpc import connect
+
+        connect(value)
 
 
 def topk_option(f):
