@@ -38,7 +38,9 @@ def sweep(path, calibration: str | None, heldout: str, threads: dict, text_split
             windows = [toks[i:i + 256] for i in range(0, len(toks), 256)]
             held, held_name, calib = text_split[half:], "the second half of the neutral text", "its first half"
         else:
-            windows = pr.calibration_windows(llm, calibration)
+            from steer_gguf.detect.datasets import load_prompts
+
+            windows = pr.calibration_windows(llm, calibration, load_prompts(calibration))
             held, held_name, calib = heldout, "the neutral text", calibration
         keeps = sorted({pr.n_keep(llm.info, f, None) for f in KEEPS}, reverse=True)
         rep, _ = pr.run_prune(llm, calib, windows, held, held_name, keeps, "reap")

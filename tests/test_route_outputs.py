@@ -202,7 +202,7 @@ def test_recording_keeps_graph_reuse_and_needs_no_eval_callback(pair):
 def test_route_api_rejects_bad_input(pair):
     m, _ = pair["graph"]
     ptr = m._ctx_ptr
-    for flags in (-1, 2, 4, 7):  # weights without experts, unknown bits
+    for flags in (-1, 2, 4, 6, 8):  # weights or norms without experts, unknown bits
         rc, msg = _native.route_record(ptr, flags)
         assert rc == _native.STATUS["ERR_ROUTE"] and msg
     assert _native.route_take(ptr, m.info.n_layer, False) == {}  # nothing recorded: nothing to read

@@ -140,19 +140,15 @@ class PruneReport:
         return d
 
 
-def calibration_windows(llm, spec: str, window: int = 256) -> list[list[int]]:
-    """Token windows of the calibration data: a text file, a JSONL of chats, or builtin:NAME."""
-    from ..detect.datasets import BUILTIN_PREFIX, load_prompts
-    from ..fileio import decode_text, read_bytes
-
-    if spec.startswith(BUILTIN_PREFIX) or spec.endswith(".jsonl"):
-        convs = load_prompts(spec)
-        toks = [llm.chat_tokens(c, False) for c in convs]
-        wins = [t[i:i + window] for t in toks for i in range(0, len(t), window)]
+def calibration_windows(llm, spec: str, conversations: list | None = None, text: str | None = None,
+                        window: int = 256) -> list[list[int]]:
+    """Token windows of the calibration data `spec`: its chats (a JSONL of chats or builtin:NAME,
+    read by the caller) or its text."""
+    if conversations is not None:
+        toks = [llm.chat_tokens(c, False) for c in conversations]
     else:
-        text = decode_text(read_bytes(spec, "calibration text"), spec)
-        toks = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-        wins = [toks[i:i + window] for i in range(0, len(toks), window)]
+        toks = [llm.tokenize((text or "").encode("utf-8"), add_bos=True, special=False)]
+    wins = [t[i:i + window] for t in toks for i in range(0, len(t), window)]
     wins = [w for w in wins if w]
     if not wins:
         raise SteerError(f"{spec}: the calibration data holds no tokens")

@@ -427,7 +427,7 @@ def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, outp
     keeps = sorted({pr.n_keep(info, f, None) for f in fracs}, reverse=True) if sweep is not None else \
         [pr.n_keep(info, keep, drop)]
     llm = open_model(model, None, **kw)
-    windows = pr.calibration_windows(llm, calibration)
+    windows = pr.calibration_windows(llm, calibration, *_calibration_data(calibration))
     with Progress(len(windows), "recording expert use") as bar:
         rep, kept = pr.run_prune(llm, calibration, windows, held, held_name, keeps, criterion, seeds=seeds,
                                  on_progress=bar)
@@ -456,6 +456,16 @@ def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, outp
         from .plots import prune_plot
 
         prune_plot(rep, kept[keeps[0]], plot)
+
+
+def _calibration_data(spec: str) -> tuple[list | None, str | None]:
+    """(conversations, None) for a JSONL of chats or builtin:NAME, else (None, the text)."""
+    from ..detect.datasets import BUILTIN_PREFIX, load_prompts
+    from ..fileio import decode_text, read_bytes
+
+    if spec.startswith(BUILTIN_PREFIX) or spec.endswith(".jsonl"):
+        return load_prompts(spec), None
+    return None, decode_text(read_bytes(spec, "calibration text"), spec)
 
 
 def _float_list(name: str, text: str) -> list[float]:
