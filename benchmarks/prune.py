@@ -95,6 +95,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller benchmark model")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-cost", action="store_true", help="only the sweeps")
+    ap.add_argument("--skip-sweeps", action="store_true", help="only the saliency cost")
+    ap.add_argument("--cost-model", choices=("benchmark", "qwen3-30b"), default="benchmark",
+                    help="the model the saliency cost is timed on: the benchmark model (8 MoE layers), or one "
+                         "shaped like Qwen3-30B-A3B's MoE stack (48 layers x 128 experts, tiny width)")
     harness.add_arguments(ap)
     args = ap.parse_args()
     from steer_gguf.evaluation.measure import NEUTRAL_TEXT
@@ -111,10 +115,18 @@ def main() -> int:
             ("bilingual", data / "bilingual.gguf", "builtin:language",
              (data / "eval" / "bilingual-neutral.txt").read_text(encoding="utf-8")),
             ("benchmark", bench, None, None)):
+        if args.skip_sweeps:
+            break
         print(f"== {name}", flush=True)
         out["models"][name] = sweep(path, calib, held, threads, text_split=neutral)
     if not args.skip_cost:
-        out["saliency_cost"] = saliency_cost(bench, threads, args)
+        # the last layer is where saliency costs: plain prefill computes its experts for the
+        # output row only, saliency for every token (1 / MoE layers of the expert work)
+        from topk import QWEN3_30B_SHAPE
+
+        model = bench if args.cost_model == "benchmark" else synthetic_model(**QWEN3_30B_SHAPE)
+        out["saliency_cost"] = saliency_cost(model, threads, args)
+        out["saliency_cost"]["model"] = args.cost_model
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

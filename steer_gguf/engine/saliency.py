@@ -74,10 +74,10 @@ def expert_usage(llm, windows: Sequence[Sequence[int]], on_progress: Callable[[i
                         raise SteerError(f"saliency recorder: MoE layer {il} did not route every token")
                     e, w, _, nrm = rec[il]
                     ok = e >= 0
-                    j = row[il]
-                    np.add.at(count[j], e[ok], 1)
-                    np.add.at(weight[j], e[ok], w[ok].astype(np.float64))
-                    np.add.at(sal[j], e[ok], (w[ok] * nrm[ok]).astype(np.float64))
+                    j, ex, n = row[il], e[ok], info.n_expert
+                    count[j] += np.bincount(ex, minlength=n)[:n]
+                    weight[j] += np.bincount(ex, weights=w[ok].astype(np.float64), minlength=n)[:n]
+                    sal[j] += np.bincount(ex, weights=(w[ok].astype(np.float64) * nrm[ok]), minlength=n)[:n]
                 seen += len(win)
                 if on_progress:
                     on_progress(1)
