@@ -72,8 +72,9 @@ def bench_model(path, ks: list[int], args, prompt_tokens: int, decode_tokens: in
                 llm = stock[k]
             else:
                 llm = steered
-                llm.set_profile(profiles[k])  # one graph rebuild, before the timed runs
-                prefill(llm)
+                llm.set_profile(profiles[k])  # graph rebuilds, before the timed runs:
+                prefill(llm)                  # the prefill graph,
+                llm.eval([decode[0]])         # and the one-token decode graph
             # decode continues after the prompt, as generation does
             return {"prefill": rate(lambda: prefill(llm), len(prompt)),
                     "decode": rate(lambda: decode_run(llm), len(decode))}
