@@ -13,6 +13,7 @@ import sys
 
 from ..errors import SteerError
 from ..fileio import PACKAGE_DIR
+from . import backends
 
 
 def lib_dir() -> pathlib.Path:
@@ -38,6 +39,9 @@ def load():
     else:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
     import llama_cpp
+
+    # a wheel's backends are modules in lib/: registered before llama_backend_init looks elsewhere
+    backends.load(d)
 
     try:
         from .. import _native
