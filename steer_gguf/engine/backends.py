@@ -73,7 +73,7 @@ def _ggml(lib_dir: pathlib.Path) -> ctypes.CDLL:
         try:
             _libs[path] = _bind(ctypes.CDLL(str(path)))
         except (OSError, AttributeError) as e:
-            raise SteerError(f"steer-gguf: cannot use ggml's backend registry in {path} ({e}); reinstall steer-gguf")
+            raise SteerError(f"cannot use ggml's backend registry in {path} ({e}); reinstall steer-gguf")
     return _libs[path]
 
 
@@ -86,7 +86,7 @@ def load(lib_dir: pathlib.Path) -> None:
     g.ggml_backend_load_all_from_path(str(lib_dir).encode())
     if not g.ggml_backend_reg_by_name(b"CPU"):
         shipped = ", ".join(cpu_variants_in(lib_dir)) or "none"
-        raise SteerError(f"steer-gguf: no CPU backend in {lib_dir} runs on this CPU (variants there: {shipped}); "
+        raise SteerError(f"no CPU backend in {lib_dir} runs on this CPU (variants there: {shipped}); "
                          f"reinstall steer-gguf, or build it from source (scripts/install.sh)")
 
 
