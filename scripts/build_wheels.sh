@@ -94,7 +94,7 @@ fi
 exclude=(--exclude 'libvulkan.so.1' --exclude 'libcuda.so.1' --exclude 'libcudart.so.*' --exclude 'libcublas.so.*'
          --exclude 'libcublasLt.so.*' --exclude 'libnvidia-*')
 rm -f "$out"/steer_gguf-"$VERSION"*-*.whl
-"$BPY" -m auditwheel repair -q "${exclude[@]}" -w "$out" "$wheel"
+"$BPY" -m auditwheel repair "${exclude[@]}" -w "$out" "$wheel"
 "$BPY" -m auditwheel show "$out"/steer_gguf-*.whl
 
 # ---- llama-cpp-python: its Python layer only ------------------------------------------------------
