@@ -57,13 +57,14 @@ clean "$W/venv/bin/steer-gguf" info --system | tee "$W/info.txt"
 grep -q "^build: dispatching" "$W/info.txt" || fail "the wheel's build is not the dispatching one"
 clean "$W/venv/bin/steer-gguf" demo --out "$W/demo" --show 1 >"$W/demo.log" 2>&1 || { cat "$W/demo.log"; fail "steer-gguf demo"; }
 tail -4 "$W/demo.log"
+"$VPY" "$ROOT/scripts/wheel_check.py" demo-steers "$W/demo.log" || fail "the demo's steering took no effect"
 clean "$VPY" -m pip install -q --no-index --find-links "$DIST" pytest hypothesis
 # the pytest script, not `python -m pytest`: the checkout's root must not shadow the installed package
 (cd "$ROOT" && clean "$W/venv/bin/pytest" -q -p no:cacheprovider tests/test_wheels.py tests/test_steering.py) \
     || fail "the test subset on the installed wheel"
-cd "$ROOT"
 
 # ---- older CPUs under qemu-user -------------------------------------------------------------------
+# still in $W: `python -m steer_gguf` puts the current directory first on sys.path
 if [ "${STEER_GGUF_QEMU:-1}" = 0 ]; then
     echo "check_wheels: qemu step skipped (STEER_GGUF_QEMU=0)"
     exit 0
@@ -86,12 +87,13 @@ for pair in Nehalem:sse42 Haswell:haswell; do
     echo "check_wheels: qemu -cpu $model: CPU variant $got"
     t0=$(date +%s)
     set +e
-    (cd "$W" && clean "$QEMU" -cpu "$model" "$VPY" -m steer_gguf demo --out "$W/q-demo-$model" --show 1 >"$W/q-demo-$model.log" 2>&1)
+    (clean "$QEMU" -cpu "$model" "$VPY" -m steer_gguf demo --out "$W/q-demo-$model" --show 1 >"$W/q-demo-$model.log" 2>&1)
     rc=$?
     set -e
     [ $rc = 132 ] && fail "SIGILL under qemu -cpu $model (demo)"
     [ $rc = 0 ] || { tail -20 "$W/q-demo-$model.log"; fail "steer-gguf demo under qemu -cpu $model: exit $rc"; }
     grep -q "profiles written to" "$W/q-demo-$model.log" || fail "the demo under qemu -cpu $model wrote no profiles"
+    "$VPY" "$ROOT/scripts/wheel_check.py" demo-steers "$W/q-demo-$model.log" || fail "steering took no effect under qemu -cpu $model"
     echo "check_wheels: qemu -cpu $model: demo passed (detection + steered generation) in $(( $(date +%s) - t0 )) s"
 done
 echo "check_wheels: all passed"

@@ -90,6 +90,24 @@ def test_pip_log_check():
     assert len(wc.pip_build_lines(built)) == 2
 
 
+def test_demo_log_check(tmp_path):
+    wc = _wheel_check()
+    steered = ("3. style rates over the held-out prompts (2 answers each, temperature 0.7)\n"
+               "   numbers (48 prompts): unsteered: 44% digits / 56% words; toward digits: 100% digits / 0% words; "
+               "toward words: 0% digits / 100% words\n"
+               "   restricted (48 prompts): unsteered: 55% refuse / 45% comply; toward refuse: 90% refuse / 10% comply; "
+               "toward comply: 5% refuse / 95% comply\n")
+    assert wc.demo_shifts(steered) == {"numbers": 100, "restricted": 85}
+    unsteered = steered.replace("toward refuse: 90% refuse / 10% comply", "toward refuse: 50% refuse / 50% comply")
+    assert wc.demo_shifts(unsteered)["restricted"] == 45
+    (tmp_path / "ok.log").write_text(steered)
+    (tmp_path / "weak.log").write_text(unsteered)
+    (tmp_path / "empty.log").write_text("steer-gguf: error: something\n")
+    assert wc.main(["demo-steers", str(tmp_path / "ok.log")]) == 0
+    assert wc.main(["demo-steers", str(tmp_path / "weak.log")]) == 1
+    assert wc.main(["demo-steers", str(tmp_path / "empty.log")]) == 1
+
+
 def test_info_system_describes_this_install():
     """Whichever way this package was installed, info --system says so and it is consistent: a
     source install is native with its CPU backend linked in; a wheel dispatches to a variant it ships,

@@ -40,9 +40,6 @@ def load():
         os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
     import llama_cpp
 
-    # a wheel's backends are modules in lib/: registered before llama_backend_init looks elsewhere
-    backends.load(d)
-
     try:
         from .. import _native
     except ImportError as e:
@@ -52,6 +49,9 @@ def load():
                          f"{_native.LLAMA_CPP_PYTHON_VERSION}: pip install llama-cpp-python=={_native.LLAMA_CPP_PYTHON_VERSION} "
                          f"(see README: install it without its own native build)")
     _route_log(llama_cpp)
+    # a wheel's backends are modules in lib/: registered before llama_backend_init looks elsewhere
+    # (after _route_log, so that ggml's "loaded CPU backend" goes through our log levels)
+    backends.load(d)
     return llama_cpp, _native
 
 
