@@ -48,8 +48,8 @@ def main(argv: list[str]) -> int:
             print(f"wheel_check: {w} holds native libraries: {', '.join(libs)}", file=sys.stderr)
         return 1 if bad else 0
     if len(argv) >= 2 and argv[0] == "sizes":
-        for d in argv[1:]:
-            for w in sorted(pathlib.Path(d).glob("*.whl")):
+        for d in dict.fromkeys(pathlib.Path(d).resolve() for d in argv[1:]):
+            for w in sorted(d.glob("*.whl")):
                 print(f"{w.stat().st_size / 2**20:8.2f} MiB  {w}")
         return 0
     if len(argv) == 2 and argv[0] == "pip-built-nothing":
