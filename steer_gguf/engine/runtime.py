@@ -13,6 +13,7 @@ import sys
 
 from ..errors import SteerError
 from ..fileio import PACKAGE_DIR
+from . import backends
 
 
 def lib_dir() -> pathlib.Path:
@@ -48,6 +49,17 @@ def load():
                          f"{_native.LLAMA_CPP_PYTHON_VERSION}: pip install llama-cpp-python=={_native.LLAMA_CPP_PYTHON_VERSION} "
                          f"(see README: install it without its own native build)")
     _route_log(llama_cpp)
+    # a wheel's backends are modules in lib/: registered before llama_backend_init looks elsewhere.
+    # ggml says which CPU variant it loaded at INFO, before any Llama(verbose=False) quiets the log:
+    # `steer-gguf info --system` says it instead
+    from llama_cpp import _logger
+
+    level = _logger.logger.level
+    _logger.logger.setLevel(max(level, logging.WARNING))
+    try:
+        backends.load(d)
+    finally:
+        _logger.logger.setLevel(level)
     return llama_cpp, _native
 
 

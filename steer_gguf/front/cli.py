@@ -84,12 +84,15 @@ def open_model(model: str, profile: str | None, n_ctx: int, n_gpu_layers: int, n
                         n_gpu_layers=n_gpu_layers, verbose=verbose, **thread_kwargs(n_threads), **extra)
 
 
-def _model_arg():
+def _model_arg(unless: str | None = None):
     """MODEL, a GGUF file (any part of a split one), or -hf USER/REPO[:QUANT] as llama.cpp takes
-    it; the command is called with `model` as the local path either way."""
+    it; the command is called with `model` as the local path either way (None where the flag
+    named `unless` is given and no model is)."""
     def decorate(f):
         @functools.wraps(f)
         def run(*args, model, hf_repo, hf_file, **kw):
+            if unless and kw.get(unless) and not (model or hf_repo or hf_file):
+                return f(*args, model=None, **kw)
             return f(*args, model=resolve_model(model, hf_repo, hf_file), **kw)
 
         run = click.option("--hf-file", help="with -hf: the file in the repository to use (instead of a quant tag)")(run)
@@ -123,10 +126,19 @@ def main():
 
 # ---- info / models ----------------------------------------------------------------------------
 @main.command()
-@_model_arg()
+@_model_arg(unless="system")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def info(model, as_json):
-    """MoE layout, gating and fingerprint of a GGUF model."""
+@click.option("--system", is_flag=True, help="instead: how steer-gguf was built and which ggml backends run here")
+def info(model, as_json, system):
+    """MoE layout, gating and fingerprint of a GGUF model (--system: the build and its backends)."""
+    if system:
+        if model:
+            raise SteerError("info --system takes no MODEL")
+        from ..engine.sysinfo import system_info
+
+        s = system_info()
+        click.echo(json.dumps(s.to_dict(), indent=2) if as_json else s.report())
+        return
     from ..model import model_info
 
     from ..model import verification
