@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fixtures.backend import TEST_NGL
-from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama, model_info
+from steer_gguf import ExpertRule, ModelRef, Profile, SteeredLlama
 from steer_gguf.engine.batch import BatchEngine, Request, SamplerSpec
 from steer_gguf.engine.contexts import _native, llama_cpp
 from steer_gguf.errors import SteerError
