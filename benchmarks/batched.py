@@ -20,7 +20,6 @@ recorded. Configurations:
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
@@ -157,14 +156,10 @@ def main() -> None:
         print(f"{n:>4} {row['plain']['median']:>12.1f} {row['ratios']['mixed/plain']:>12.3f} "
               f"{row['ratios']['mixed-noop/plain']:>11.3f} {row['ratios']['plain/one-by-one']:>15.2f} "
               f"{row['engine']['median']:>13.1f}")
-    for name, r in run["figures"].items():
-        print(harness.format_figure(name, r))
     llama_cpp.llama_batch_free(batch)
     ctx.close()
     llm.close()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    harness.finish(result, run["figures"], args.json)
 
 
 if __name__ == "__main__":

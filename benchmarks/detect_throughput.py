@@ -14,7 +14,6 @@ ratios medians of per-round ratios, the load of other processes recorded.
 from __future__ import annotations
 
 import argparse
-import json
 
 import harness
 from common import QUICK_SHAPE, machine, summary, synthetic_model, thread_kwargs, timed
@@ -74,11 +73,7 @@ def main() -> None:
           f"{run['rounds']} rounds; {res['machine']['cpu']} x{res['machine']['cores']}")
     for k, s in res["rates"].items():
         print(f"{k:7s} {s['median']:10.1f} tok/s [{s['min']:.1f}-{s['max']:.1f}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-    for name, r in run["figures"].items():
-        print(harness.format_figure(name, r))
+    harness.finish(res, run["figures"], args.json)
 
 
 if __name__ == "__main__":

@@ -142,11 +142,7 @@ def main() -> None:
     print(f"{run['rounds']} rounds (stopped by {run['stopped_by']})")
     for c, d in result["rates"].items():
         print(f"{c:15s} prefill {d['prefill']['median']:9.1f} tok/s   decode {d['decode']['median']:8.1f} tok/s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    for name, r in run["figures"].items():
-        print(harness.format_figure(name, r))
+    harness.finish(result, run["figures"], args.json)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,17 @@ def format_figure(name: str, r: dict) -> str:
     return f"{name}: {r['ratio']:.4f} [{lo:.4f}, {hi:.4f}] width {r['width']:.4f}, n={r['n']}{verdict}; {load}"
 
 
+def finish(result: Mapping, figures: Mapping[str, dict], json_path: str | None) -> None:
+    """A benchmark's last step: its results to `json_path` (if given), and one line per figure."""
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    for name, r in figures.items():
+        print(format_figure(name, r))
+
+
 def add_arguments(ap) -> None:
     """The harness's options, the same in every benchmark that uses it."""
     ap.add_argument("--min-rounds", type=int, default=20, help="at least this many interleaved rounds [20]")

@@ -30,7 +30,6 @@ Tracing by part, all on the tracing context that trace/trace_many/detection use 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Callable
 
 import numpy as np
@@ -227,11 +226,7 @@ def main() -> None:
             s = d.get(k)
             cells.append(f"{s['median']:10.1f} [{s['min']:.1f}-{s['max']:.1f}]" if s else "-")
         print(f"{c:8s} {cells[0]:>36s} {cells[1]:>36s}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    for name, r in run["figures"].items():
-        print(harness.format_figure(name, r))
+    harness.finish(result, run["figures"], args.json)
 
 
 if __name__ == "__main__":

@@ -139,8 +139,15 @@ def _qwen3moe(g: Gguf, k: int):
                          moe_intermediate_size=int(m["expert_feed_forward_length"]),
                          intermediate_size=int(m["feed_forward_length"]), norm_topk_prob=True,
                          decoder_sparse_step=1, mlp_only_layers=[])
+    sd = _qk_norm_moe(g, cfg.num_hidden_layers)
+    return Qwen3MoeForCausalLM, cfg, sd
+
+
+def _qk_norm_moe(g: Gguf, n_layer: int) -> dict:
+    """The weights of a model with q/k norms and one fused MoE block per layer (Qwen3-MoE and
+    OLMoE name them alike)."""
     sd = _top(g)
-    for i in range(cfg.num_hidden_layers):
+    for i in range(n_layer):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         sd |= _attn(g, i, p + "self_attn.")
         sd[p + "self_attn.q_norm.weight"] = g.t(b + "attn_q_norm.weight")
@@ -149,7 +156,7 @@ def _qwen3moe(g: Gguf, k: int):
         sd[p + "post_attention_layernorm.weight"] = g.t(b + "ffn_norm.weight")
         sd[p + "mlp.gate.weight"] = g.t(b + "ffn_gate_inp.weight")
         sd |= _experts_fused(g, i, p + "mlp.experts.")
-    return Qwen3MoeForCausalLM, cfg, sd
+    return sd
 
 
 def _olmoe(g: Gguf, k: int):
@@ -158,16 +165,7 @@ def _olmoe(g: Gguf, k: int):
     cfg = OlmoeConfig(**_common(g), num_experts=int(m["expert_count"]), num_experts_per_tok=k,
                       intermediate_size=int(m["feed_forward_length"]), norm_topk_prob=False,
                       clip_qkv=None)
-    sd = _top(g)
-    for i in range(cfg.num_hidden_layers):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        sd |= _attn(g, i, p + "self_attn.")
-        sd[p + "self_attn.q_norm.weight"] = g.t(b + "attn_q_norm.weight")
-        sd[p + "self_attn.k_norm.weight"] = g.t(b + "attn_k_norm.weight")
-        sd[p + "input_layernorm.weight"] = g.t(b + "attn_norm.weight")
-        sd[p + "post_attention_layernorm.weight"] = g.t(b + "ffn_norm.weight")
-        sd[p + "mlp.gate.weight"] = g.t(b + "ffn_gate_inp.weight")
-        sd |= _experts_fused(g, i, p + "mlp.experts.")
+    sd = _qk_norm_moe(g, cfg.num_hidden_layers)
     return OlmoeForCausalLM, cfg, sd
 
 

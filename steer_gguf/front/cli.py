@@ -416,8 +416,7 @@ def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out
 def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, output, merge, json_out, plot, **kw):
     """A smaller model: drop the experts a workload uses least, measured against random pruning."""
     from ..bake import prune as pr
-    from ..evaluation.measure import NEUTRAL_TEXT
-    from ..fileio import atomic_write, decode_text, read_bytes
+    from ..fileio import atomic_write
     from .progress import Progress
 
     if sweep is not None:
@@ -430,9 +429,7 @@ def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, outp
     if heldout is not None and os.path.abspath(heldout) == os.path.abspath(calibration):
         raise SteerError(f"{heldout}: the held-out text is the calibration data; its cost would be measured "
                          f"on what chose the experts")
-    held_name = "the built-in neutral text" if heldout is None else heldout
-    held = (NEUTRAL_TEXT.read_text(encoding="utf-8") if heldout is None
-            else decode_text(read_bytes(heldout, "held-out text"), heldout))
+    held_name, held = _text_or_neutral(heldout, "held-out text")
     from ..model import model_info
 
     info = model_info(model)
@@ -478,6 +475,16 @@ def _calibration_data(spec: str) -> tuple[list | None, str | None]:
     if spec.startswith(BUILTIN_PREFIX) or spec.endswith(".jsonl"):
         return load_prompts(spec), None
     return None, decode_text(read_bytes(spec, "calibration text"), spec)
+
+
+def _text_or_neutral(path: str | None, what: str) -> tuple[str, str]:
+    """(its name, its text): a user's text file, or with none the built-in neutral text."""
+    from ..evaluation.measure import NEUTRAL_TEXT
+    from ..fileio import decode_text, read_bytes
+
+    if path is None:
+        return "the built-in neutral text", NEUTRAL_TEXT.read_text(encoding="utf-8")
+    return path, decode_text(read_bytes(path, what), path)
 
 
 def _float_list(name: str, text: str) -> list[float]:
@@ -913,8 +920,7 @@ def tune_cmd(model, table, behavior_name, eval_set, max_items, samples, temperat
 def _tune_topk(model, topk_list, topk_schemes, text_file, rounds, table, behavior_name, eval_set, max_items, samples,
                temperature, max_tokens, seed, judge_model, parallel, phase, max_kl, output, json_out, plot, kw):
     from ..evaluation import topk_sweep
-    from ..evaluation.measure import NEUTRAL_TEXT
-    from ..fileio import atomic_write, decode_text, read_bytes
+    from ..fileio import atomic_write
     from .progress import Progress
 
     if table is not None:
@@ -931,9 +937,7 @@ def _tune_topk(model, topk_list, topk_schemes, text_file, rounds, table, behavio
         raise SteerError(f"--topk-schemes: {', '.join(bad) or 'none given'}: choose among "
                          f"{', '.join(topk_sweep.SCHEMES)}")
     _outputs(output, json_out)
-    text_name = "the built-in neutral text" if text_file is None else text_file
-    text = NEUTRAL_TEXT.read_text(encoding="utf-8") if text_file is None else decode_text(
-        read_bytes(text_file, "text file"), text_file)
+    text_name, text = _text_or_neutral(text_file, "text file")
     es = b = judge = sampling = None
     if behavior_name or eval_set:
         sampling = _sampling(samples, temperature, max_tokens, seed, parallel, phase)
