@@ -113,6 +113,10 @@ class TopkSweep:
 
 def _speed(llm, profile: Profile | None, prompt: list[int], decode: list[int]) -> tuple[float, float]:
     with llm.steering(profile):
+        # a new profile rebuilds the graph of each shape on its first decode: not the point's cost
+        llm.reset()
+        llm.eval(prompt)
+        llm.eval(decode[:1])
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -154,7 +158,6 @@ def sweep_topk(llm, ks: list[int], schemes: list[str], text: str, text_name: str
     n_pre = min(prefill_tokens, max(2, len(toks) - 1), llm.n_ctx() // 2)
     prompt, decode = toks[:n_pre], toks[n_pre:n_pre + decode_tokens] or toks[:decode_tokens]
     decode = decode[:max(1, min(len(decode), llm.n_ctx() - n_pre))]
-    _speed(llm, None, prompt, decode)  # warm-up: first-use allocations are no point's cost
     timings: list[list[tuple[float, float]]] = [[] for _ in points]
     for _ in range(rounds):
         for i, (_, _, p) in enumerate(points):
