@@ -10,8 +10,8 @@ import pytest
 
 from clitools import assert_one_line_error, cli
 from steer_gguf import SteeredLlama, model_info
-from steer_gguf.bake.prune import kept_at_random, kept_by_score, n_keep
-from steer_gguf.engine.saliency import expert_usage
+from steer_gguf.bake.prune import kept_at_random, kept_by_score, last_layer_stride, n_keep
+from steer_gguf.engine.saliency import expert_usage, last_layer_rows, window_records
 
 LLAMA = dict(n_ctx=256, n_threads=1, n_threads_batch=1)
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
@@ -50,6 +50,56 @@ def test_usage_counts_every_token_k_times_and_matches_the_trace(qwen):
         np.add.at(w, tr.experts[:, j, :].reshape(-1), tr.weights[:, j, :].reshape(-1))
         np.testing.assert_allclose(u.weight[j], w, rtol=1e-5, atol=1e-7)
     assert ((u.saliency > 0) == (u.count > 0)).all()
+
+
+def test_a_sampled_last_layer_records_the_same_rows_for_those_tokens(qwen):
+    """With the last layer sampling 1 token in 3, every other layer's usage is that of the full
+    run, and the last layer's is the full run's rows at exactly the sampled tokens (window's last
+    token included): the same experts, weights and output norms, fewer rows."""
+    info = model_info(qwen)
+    last = info.n_layer - 1
+    assert last in info.moe_layers
+    llm = SteeredLlama(qwen, **LLAMA)
+    try:
+        toks = llm.tokenize(TEXT.encode(), add_bos=True, special=False)
+        wins = [toks, toks[:17]]
+        full = [{il: tuple(np.copy(a) for a in r) for il, r in rec.items()} for _, rec in window_records(llm, wins)]
+        u1 = expert_usage(llm, wins)
+        u3 = expert_usage(llm, wins, last_stride=3)
+        sampled = [{il: tuple(np.copy(a) for a in r) for il, r in rec.items()} for _, rec in window_records(llm, wins, 3)]
+    finally:
+        llm.close()
+    j = info.moe_layers.index(last)
+    others = [i for i in range(len(u1.layers)) if i != j]
+    np.testing.assert_array_equal(u3.count[others], u1.count[others])
+    np.testing.assert_array_equal(u3.saliency[others], u1.saliency[others])
+    assert list(u3.layer_tokens[others]) == [len(toks) + 17] * len(others)
+    rows = [last_layer_rows(len(w), 3).astype(bool) for w in wins]
+    assert u3.layer_tokens[j] == sum(int(r.sum()) for r in rows) < u1.layer_tokens[j]
+    assert all(r[-1] for r in rows) and all(r.sum() == len(r) // 3 + (len(r) % 3 != 0) for r in rows)
+    for f, s, r in zip(full, sampled, rows):
+        e_full, w_full, _, n_full = f[last]
+        e, w, _, nrm = s[last]
+        np.testing.assert_array_equal(e, e_full[r])
+        np.testing.assert_allclose(w, w_full[r], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(nrm, n_full[r], rtol=1e-4)
+    assert u3.count[j].sum() == u3.layer_tokens[j] * info.n_expert_used
+    np.testing.assert_allclose(u3.frequency().sum(axis=1), info.n_expert_used)
+
+
+def test_the_last_layer_samples_only_with_enough_data(qwen):
+    """The stride never leaves the last layer fewer than 10 tokens per expert; 1 asks for every
+    token; below 1 is refused."""
+    from steer_gguf.errors import SteerError
+
+    info = model_info(qwen)
+    need = 10 * info.n_expert
+    assert last_layer_stride(info, need - 1) == 1
+    assert last_layer_stride(info, 2 * need) == 2
+    assert last_layer_stride(info, 100 * need) == 4
+    assert last_layer_stride(info, 100 * need, most=1) == 1
+    with pytest.raises(SteerError, match="--last-layer-stride must be >= 1"):
+        last_layer_stride(info, 100 * need, most=0)
 
 
 def test_saliency_is_weight_times_the_experts_output_norm(qwen, tmp_path):
@@ -103,6 +153,11 @@ def test_prune_writes_a_file_that_routes_as_the_steered_source(qwen, tmp_path):
     assert sum(p["criterion"] == "random" for p in d["points"]) == 5
     assert all(p["kl"] >= 0 and p["perplexity"] > 0 for p in d["points"])
     assert d["calibration_tokens"] > 0 and d["heldout"] == "the built-in neutral text"
+    # TEXT * 20 is enough calibration for the last layer to be sampled; the report and file say so
+    stride = last_layer_stride(info, d["calibration_tokens"])
+    assert stride > 1 and d["last_layer_stride"] == stride
+    assert json.loads(small.baked["prune"])["last_layer_stride"] == stride
+    assert f"the last layer's usage from 1 token in {stride}" in r.stdout
     assert "random (mean of 5)" in r.stdout and "pruned by" in cli("info", out).stdout
     assert out.stat().st_size < qwen.stat().st_size
 
@@ -129,6 +184,7 @@ def test_sweep_prints_size_against_cost_and_writes_no_model(qwen, tmp_path):
     ([], "one of --keep F"),
     (["--sweep", "0.5", "--keep", "0.5"], "--sweep compares keep fractions"),
     (["--sweep", "x"], "--sweep: expected comma-separated numbers"),
+    (["--keep", "0.5", "--last-layer-stride", "0"], "--last-layer-stride must be >= 1"),
 ])
 def test_bad_numbers_are_one_line_and_write_nothing(qwen, tmp_path, args, needle):
     calib = tmp_path / "c.txt"

@@ -23,6 +23,19 @@ from ..profile import ExpertRule, ModelRef, Profile
 CRITERIA = ("reap", "frequency")
 RANDOM_SEEDS = 5
 MIN_TOKENS_PER_EXPERT = 10  # below this many calibration tokens per expert the ranking is noise
+# the model's last layer records 1 token in this many (engine/saliency.expert_usage says why), but
+# never so few that it sees fewer than MIN_TOKENS_PER_EXPERT per expert
+LAST_LAYER_STRIDE = 4
+
+
+def last_layer_stride(info, n_tokens: int, most: int = LAST_LAYER_STRIDE) -> int:
+    """The last layer's sampling stride for n_tokens of calibration: up to `most`, never below the
+    per-expert minimum; 1 (every token) where the last layer is dense or the data is small."""
+    if most < 1:
+        raise SteerError(f"--last-layer-stride must be >= 1, got {most}")
+    if info.n_layer - 1 not in info.moe_layers:
+        return 1
+    return max(1, min(most, n_tokens // (MIN_TOKENS_PER_EXPERT * info.n_expert)))
 
 
 def n_keep(info, keep: float | None, drop: int | None) -> int:
@@ -107,6 +120,8 @@ class PruneReport:
     source_perplexity: float
     points: list[PrunePoint]
     warnings: list[str] = field(default_factory=list)
+    last_layer_stride: int = 1     # the last layer's saliency from 1 calibration token in this many
+    last_layer_tokens: int | None = None
     written: str | None = None
     check: dict[str, Any] | None = None
 
@@ -117,7 +132,9 @@ class PruneReport:
     def table(self) -> str:
         lines = [f"prune {os.path.basename(self.model)}: calibration {self.calibration} ({self.calibration_tokens} "
                  f"tokens), held-out {self.heldout} ({self.heldout_tokens} positions); source perplexity "
-                 f"{self.source_perplexity:.3f}, {self.size_before / 2**20:.1f} MiB of tensors",
+                 f"{self.source_perplexity:.3f}, {self.size_before / 2**20:.1f} MiB of tensors"
+                 + (f"; the last layer's usage from 1 token in {self.last_layer_stride} "
+                    f"({self.last_layer_tokens} tokens)" if self.last_layer_stride > 1 else ""),
                  f"{'point':<22} {'kept/layer':>10} {'MiB':>8} {'KL':>9} {'ppl':>9}"]
         for keep in sorted({p.keep for p in self.points}, reverse=True):
             for p in self.points:
@@ -165,11 +182,13 @@ def measure(llm, windows_heldout, kept_sets: list[tuple[str, dict[int, list[int]
 
 
 def run_prune(llm, calibration: str, windows: list[list[int]], heldout: str, heldout_name: str, keeps: list[int],
-              criterion: str, seeds: int = RANDOM_SEEDS, on_progress=None) -> tuple[PruneReport, dict]:
+              criterion: str, seeds: int = RANDOM_SEEDS, on_progress=None,
+              last_stride: int = LAST_LAYER_STRIDE) -> tuple[PruneReport, dict]:
     """Usage on the calibration data, then every keep count: the criterion's prune, the frequency
     prune beside REAP, and `seeds` random prunes, each measured on the held-out text. Also returns
     the criterion's kept sets by keep count (what the written file keeps). windows: the
-    calibration's tokens (calibration_windows)."""
+    calibration's tokens (calibration_windows); last_stride: the most the last layer samples
+    (last_layer_stride)."""
     from ..engine.saliency import expert_usage
     from ..evaluation.measure import quality_windows
     from .plan import _check_prunable
@@ -186,7 +205,8 @@ def run_prune(llm, calibration: str, windows: list[list[int]], heldout: str, hel
     held = quality_windows(llm, heldout)
     if not held:
         raise SteerError(f"{heldout_name}: the held-out text holds no token to predict")
-    usage = expert_usage(llm, windows, on_progress)
+    stride = last_layer_stride(info, sum(len(w) for w in windows), last_stride)
+    usage = expert_usage(llm, windows, on_progress, last_stride=stride)
     warnings = []
     need = MIN_TOKENS_PER_EXPERT * info.n_expert
     if usage.tokens < need:
@@ -209,5 +229,6 @@ def run_prune(llm, calibration: str, windows: list[list[int]], heldout: str, hel
                          total - per_expert * (info.n_expert - k) // info.n_expert, kept)
               for name, c, k, seed, kept in sets]
     rep = PruneReport(info.path, calibration, usage.tokens, heldout_name, sum(len(w) - 1 for w in held),
-                      info.n_expert, total, ppl["source"], points, warnings)
+                      info.n_expert, total, ppl["source"], points, warnings, stride,
+                      int(usage.layer_tokens[-1]) if stride > 1 else None)
     return rep, {k: kept for _, c, k, _, kept in sets if c == criterion}

@@ -407,13 +407,18 @@ def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out
 @click.option("--heldout", type=click.Path(), help="held-out text for KL and perplexity [default: the built-in "
               "neutral text]")
 @click.option("--seeds", type=int, default=5, show_default=True, help="random prunes of the same size to compare")
+@click.option("--last-layer-stride", type=int, default=4, show_default=True,
+              help="the last layer's saliency from 1 calibration token in N (its experts run for output rows "
+                   "only in prefill, so every token would cost a whole layer); never below 10 tokens per "
+                   "expert; 1: every token")
 @click.option("--sweep", help="keep fractions to compare, e.g. 0.9,0.75,0.5 (prints size against cost; no file)")
 @click.option("--output", "-o", type=click.Path(), help="the pruned GGUF (required but with --sweep)")
 @click.option("--merge", is_flag=True, help="write one file for a split model (default: split like the source)")
 @click.option("--json", "json_out", type=click.Path(), help="write the report as JSON")
 @click.option("--plot", type=click.Path(), help="kept/dropped experts per layer and the size-cost curves (PNG)")
 @llama_options
-def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, output, merge, json_out, plot, **kw):
+def prune(model, calibration, keep, drop, criterion, heldout, seeds, last_layer_stride, sweep, output, merge, json_out,
+          plot, **kw):
     """A smaller model: drop the experts a workload uses least, measured against random pruning."""
     from ..bake import prune as pr
     from ..fileio import atomic_write
@@ -439,7 +444,7 @@ def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, outp
     windows = pr.calibration_windows(llm, calibration, *_calibration_data(calibration))
     with Progress(len(windows), "recording expert use") as bar:
         rep, kept = pr.run_prune(llm, calibration, windows, held, held_name, keeps, criterion, seeds=seeds,
-                                 on_progress=bar)
+                                 on_progress=bar, last_stride=last_layer_stride)
     click.echo(rep.table())
     if output is not None:
         from ..bake.check import check_bake
@@ -449,7 +454,8 @@ def prune(model, calibration, keep, drop, criterion, heldout, seeds, sweep, outp
         k = keeps[0]
         p = pr.drop_profile(info, kept[k], os.path.splitext(os.path.basename(output))[0])
         p.provenance["prune"] = {"criterion": criterion, "calibration": calibration,
-                                 "calibration_tokens": rep.calibration_tokens, "kept_per_layer": k}
+                                 "calibration_tokens": rep.calibration_tokens, "kept_per_layer": k,
+                                 "last_layer_stride": rep.last_layer_stride}
         plan = plan_bake(info, p, "prune", force=llm.force)
         res = write_baked(plan, output, package_version(), merge=merge)
         rep.written = res.path
