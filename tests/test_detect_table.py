@@ -139,7 +139,14 @@ def test_accumulate_errors():
     with pytest.raises(ValueError):
         accumulate(np.zeros((2, 4), int), np.full((1, 2, 2), 4, np.int32))  # expert id out of range
     with pytest.raises(ValueError):
-        accumulate(np.zeros((2, 4), int), np.full((1, 2, 2), -1, np.int32))
+        accumulate(np.zeros((2, 4), int), np.full((1, 2, 2), -2, np.int32))
+
+
+def test_accumulate_skips_the_padding_of_narrower_layers():
+    """A per-layer topk profile: layer 0 selects 2 experts, layer 1 one, padded with -1."""
+    experts = np.array([[[0, 1], [2, -1]], [[1, 3], [2, -1]]], dtype=np.int32)
+    counts = accumulate(np.zeros((2, 4), dtype=np.int64), experts)
+    assert counts.tolist() == [[1, 2, 0, 1], [0, 0, 2, 0]]
 
 
 # ---- the profile rule ------------------------------------------------------------------------

@@ -101,6 +101,28 @@ def test_per_layer_topk(steered, kind_path):
     assert counts[-1].sum() == len(toks)
 
 
+def test_batched_tracing_pads_per_layer_topk_as_trace_does(steered, kind_path):
+    """Detection's batched tracing under a profile with K per layer (more than the model's k in
+    the first MoE layer, 1 in the last): several sequences in one batch give each sequence the
+    experts its own trace gives, narrower layers padded with -1, and the counts skip the padding."""
+    from steer_gguf.detect.risk import accumulate
+
+    info = model_info(kind_path)
+    first, last = info.moe_layers[0], info.moe_layers[-1]
+    toks = steered.tokenize(TEXT.encode(), add_bos=True, special=True)
+    seqs = [toks, toks[:9], toks[3:20]]
+    with steered.steering(_topk_profile(info, [LayerK(first, 6), LayerK(last, 1)])):
+        alone = [steered.trace(tokens=s).experts for s in seqs]
+        many = steered.trace_many(seqs)
+    for got, want in zip(many, alone):
+        assert got.shape == want.shape == (want.shape[0], len(info.moe_layers), 6)
+        np.testing.assert_array_equal(got, want)
+        assert (got[:, -1, 1:] == -1).all() and (got[:, -1, 0] >= 0).all()
+    counts = accumulate(np.zeros((len(info.moe_layers), info.n_expert), np.int64), np.concatenate(many))
+    n = sum(len(s) for s in seqs)
+    assert counts[0].sum() == 6 * n and counts[-1].sum() == n
+
+
 def test_activated_experts_count_inside_k(steered, kind_path):
     info = model_info(kind_path)
     il = info.moe_layers[-1]
@@ -503,13 +525,31 @@ def test_tune_topk_sweeps_k_and_writes_the_fewest_experts_within_the_kl_budget(t
     assert 1 < pts["topk-edges1"]["mean_k"] < 2  # K in the first and last quarter only
     for p in pts.values():
         assert p["prefill_tps"] > 0 and p["decode_tps"] > 0 and p["perplexity"] > 0
+        assert p["prefill_x"][0] > 0 and p["prefill_x"][1:] == [None, None]  # one round: no interval
         assert abs(sum(p["rates"]["main"].values()) - 1) < 1e-9  # every reply judged once
+    assert ref["prefill_x"][0] == ref["decode_x"][0] == 1.0 and d["interval_level"] == 0
+    assert "too few rounds for an interval" in r.stdout
     assert all(p["kl"] > 0 for n, p in pts.items() if n != "model k")
     # the budget admits every point: the fewest experts per token wins
     assert pts["topk-global1"]["chosen"] and d["chosen"] == "topk-global1"
     p = Profile.load(out)
     assert p.topk == 1 and not p.experts and p.provenance["tune_topk"]["mean_k"] == 1
     assert cli("profile", "validate", out, "--model", DEMO_MODEL).returncode == 0
+
+
+def test_the_speed_ratio_interval_is_the_median_order_statistics():
+    """Paired ratios by round; the interval's order statistics cover the median with >= 90%
+    whatever the distribution (binomial), the narrowest such; too few rounds give none."""
+    from steer_gguf.evaluation.topk_sweep import _paired, median_interval
+
+    assert median_interval(4) == (0, 0.0)
+    j, cover = median_interval(5)
+    assert j == 1 and cover == 1 - 2 / 32
+    j, cover = median_interval(20)
+    assert j == 6 and 0.958 < cover < 0.959  # j = 7 would cover 0.885 only
+    num, den = [2.0, 3.0, 4.0, 5.0, 100.0], [1.0, 1.0, 2.0, 1.0, 1.0]  # ratios 2, 3, 2, 5, 100
+    assert _paired(num, den, 1) == [3.0, 2.0, 100.0]
+    assert _paired(num, den, 0) == [3.0, None, None]
 
 
 @pytest.mark.parametrize("args, needle", [

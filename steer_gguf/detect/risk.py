@@ -650,17 +650,19 @@ def _parse_count(s: str) -> int | None:
 def accumulate(counts: np.ndarray, experts: np.ndarray) -> np.ndarray:
     """Add the selections of T target tokens to counts [n_layers, n_expert], in place.
     experts: int [T, n_layers, k], the experts each token selected in each traced layer
-    (layer axis in the same order as counts' rows). Returns counts."""
+    (layer axis in the same order as counts' rows); -1 pads a layer that selects fewer than k
+    (a profile's per-layer topk). Returns counts."""
     e = np.asarray(experts)
     if e.ndim != 3 or counts.ndim != 2 or e.shape[1] != counts.shape[0]:
         raise ValueError(f"experts must be [T, {counts.shape[0]}, k], got {e.shape}")
     if e.size == 0:
         return counts
     n_layers, n_expert = counts.shape
-    if int(e.min()) < 0 or int(e.max()) >= n_expert:
-        raise ValueError(f"expert ids must lie in 0..{n_expert - 1}")
+    if int(e.min()) < -1 or int(e.max()) >= n_expert:
+        raise ValueError(f"expert ids must lie in 0..{n_expert - 1} (-1: none)")
     flat = np.arange(n_layers, dtype=np.int64)[None, :, None] * n_expert + e.astype(np.int64)
-    counts += np.bincount(flat.reshape(-1), minlength=n_layers * n_expert).reshape(n_layers, n_expert).astype(
+    flat = flat[e >= 0]
+    counts += np.bincount(flat, minlength=n_layers * n_expert).reshape(n_layers, n_expert).astype(
         counts.dtype, copy=False)
     return counts
 

@@ -14,7 +14,8 @@ def routing_stats(llm, conversations: list[list[dict]], batch_tokens: int = 2048
     n_tok = 0
     for ex in llm.trace_many(seqs, batch_tokens=batch_tokens):
         for j in range(ex.shape[1]):
-            counts[j] += np.bincount(ex[:, j, :].ravel(), minlength=info.n_expert)[: info.n_expert]
+            x = ex[:, j, :].ravel()
+            counts[j] += np.bincount(x[x >= 0], minlength=info.n_expert)[: info.n_expert]
         n_tok += ex.shape[0]
     layers = []
     for j, il in enumerate(info.moe_layers):

@@ -365,14 +365,16 @@ class _TraceContext:
             return []
         outputs = [i for i in range(n) if b.logits[i]]  # the callback recorder's rows of the last layer
         per_layer = by_token(self.rec.take(), self.llm.info.moe_layers, n, outputs)
+        # a profile with per-layer topk gives layers of different widths: each padded with -1 to
+        # the widest, as a Trace holds them (a token's own experts first)
+        k = max(e.shape[1] for e in per_layer)
+        per_layer = [e if e.shape[1] == k else np.pad(e, ((0, 0), (0, k - e.shape[1])), constant_values=-1)
+                     for e in per_layer]
         result = []
         for idx in out_index:
             tok_rows = np.asarray([a for a, _ in idx], dtype=np.int64)
-            if len({e.shape[1] for e in per_layer}) > 1:
-                raise SteerError("batched tracing (detection) needs one number of experts per token in every "
-                                 "layer: a per-layer topk profile cannot be used here")
             ex = np.stack([e[tok_rows] for e in per_layer], axis=1)
-            if (ex < 0).any():
+            if (ex[:, :, 0] < 0).any():
                 raise SteerError("routing recorder: a requested row was not computed in every MoE layer")
             result.append(ex)
         return result

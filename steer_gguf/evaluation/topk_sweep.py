@@ -7,7 +7,8 @@ Schemes (router-chosen MoE layers only; hash-routed layers keep their table):
   middle  K in the middle half, the model's k at both ends
 For each point: prefill and decode tokens/s (teacher-forced on the text, the same tokens for
 every point, measured in interleaved rounds and reported as the median, so a busy machine
-slows every point alike), mean KL(model's k || point) and perplexity on the text, and, with a
+slows every point alike) and their ratio to the model's own k, paired by round (the median of
+the rounds' ratios, with a distribution-free interval for it: median_interval), mean KL(model's k || point) and perplexity on the text, and, with a
 behavior, its rates on held-out prompts (the eval's own run: same prompts and seeds for all).
 With a KL budget, the point with the fewest experts per token within it is the choice.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +71,9 @@ class TopkPoint:
     rates: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> label -> rate
     within_kl: bool = True
     chosen: bool = False
+    # against the model's own k, round by round: [median, low, high] (median_interval)
+    prefill_x: list[float | None] = field(default_factory=list)
+    decode_x: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -80,25 +85,28 @@ class TopkSweep:
     prefill_tokens: int
     decode_tokens: int
     behavior: str | None = None
+    interval_level: float = 0.0         # the coverage of the prefill_x / decode_x intervals
     max_kl: float | None = None
     skipped: list[str] = field(default_factory=list)
     chosen: Profile | None = None
 
     def table(self) -> str:
-        ref = self.points[0]
         groups = sorted({g for p in self.points for g in p.rates})
         labels = sorted({lab for p in self.points for r in p.rates.values() for lab, v in r.items() if v})
-        head = (f"{'point':<16} {'mean k':>6} {'prefill t/s':>12} {'x':>6} {'decode t/s':>11} {'x':>6} "
+        head = (f"{'point':<16} {'mean k':>6} {'prefill t/s':>12} {'x [interval]':>19} {'decode t/s':>11} "
+                f"{'x [interval]':>19} "
                 f"{'KL':>8} {'ppl':>8}" + "".join(f" {(g + ':' + lab)[:14]:>14}" for g in groups for lab in labels))
         lines = [f"experts per token: {len(self.points) - 1} points against the model's own k, speed over "
                  f"{self.rounds} interleaved rounds ({self.prefill_tokens}-token prefill, {self.decode_tokens} "
-                 f"decode steps), KL and perplexity over {self.n_tokens} positions of {self.text}", head,
+                 f"decode steps; x: the median ratio to the model's k over rounds, "
+                 + (f"with its {100 * self.interval_level:.1f}% interval" if self.interval_level else
+                    "too few rounds for an interval")
+                 + f"), KL and perplexity over {self.n_tokens} positions of {self.text}", head,
                  "-" * len(head)]
         for p in self.points:
             mark = "  <- chosen" if p.chosen else ("" if p.within_kl else "  (over KL budget)")
-            lines.append(f"{p.name[:16]:<16} {p.mean_k:>6.2f} {p.prefill_tps:>12.1f} "
-                         f"{p.prefill_tps / ref.prefill_tps:>6.2f} {p.decode_tps:>11.1f} "
-                         f"{p.decode_tps / ref.decode_tps:>6.2f} {p.kl:>8.4f} {p.perplexity:>8.2f}"
+            lines.append(f"{p.name[:16]:<16} {p.mean_k:>6.2f} {p.prefill_tps:>12.1f} {_ratio(p.prefill_x):>19} "
+                         f"{p.decode_tps:>11.1f} {_ratio(p.decode_x):>19} {p.kl:>8.4f} {p.perplexity:>8.2f}"
                          + "".join(f" {100 * p.rates.get(g, {}).get(lab, 0.0):>13.0f}%" for g in groups
                                    for lab in labels) + mark)
         lines += [f"skipped {x}" for x in self.skipped]
@@ -109,6 +117,33 @@ class TopkSweep:
         d["format"] = "steer-gguf.tune-topk/1"
         d["chosen"] = None if self.chosen is None else self.chosen.name
         return json.dumps(d, indent=1) + "\n"
+
+
+def _ratio(x: list[float]) -> str:
+    if not x:
+        return ""
+    return f"{x[0]:.2f}" + ("" if x[1] is None else f" [{x[1]:.2f}, {x[2]:.2f}]")
+
+
+def median_interval(n: int, level: float = 0.90) -> tuple[int, float]:
+    """The order statistics that bound the median of n paired rounds with at least `level`
+    coverage, whatever the distribution: (j, coverage) for [x_(j), x_(n+1-j)] (1-based), the
+    narrowest such; (0, 0.0) when n rounds are too few (fewer than 5 for 90%)."""
+    best = (0, 0.0)
+    tail = 0.0
+    for j in range(1, n // 2 + 1):
+        tail += math.comb(n, j - 1) / 2 ** n   # P(Binomial(n, 1/2) <= j - 1)
+        cover = 1 - 2 * tail
+        if cover < level:
+            break
+        best = (j, cover)
+    return best
+
+
+def _paired(num: list[float], den: list[float], j: int) -> list[float | None]:
+    r = sorted(a / b for a, b in zip(num, den))
+    lo, hi = (r[j - 1], r[len(r) - j]) if j else (None, None)
+    return [statistics.median(r), lo, hi]
 
 
 def _speed(llm, profile: Profile | None, prompt: list[int], decode: list[int]) -> tuple[float, float]:
@@ -174,14 +209,18 @@ def sweep_topk(llm, ks: list[int], schemes: list[str], text: str, text_name: str
         for c in summarize(conds, outs, eval_set.groups, behavior.labels):
             rates[c.name] = {g: {lab: n / s.n for lab, n in s.counts.items()} for g, s in c.groups.items() if s.n}
     n_q = sum(len(w) - 1 for w in windows)
+    j, level = median_interval(rounds)
+    ref = timings[0]
     out = []
     for (scheme, k, p), c, t in zip(points, conds, timings):
         out.append(TopkPoint(c.name if p is not None else "model k", scheme, k, mean_k(info, p),
                              statistics.median(x for x, _ in t), statistics.median(y for _, y in t),
                              kl[c.name], ppl[c.name], rates.get(c.name, {}),
-                             within_kl=max_kl is None or kl[c.name] <= max_kl))
+                             within_kl=max_kl is None or kl[c.name] <= max_kl,
+                             prefill_x=_paired([x for x, _ in t], [x for x, _ in ref], j),
+                             decode_x=_paired([y for _, y in t], [y for _, y in ref], j)))
     res = TopkSweep(out, text_name, n_q, rounds, len(prompt), len(decode),
-                    behavior.name if behavior is not None else None, max_kl, skipped=skipped)
+                    behavior.name if behavior is not None else None, level, max_kl, skipped=skipped)
     if max_kl is not None:
         ok = [i for i in range(1, len(out)) if out[i].within_kl]
         if ok:
@@ -205,5 +244,4 @@ def provenance(res: TopkSweep) -> dict[str, Any]:
     ref = res.points[0]
     return {"tune_topk": {"text": res.text, "max_kl": res.max_kl, "kl": p.kl, "perplexity": p.perplexity,
                           "model_perplexity": ref.perplexity, "mean_k": p.mean_k,
-                          "prefill_speedup": p.prefill_tps / ref.prefill_tps,
-                          "decode_speedup": p.decode_tps / ref.decode_tps, "points": len(res.points) - 1}}
+                          "prefill_speedup": p.prefill_x[0], "decode_speedup": p.decode_x[0], "points": len(res.points) - 1}}
