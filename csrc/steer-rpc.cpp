@@ -6,11 +6,15 @@
 // RPC_STATUS_ASSERT, in its dispatcher thread): the abort callback installed here turns that
 // into one error line and exit status 2, the CLI's error status, instead of a core dump; the
 // client's own log line just before it (a failed send/recv, a protocol mismatch) joins that line.
+// A server that hangs without closing the connection would leave the client waiting for ever:
+// engine/rpc.py gives this process's connections a send/receive timeout, and a recv that runs out
+// of it is reported as the server not answering.
 #include "ggml.h"
 #include "ggml-backend.h"
 
 #include <pybind11/pybind11.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <set>
@@ -24,17 +28,21 @@ namespace {
 std::set<std::string> g_endpoints;      // registered servers, each once (a second register doubles devices)
 char g_endpoint_list[1024] = "";        // the same, for the abort callback (no allocation there)
 char g_transport_note[256] = "";        // the swallowed transport failure line
+int g_transport_errno = 0;              // errno of that failure (EAGAIN: the timeout ran out)
+double g_timeout_s = 0;                 // the connections' send/receive timeout (engine/rpc.py), 0: none
 ggml_abort_callback_t g_previous = nullptr;
 ggml_log_callback g_log_previous = nullptr;
 void * g_log_previous_data = nullptr;
 bool g_installed = false;
 
 void on_log(ggml_log_level level, const char * text, void * data) {
+    const int err = errno;  // the failed send/recv's, logged right after it
     // ggml-rpc logs a failed send/recv or a protocol mismatch, then the client aborts: keep the
     // line for the abort's
     if (level == GGML_LOG_LEVEL_ERROR && text &&
         (std::strncmp(text, "send failed", 11) == 0 || std::strncmp(text, "recv failed", 11) == 0 ||
          std::strncmp(text, "RPC server version mismatch", 27) == 0)) {
+        g_transport_errno = err;
         std::snprintf(g_transport_note, sizeof(g_transport_note), "%s", text);
         g_transport_note[std::strcspn(g_transport_note, "\n")] = '\0';
         return;
@@ -54,6 +62,13 @@ void on_abort(const char * message) {
         const char * text = std::strstr(message, ": ");  // drop the source file:line prefix
         text = text ? text + 2 : message;
         const int len = (int) std::strcspn(text, "\n");  // some messages end in a newline
+        if (g_timeout_s > 0 && (g_transport_errno == EAGAIN || g_transport_errno == EWOULDBLOCK)) {
+            std::fprintf(stderr, "steer-gguf: error: an RPC server stopped answering (%s): no answer within "
+                         "%g s (STEER_GGUF_RPC_TIMEOUT sets the wait; 0 waits for ever)\n", g_endpoint_list,
+                         g_timeout_s);
+            std::fflush(stderr);
+            _exit(2);
+        }
         std::fprintf(stderr, "steer-gguf: error: lost the connection to an RPC server (%s): %.*s%s%s%s\n",
                      g_endpoint_list, len, text, g_transport_note[0] ? " (" : "", g_transport_note,
                      g_transport_note[0] ? ")" : "");
@@ -79,6 +94,8 @@ add_server_fn add_server() {
 void steer_rpc_bind(py::module_ & m) {
     m.def("rpc_available", [] { return add_server() != nullptr; },
           "whether this build has llama.cpp's RPC backend (CMAKE_ARGS=-DGGML_RPC=ON)");
+    m.def("rpc_set_timeout", [](double seconds) { g_timeout_s = seconds; }, py::arg("seconds"),
+          "the send/receive timeout engine/rpc.py gave the connections, for the abort's error line");
     m.def("rpc_add_server", [](const std::string & endpoint) -> py::tuple {
         // (devices the server added, error message or ""): the caller has checked that the
         // endpoint accepts connections, so the client's own connect is expected to succeed

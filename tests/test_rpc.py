@@ -153,6 +153,47 @@ def test_a_server_killed_mid_run_is_one_error_line(make):
     assert lines[0].startswith(f"steer-gguf: error: lost the connection to an RPC server ({endpoint})"), lines[0]
 
 
+def test_a_server_that_stops_answering_is_one_error_line(make):
+    """A server that hangs without closing its connection (stopped with SIGSTOP): the client's
+    next request runs out of STEER_GGUF_RPC_TIMEOUT and the process ends with one line, exit 2,
+    instead of waiting for ever."""
+    import os
+    import signal
+
+    path = make("qwen3moe", n_layer=4)
+    server, endpoint = start_server(rpc.server_binary())
+    env = dict(ENV, STEER_GGUF_RPC_TIMEOUT="5")
+    w = subprocess.Popen([sys.executable, "-c", WORKER, str(path), endpoint], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=NEUTRAL_CWD, env=env)
+    try:
+        assert w.stdout.readline().strip() == "ready", w.stderr.read() if w.poll() is not None else "no ready"
+        os.kill(server.pid, signal.SIGSTOP)
+        out, err = w.communicate("\n", timeout=120)  # without the timeout this would wait for ever
+    finally:
+        stop(w)
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGCONT)
+        stop(server)
+    assert w.returncode == 2, (w.returncode, err)
+    assert "no error" not in out
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"steer-gguf: error: an RPC server stopped answering ({endpoint}): no answer "
+                               "within 5 s"), lines[0]
+
+
+def test_a_bad_timeout_is_one_line(make):
+    path = make("qwen3moe", n_layer=4)
+    server, endpoint = start_server(rpc.server_binary())
+    try:
+        r = subprocess.run([sys.executable, "-m", "steer_gguf", "generate", str(path), "-p", "hello", "-n", "2",
+                            "-ngl", "99", "--rpc", endpoint], capture_output=True, text=True, cwd=NEUTRAL_CWD,
+                           env=dict(ENV, STEER_GGUF_RPC_TIMEOUT="soon"), timeout=300)
+    finally:
+        stop(server)
+    assert_one_line_error(r, "STEER_GGUF_RPC_TIMEOUT: expected seconds >= 0")
+
+
 def test_an_unreachable_server_is_refused_before_loading(make):
     path = make("qwen3moe", n_layer=4)
     r = cli("generate", path, "-p", "hello", "-n", "2", "-ngl", "99", "--rpc", f"127.0.0.1:{free_port()}")

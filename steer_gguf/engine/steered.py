@@ -14,6 +14,7 @@ from ..model import NOT_RUNNABLE, ModelInfo, model_info
 from ..profile import Profile, as_profile, with_topk
 from .contexts import _native, install_steering, llama_cpp
 from .locking import ModelLock
+from .rpc import bound_waits as rpc_bound_waits
 from .rpc import connect as rpc_connect
 from .rpc import connect_from_env as rpc_connect_from_env
 from .threads import ThreadGovernor, physical_cores
@@ -71,6 +72,7 @@ class SteeredLlama(Tracing, llama_cpp.Llama):
             super().__init__(model_path=self.info.path, **llama_kwargs)
         except ValueError as e:
             raise SteerError(f"{model_path}: llama.cpp could not load the model ({e})") from None
+        rpc_bound_waits()  # connections the load opened to RPC servers get their timeout too
         if not llama_cpp.llama_get_memory(self._ctx.ctx):
             # encoders (nomic-bert-moe) and diffusion models: no KV cache, which tracing and
             # generation here need
