@@ -95,6 +95,59 @@ def test_the_page_is_served_from_the_package_and_names_no_host(server):
         assert r.status_code == 400 and err["code"] == "invalid_table" and "/" not in err["message"].split(":")[0], err
 
 
+def _ranked(csv_text: str) -> list[tuple[int, int, float]]:
+    rows = [l.split(",") for l in csv_text.splitlines() if l and not l.startswith("#")]
+    col = {name: i for i, name in enumerate(rows[0])}
+    return [(int(r[col["layer"]]), int(r[col["expert"]]), float(r[col["risk_diff"]])) for r in rows[1:]]
+
+
+def test_detect_on_the_server_is_the_clis_detect(server, tmp_path):
+    """`detect` run by the page's call on a built-in dataset gives the table the CLI writes for the
+    same pairs (the same experts at the top, the same scores), unsteered whatever the server's
+    default profile; an uploaded dataset works the same, named as uploaded."""
+    csv = tmp_path / "numbers.csv"
+    r = cli("detect", DEMO_MODEL, "--pairs", "builtin:demo-numbers", "--max-pairs", "24", "-o", csv, "-t", "1")
+    assert r.returncode == 0, r.stderr
+    got = api(server, "v1/steer/datasets").json()
+    assert "builtin:demo-numbers" in got["datasets"] and got["max_pairs"] >= 24
+    res = api(server, "v1/steer/detect", {"dataset": "builtin:demo-numbers", "max_pairs": 24})
+    assert res.status_code == 200, res.text
+    t = res.json()
+    assert t["name"] == "detect-demo-numbers.csv" and t["method"] == "risk_diff" and t["verdict"]
+    assert t["meta"]["dataset"] == "builtin:demo-numbers" and t["meta"]["pairs"] == 24
+    want, here = _ranked(csv.read_text()), _ranked(t["csv"])
+    assert {x[:2] for x in here[:16]} == {x[:2] for x in want[:16]}
+    assert max(abs(a[2] - b[2]) for a, b in zip(sorted(here), sorted(want))) < 0.02
+    # the table made here goes to the board as an uploaded one does
+    prof = api(server, "v1/steer/detection/profile", {"name": t["name"], "csv": t["csv"], "activate": 8}).json()
+    assert sorted((x["layer"], x["expert"]) for x in prof["profile"]["experts"]) == sorted(
+        (l, e) for l in range(4) for e in STYLE_EXPERTS["digits"])
+    # an uploaded pair dataset: its own name, never the server's temporary path
+    lines = (pathlib.Path(steer_gguf.__file__).parent / "data" / "pairs" / "demo-numbers.jsonl").read_text().splitlines()
+    up = api(server, "v1/steer/detect", {"name": "mine.jsonl", "jsonl": "\n".join(lines[:30]) + "\n", "max_pairs": 24})
+    assert up.status_code == 200, up.text
+    assert up.json()["name"] == "detect-mine.csv" and up.json()["meta"]["dataset"] == "mine.jsonl"
+
+
+@pytest.mark.parametrize("body, code, needle", [
+    ({}, "invalid_value", "give dataset (builtin:NAME) or jsonl"),
+    ({"dataset": "builtin:demo-numbers", "jsonl": "{}"}, "invalid_value", "give dataset (builtin:NAME) or jsonl"),
+    ({"dataset": "/etc/passwd"}, "invalid_dataset", "is not builtin:NAME"),
+    ({"dataset": "builtin:no-such-set"}, "invalid_dataset", "no-such-set"),
+    ({"dataset": "builtin:demo-numbers", "max_pairs": 0}, "invalid_value", "max_pairs: must lie in 1.."),
+    ({"name": "../../x.jsonl", "jsonl": "{not json\n"}, "invalid_dataset", "x.jsonl:1"),  # a name, never a path
+    ({"name": "a b?*.jsonl", "jsonl": "{not json\n"}, "invalid_dataset", "pairs.jsonl:1"),
+    ({"name": "mine.jsonl", "jsonl": "\n"}, "invalid_dataset", "mine.jsonl"),
+])
+def test_detect_on_the_server_refuses_bad_input_in_one_line(server, body, code, needle):
+    r = api(server, "v1/steer/detect", body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == code, err
+    assert needle in err["message"] and "\n" not in err["message"], err
+    assert "/tmp" not in err["message"] and "../" not in err["message"], err
+    assert api(server, "v1/steer/detect", {"dataset": "builtin:demo-numbers"}, key=None).status_code == 401
+
+
 def test_a_whole_profile_as_steer_profile_and_the_retrace_rows_match_steer_trace(server, tmp_path):
     digits = json.loads(style_profile("digits", tmp_path).read_text())
     req = {"messages": MSGS, "steer_trace": True, "max_tokens": 16, "temperature": 0, "seed": 0}
@@ -345,6 +398,30 @@ def test_bad_profiles_and_tables_show_errors_in_the_page(page, tmp_path):
     page.wait_for_function(f"steerUI.messages.filter(m => m.kind === 'error').length > {n}")
     assert "junk.csv" in messages(page)[-1] and "missing column" in messages(page)[-1]
     shot(page, "error")
+
+
+def test_detection_runs_on_the_server_from_the_page_and_its_top_flips_the_answer(page):
+    page.click("#tabs button[data-view=detection]")
+    page.wait_for_function("document.querySelectorAll('#detect-dataset option').length > 0")
+    page.select_option("#detect-dataset", "builtin:demo-numbers")
+    page.fill("#detect-max-pairs", "24")
+    page.click("#detect-run")
+    page.wait_for_function("!steerUI.detection.running && steerUI.detection.table !== null")
+    assert page.text_content("#detect-verdict .verdict").startswith("verdict: strong signal")
+    assert "builtin:demo-numbers, 24 pairs" in page.text_content("#detect-verdict")
+    assert not page.is_disabled("#detect-download")
+    page.fill("#detect-n-on", "8")
+    page.click("#detect-to-board")
+    page.wait_for_selector("#view-board.active")
+    [a] = ask(page, PROMPT, "__board__")
+    assert classify("numbers", a["text"]) == "digits", a["text"]
+    # a bad uploaded dataset: the error is in the page, naming its line
+    page.click("#tabs button[data-view=detection]")
+    n = len(messages(page))
+    page.set_input_files("#detect-pairs", files=[{"name": "broken.jsonl", "mimeType": "application/json",
+                                                  "buffer": b"{not json\n"}])
+    page.wait_for_function(f"steerUI.messages.filter(m => m.kind === 'error').length > {n}")
+    assert "broken.jsonl:1" in messages(page)[-1], messages(page)[-1]
 
 
 def test_detection_view_shows_the_table_and_sends_its_top_to_the_board(page, tmp_path):

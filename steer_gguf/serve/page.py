@@ -1,7 +1,8 @@
 """The web page served at `/` (static files in web/, written by hand, nothing fetched from the
 network) and the calls only it makes: the model's shape, a profile's rules, a profile checked
-against the model, a detection table read, and the routing of an answer traced again under a
-profile (for the weights and the difference from unsteered, which steer_trace lacks).
+against the model, a detection table read or made here (`detect` on a built-in or uploaded pair
+dataset), and the routing of an answer traced again under a profile (for the weights and the
+difference from unsteered, which steer_trace lacks).
 
 Every call but the static files needs the API key, as /v1 does."""
 from __future__ import annotations
@@ -32,6 +33,9 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
         "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
 _HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 MAX_RETRACE = 16384  # tokens one retrace may hold (prompt and answer); a context is at most that anyway
+# pairs one detection may read: it holds the model (no answers meanwhile) for its whole prefill
+MAX_DETECT_PAIRS = 1000
+_SAFE_NAME = r"[\w\- ][\w.\- ]{0,99}"
 
 
 class TraceRequest(BaseModel):
@@ -47,6 +51,15 @@ class TraceRequest(BaseModel):
 class DetectionUpload(BaseModel):
     name: StrictStr = "table.csv"
     csv: StrictStr
+
+
+class DetectRequest(BaseModel):
+    """`detect --pairs DATASET --max-pairs N` on the served model: a built-in dataset by name, or
+    an uploaded pair dataset (JSONL text; its name only names it in messages)."""
+    dataset: Optional[StrictStr] = None
+    jsonl: Optional[StrictStr] = None
+    name: StrictStr = "pairs.jsonl"
+    max_pairs: Optional[StrictInt] = None
 
 
 class DetectionToProfile(DetectionUpload):
@@ -126,6 +139,22 @@ def add_routes(app: FastAPI, state: ServerState, auth: list) -> None:
         shown, table = _load_table(body.name, body.csv)
         return JSONResponse(_describe_table(state, shown, table))
 
+    @app.get("/v1/steer/datasets", dependencies=auth)
+    async def datasets():
+        from ..detect.datasets import BUILTIN_PREFIX, builtin_names
+
+        return {"datasets": [BUILTIN_PREFIX + n for n in builtin_names()], "max_pairs": MAX_DETECT_PAIRS}
+
+    @app.post("/v1/steer/detect", dependencies=auth)
+    async def detect_here(request: Request):
+        body = await _parse(request, DetectRequest, state.max_body)
+        if (body.dataset is None) == (body.jsonl is None):
+            raise APIError(400, "give dataset (builtin:NAME) or jsonl (a pair dataset's text)", code="invalid_value")
+        if body.max_pairs is not None and not 1 <= body.max_pairs <= MAX_DETECT_PAIRS:
+            raise APIError(400, f"max_pairs: must lie in 1..{MAX_DETECT_PAIRS}, got {body.max_pairs}",
+                           code="invalid_value", param="max_pairs")
+        return JSONResponse(await asyncio.to_thread(_detect, state, body))
+
     @app.post("/v1/steer/detection/profile", dependencies=auth)
     async def detection_profile(request: Request):
         body = await _parse(request, DetectionToProfile, state.max_body)
@@ -175,6 +204,45 @@ def _trace_rows(state: ServerState, prompt: list[int], tokens: list[int], profil
                                                            for tok in t.weights[-n:]]}
 
 
+def _detect(state: ServerState, body: DetectRequest) -> dict:
+    """The risk-difference table of the served model, unsteered, as `detect` makes it; described
+    for the page, with its CSV (what `detect -o` writes) to download or send to the board."""
+    from ..detect.datasets import BUILTIN_PREFIX, load_pairs
+    from ..detect.risk import detect
+
+    llm = state.llm
+    with tempfile.TemporaryDirectory() as tmp:
+        if body.jsonl is not None:
+            base = os.path.basename(body.name)
+            shown = base if re.fullmatch(_SAFE_NAME, base) else "pairs.jsonl"
+            spec = os.path.join(tmp, shown)
+            with open(spec, "w", encoding="utf-8") as f:
+                f.write(body.jsonl)
+        elif body.dataset.startswith(BUILTIN_PREFIX):
+            shown = spec = body.dataset
+        else:  # never a path on the server's disk
+            raise APIError(400, f"dataset: {body.dataset[:80]!r} is not builtin:NAME (upload other datasets as jsonl)",
+                           code="invalid_dataset", param="dataset")
+        try:
+            pairs = load_pairs(spec, max_pairs=body.max_pairs or MAX_DETECT_PAIRS)
+            pairs.source = shown
+            with llm.lock:
+                if getattr(state.worker.executor, "stopping", False):
+                    raise APIError(503, "server is shutting down", "server_error", "shutting_down")
+                with llm.steering(None):
+                    table = detect(llm, pairs)
+        except SteerError as e:
+            raise APIError(400, str(e).replace(spec, shown).splitlines()[0], code="invalid_dataset") from None
+        out = os.path.join(tmp, "table.csv")
+        table.to_csv(out)
+        with open(out, encoding="utf-8") as f:
+            csv = f.read()
+    stem = re.sub(r"[^\w.-]+", "_", os.path.splitext(shown.removeprefix(BUILTIN_PREFIX))[0]) or "pairs"
+    res = _describe_table(state, f"detect-{stem}.csv", table)
+    res["csv"] = csv
+    return res
+
+
 def _load_table(name: str, text: str):
     """A detection table (`detect`'s CSV) read as the CLI reads it; errors name the file as
     the page gave it, never where the server put it."""
@@ -182,7 +250,7 @@ def _load_table(name: str, text: str):
 
     base = os.path.basename(name)
     # the page's name for it, if a plain file name (never "..", never a path): it only ever names the file in errors
-    shown = base if re.fullmatch(r"[\w\- ][\w.\- ]{0,99}", base) else "table.csv"
+    shown = base if re.fullmatch(_SAFE_NAME, base) else "table.csv"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, shown)
         with open(path, "w", encoding="utf-8", newline="") as f:

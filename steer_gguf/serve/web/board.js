@@ -3,6 +3,7 @@
 // (checked by the server as `profile validate --model` checks it) and loads from one.
 import { postJSON } from "./api.js";
 import { AXIS, LABEL, cellOf, layerExpertFrame } from "./grid.js";
+import { saveText } from "./save.js";
 
 const $ = (id) => document.getElementById(id);
 const FORMAT = "steer-gguf.profile/1", FORMAT_TOPK = "steer-gguf.profile/2";
@@ -124,15 +125,9 @@ export class Board {
 
   async download() {
     const p = await this.checked(this.toProfile());
-    const blob = new Blob([JSON.stringify(p, null, 2) + "\n"], { type: "application/json" });
-    const a = document.createElement("a");
-    a.href = URL.createObjectURL(blob);
-    a.download = `${p.name.replace(/[^\w.-]+/g, "_") || "board"}.json`;
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
-    this.ui.showMessage(`downloaded ${a.download}`, "info");
+    const name = `${p.name.replace(/[^\w.-]+/g, "_") || "board"}.json`;
+    saveText(name, JSON.stringify(p, null, 2) + "\n", "application/json");
+    this.ui.showMessage(`downloaded ${name}`, "info");
   }
 
   async loadFile(file) {

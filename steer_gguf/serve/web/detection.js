@@ -1,7 +1,9 @@
-// The detection view: a `detect` table (read by the server, as the CLI reads it) as a
-// layer x expert heatmap of its ranking statistic, its verdict and the top of its ranking
-// with intervals; the top N go to the board by `profile make`'s own rule (on the server).
-import { postJSON } from "./api.js";
+// The detection view: a `detect` table (read by the server, as the CLI reads it, or made there
+// by `detect` on a built-in or uploaded pair dataset) as a layer x expert heatmap of its ranking
+// statistic, its verdict and the top of its ranking with intervals; the top N go to the board by
+// `profile make`'s own rule (on the server).
+import { getJSON, postJSON } from "./api.js";
+import { saveText } from "./save.js";
 import { AXIS, LABEL, cellOf, layerExpertFrame } from "./grid.js";
 
 const $ = (id) => document.getElementById(id);
@@ -13,16 +15,59 @@ export class DetectionView {
     this.canvas = $("detect-canvas");
     this.table = null;
     this.csv = null;
+    this.running = false;
     $("detect-file").onchange = (ev) => {
       const f = ev.target.files[0];
       ev.target.value = "";
       if (f) this.open(f).catch((e) => this.ui.report(e));
     };
     $("detect-to-board").onclick = () => this.toBoard().catch((e) => this.ui.report(e));
+    $("detect-download").onclick = () => this.download();
+    $("detect-run").onclick = () => this.run({ dataset: $("detect-dataset").value }).catch((e) => this.ui.report(e));
+    $("detect-pairs").onchange = (ev) => {
+      const f = ev.target.files[0];
+      ev.target.value = "";
+      if (f) f.text().then((t) => this.run({ name: f.name, jsonl: t })).catch((e) => this.ui.report(e));
+    };
     this.canvas.addEventListener("mousemove", (ev) => this.hover(ev));
   }
 
-  setModel(model) { this.model = model; }
+  setModel(model) {
+    this.model = model;
+    getJSON("/v1/steer/datasets").then((d) => {
+      const sel = $("detect-dataset");
+      sel.textContent = "";
+      for (const name of d.datasets) sel.add(new Option(name, name));
+      $("detect-max-pairs").max = String(d.max_pairs);
+    }).catch((e) => this.ui.report(e));
+  }
+
+  // detect on the server: the model answers nothing else until it is done
+  async run(body) {
+    const n = Number($("detect-max-pairs").value);
+    if (n) body.max_pairs = n;
+    const button = $("detect-run"), status = $("detect-status");
+    button.disabled = true;
+    status.textContent = `detecting on ${body.dataset || body.name} (the model answers nothing else meanwhile)...`;
+    this.running = true;
+    try {
+      const table = await postJSON("/v1/steer/detect", body);
+      this.show(table, table.csv);
+      status.textContent = "";
+    } catch (e) {
+      status.textContent = "";
+      throw e;
+    } finally {
+      button.disabled = false;
+      this.running = false;
+    }
+  }
+
+  download() {
+    if (!this.table) return;
+    saveText(this.table.name, this.csv, "text/csv");
+    this.ui.showMessage(`downloaded ${this.table.name}`, "info");
+  }
 
   async open(file) {
     const text = await file.text();
@@ -56,6 +101,7 @@ export class DetectionView {
     if (table.warning) this.ui.showMessage(`${table.name}: ${table.warning}`);
     this.topTable();
     $("detect-to-board").disabled = false;
+    $("detect-download").disabled = false;
     this.draw();
   }
 
