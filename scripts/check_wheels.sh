@@ -17,6 +17,10 @@
 #
 #   bash scripts/check_wheels.sh [DIST]        DIST: the wheelhouse, default dist
 #   STEER_GGUF_CHECK_LOGS=DIR                  copy the logs there before the scratch folder goes
+#   STEER_GGUF_CHECK_VARIANT=vulkan            a GPU variant (build_wheels.sh with CMAKE_ARGS):
+#       installed from DIST/vulkan beside DIST, its backend must be found, and the test subset runs
+#       with every layer on device 0 (GGML_VK_VISIBLE_DEVICES=0: Mesa's llvmpipe where there is no
+#       GPU); no qemu step (an emulated CPU has no Vulkan device to speak of)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,6 +36,18 @@ trap 'keep_logs; rm -rf "$W"' EXIT
 QEMU_MODE=${STEER_GGUF_QEMU:-quick}
 case $QEMU_MODE in 0|quick|full) ;; *) echo "check_wheels: STEER_GGUF_QEMU must be 0, quick or full, got '$QEMU_MODE'" >&2; exit 2 ;; esac
 fail() { echo "check_wheels: FAIL: $*" >&2; exit 1; }
+VARIANT=${STEER_GGUF_CHECK_VARIANT:-}
+FIND=(--find-links "$DIST")
+GPU_ENV=()
+case $VARIANT in
+    "") ;;
+    vulkan)
+        ls "$DIST/$VARIANT"/steer_gguf-*+"$VARIANT"-*.whl >/dev/null 2>&1 || fail "no $VARIANT wheel in $DIST/$VARIANT: run CMAKE_ARGS=-DGGML_VULKAN=ON scripts/build_wheels.sh"
+        FIND=(--find-links "$DIST/$VARIANT" --find-links "$DIST")
+        GPU_ENV=(GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} STEER_GGUF_TEST_NGL=99)
+        QEMU_MODE=0 ;;
+    *) echo "check_wheels: STEER_GGUF_CHECK_VARIANT must be vulkan or empty, got '$VARIANT'" >&2; exit 2 ;;
+esac
 
 # ---- a machine without a compiler -----------------------------------------------------------------
 mkdir -p "$W/bin" "$W/home"
@@ -50,7 +66,7 @@ clean python3 -m venv "$W/venv"
 VPY=$W/venv/bin/python
 
 t0=$(date +%s.%N)
-clean "$VPY" -m pip install --no-index --find-links "$DIST" steer-gguf >"$W/pip.log" 2>&1 || { cat "$W/pip.log"; fail "pip install"; }
+clean "$VPY" -m pip install --no-index "${FIND[@]}" steer-gguf >"$W/pip.log" 2>&1 || { cat "$W/pip.log"; fail "pip install"; }
 t1=$(date +%s.%N)
 secs=$("$VPY" -c "print(f'{$t1 - $t0:.1f}')")
 cat "$W/pip.log"
@@ -63,13 +79,19 @@ echo "check_wheels: installed from $DIST in $secs s (limit $LIMIT s), wheels onl
 cd "$W"  # never the checkout: `import steer_gguf` must find the installed wheel
 clean "$W/venv/bin/steer-gguf" info --system | tee "$W/info.txt"
 grep -q "^build: dispatching" "$W/info.txt" || fail "the wheel's build is not the dispatching one"
+if [ -n "$VARIANT" ]; then
+    grep -q "^Successfully installed .*steer-gguf-[0-9.]*+$VARIANT" "$W/pip.log" || fail "pip did not pick the $VARIANT wheel"
+    clean env "${GPU_ENV[@]}" "$W/venv/bin/steer-gguf" info --system --json >"$W/info-$VARIANT.json"
+    "$VPY" -c "import json, sys; d = json.load(open(sys.argv[1])); sys.exit(0 if any(b['name'].lower() == sys.argv[2] and b['devices'] for b in d['backends']) else 1)" \
+        "$W/info-$VARIANT.json" "$VARIANT" || { cat "$W/info-$VARIANT.json"; fail "the $VARIANT backend was not found"; }
+fi
 clean "$W/venv/bin/steer-gguf" demo --out "$W/demo" --show 1 >"$W/demo.log" 2>&1 || { cat "$W/demo.log"; fail "steer-gguf demo"; }
 tail -4 "$W/demo.log"
 "$VPY" "$ROOT/scripts/wheel_check.py" demo-steers "$W/demo.log" || fail "the demo's steering took no effect"
 clean "$VPY" -m pip install -q --no-index --find-links "$DIST" pytest hypothesis
 # the pytest script, not `python -m pytest`: the checkout's root must not shadow the installed package
-(cd "$ROOT" && clean "$W/venv/bin/pytest" -q -p no:cacheprovider tests/test_wheels.py tests/test_steering.py) \
-    || fail "the test subset on the installed wheel"
+(cd "$ROOT" && clean env "${GPU_ENV[@]}" "$W/venv/bin/pytest" -q -p no:cacheprovider tests/test_wheels.py \
+    tests/test_steering.py ${VARIANT:+tests/test_slots.py}) || fail "the test subset on the installed wheel"
 
 # ---- older CPUs under qemu-user -------------------------------------------------------------------
 # still in $W: `python -m steer_gguf` puts the current directory first on sys.path

@@ -148,6 +148,39 @@ def test_detect_on_the_server_refuses_bad_input_in_one_line(server, body, code, 
     assert api(server, "v1/steer/detect", {"dataset": "builtin:demo-numbers"}, key=None).status_code == 401
 
 
+def test_whole_profiles_follow_the_servers_force_and_their_caches_stay_bounded(server, tmp_path):
+    """A profile sent whole is checked as the profiles directory's are: one made on another model
+    of the same shape is refused, unless the server runs with --force. However many distinct ones
+    arrive with a steer_topk, the server keeps a bounded number of them and of their K copies."""
+    from types import SimpleNamespace
+
+    from steer_gguf import model_info
+    from steer_gguf.serve.app import MAX_INLINE_PROFILES, ServerState
+
+    digits = json.loads(style_profile("digits", tmp_path).read_text())
+    other = dict(digits, model=dict(digits["model"], fingerprint="0" * 32))
+    req = {"messages": MSGS, "max_tokens": 8, "temperature": 0, "seed": 0, "steer_profile": other}
+    r = api(server, "v1/chat/completions", req)
+    assert r.status_code == 400 and "fingerprint" in r.json()["error"]["message"], r.text
+    assert api(server, "v1/steer/profile/check", other).status_code == 400
+    forced = WebServer(tmp_path, "--force")
+    try:
+        r = api(forced, "v1/chat/completions", req)
+        assert r.status_code == 200, r.text
+        assert classify("numbers", r.json()["choices"][0]["message"]["content"]) == "digits"
+        assert api(forced, "v1/steer/profile/check", other).status_code == 200
+    finally:
+        forced.stop()
+    state = ServerState(llm=SimpleNamespace(info=model_info(DEMO_MODEL), force=False), profiles=None, worker=None,
+                        model_id="demo")
+    for i in range(3 * MAX_INLINE_PROFILES):
+        name, p = state.profile_of(dict(digits, name=f"p{i}"), 3 + i % 2)
+        assert p.topk == 3 + i % 2 and name.startswith("inline:")
+    assert len(state.inline) == MAX_INLINE_PROFILES
+    assert len(state.with_k) <= MAX_INLINE_PROFILES and {n for n, _ in state.with_k} <= {
+        f"inline:{k}" for k in state.inline}
+
+
 def test_a_whole_profile_as_steer_profile_and_the_retrace_rows_match_steer_trace(server, tmp_path):
     digits = json.loads(style_profile("digits", tmp_path).read_text())
     req = {"messages": MSGS, "steer_trace": True, "max_tokens": 16, "temperature": 0, "seed": 0}

@@ -194,12 +194,16 @@ class ServerState:
         if key not in self.inline:
             try:
                 p = Profile.from_dict(data, source="steer_profile")
-                p.check(self.llm.info, source="steer_profile")
+                # serve --force accepts them as it accepts the profiles directory's
+                p.check(self.llm.info, force=self.llm.force, source="steer_profile")
             except SteerError as e:
                 raise APIError(400, str(e), "invalid_request_error", "invalid_profile", "steer_profile") from None
             self.inline[key] = None if p.is_empty else p
             while len(self.inline) > MAX_INLINE_PROFILES:
-                self.inline.popitem(last=False)
+                gone, _ = self.inline.popitem(last=False)
+                # and its copies with other K, so that neither table grows with the requests
+                for k in [k for k in self.with_k if k[0] == f"inline:{gone}"]:
+                    del self.with_k[k]
         self.inline.move_to_end(key)
         return name, self.inline[key]
 

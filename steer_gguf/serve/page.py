@@ -110,7 +110,7 @@ def add_routes(app: FastAPI, state: ServerState, auth: list) -> None:
         data = await _parse_json(request, state.max_body)
         try:
             p = Profile.from_dict(data, source="profile")
-            p.check(state.llm.info, source="profile")
+            p.check(state.llm.info, force=state.llm.force, source="profile")
         except SteerError as e:
             raise APIError(400, str(e), code="invalid_profile") from None
         return {"profile": p.to_dict(), "summary": p.summary()}
