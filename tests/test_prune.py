@@ -87,19 +87,28 @@ def test_a_sampled_last_layer_records_the_same_rows_for_those_tokens(qwen):
     np.testing.assert_allclose(u3.frequency().sum(axis=1), info.n_expert_used)
 
 
-def test_the_last_layer_samples_only_with_enough_data(qwen):
-    """The stride never leaves the last layer fewer than 10 tokens per expert; 1 asks for every
-    token; below 1 is refused."""
+def test_the_last_layer_samples_only_where_it_costs_and_with_enough_data(qwen):
+    """By default the last layer samples 1 token in ceil(25 / MoE layers): 7 on this 4-layer
+    model, 4 on 8 layers, every token from 25 MoE layers up (exact REAP); never leaving fewer than
+    10 tokens per expert; an explicit stride is kept (1: every token); below 1 is refused."""
+    from types import SimpleNamespace
+
     from steer_gguf.errors import SteerError
 
     info = model_info(qwen)
     need = 10 * info.n_expert
+    assert len(info.moe_layers) == 4
     assert last_layer_stride(info, need - 1) == 1
     assert last_layer_stride(info, 2 * need) == 2
-    assert last_layer_stride(info, 100 * need) == 4
-    assert last_layer_stride(info, 100 * need, most=1) == 1
+    assert last_layer_stride(info, 100 * need) == 7
+    assert last_layer_stride(info, 100 * need, 3) == 3 and last_layer_stride(info, 100 * need, 1) == 1
+    for layers, want in ((8, 4), (16, 2), (24, 2), (25, 1), (48, 1)):
+        shape = SimpleNamespace(n_layer=layers, moe_layers=list(range(layers)), n_expert=info.n_expert)
+        assert last_layer_stride(shape, 100 * need) == want, layers
+    dense_last = SimpleNamespace(n_layer=5, moe_layers=[0, 1, 2, 3], n_expert=info.n_expert)
+    assert last_layer_stride(dense_last, 100 * need) == 1  # nothing to sample: prefill computes it anyway
     with pytest.raises(SteerError, match="--last-layer-stride must be >= 1"):
-        last_layer_stride(info, 100 * need, most=0)
+        last_layer_stride(info, 100 * need, 0)
 
 
 def test_saliency_is_weight_times_the_experts_output_norm(qwen, tmp_path):

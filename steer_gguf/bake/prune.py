@@ -23,19 +23,22 @@ from ..profile import ExpertRule, ModelRef, Profile
 CRITERIA = ("reap", "frequency")
 RANDOM_SEEDS = 5
 MIN_TOKENS_PER_EXPERT = 10  # below this many calibration tokens per expert the ranking is noise
-# the model's last layer records 1 token in this many (engine/saliency.expert_usage says why), but
-# never so few that it sees fewer than MIN_TOKENS_PER_EXPERT per expert
-LAST_LAYER_STRIDE = 4
+# Recording the model's last layer for every token costs about 1 / (MoE layers) of prefill
+# (engine/saliency.expert_usage says why): by default it records 1 token in as few as keep that
+# under this share, so from 25 MoE layers up every token (exact REAP), on 8 layers 1 in 4
+LAST_LAYER_BUDGET = 0.04
 
 
-def last_layer_stride(info, n_tokens: int, most: int = LAST_LAYER_STRIDE) -> int:
-    """The last layer's sampling stride for n_tokens of calibration: up to `most`, never below the
-    per-expert minimum; 1 (every token) where the last layer is dense or the data is small."""
-    if most < 1:
-        raise SteerError(f"--last-layer-stride must be >= 1, got {most}")
+def last_layer_stride(info, n_tokens: int, stride: int | None = None) -> int:
+    """The last layer's sampling stride for n_tokens of calibration: `stride` (--last-layer-stride),
+    else the fewest-skipping one within LAST_LAYER_BUDGET; never so large that the last layer sees
+    fewer than MIN_TOKENS_PER_EXPERT tokens per expert; 1 (every token) where it is dense."""
+    if stride is not None and stride < 1:
+        raise SteerError(f"--last-layer-stride must be >= 1, got {stride}")
     if info.n_layer - 1 not in info.moe_layers:
         return 1
-    return max(1, min(most, n_tokens // (MIN_TOKENS_PER_EXPERT * info.n_expert)))
+    want = stride if stride is not None else math.ceil(1 / (LAST_LAYER_BUDGET * len(info.moe_layers)) - 1e-9)
+    return max(1, min(want, n_tokens // (MIN_TOKENS_PER_EXPERT * info.n_expert)))
 
 
 def n_keep(info, keep: float | None, drop: int | None) -> int:
@@ -183,12 +186,12 @@ def measure(llm, windows_heldout, kept_sets: list[tuple[str, dict[int, list[int]
 
 def run_prune(llm, calibration: str, windows: list[list[int]], heldout: str, heldout_name: str, keeps: list[int],
               criterion: str, seeds: int = RANDOM_SEEDS, on_progress=None,
-              last_stride: int = LAST_LAYER_STRIDE) -> tuple[PruneReport, dict]:
+              last_stride: int | None = None) -> tuple[PruneReport, dict]:
     """Usage on the calibration data, then every keep count: the criterion's prune, the frequency
     prune beside REAP, and `seeds` random prunes, each measured on the held-out text. Also returns
     the criterion's kept sets by keep count (what the written file keeps). windows: the
-    calibration's tokens (calibration_windows); last_stride: the most the last layer samples
-    (last_layer_stride)."""
+    calibration's tokens (calibration_windows); last_stride: --last-layer-stride (None: the
+    default of last_layer_stride)."""
     from ..engine.saliency import expert_usage
     from ..evaluation.measure import quality_windows
     from .plan import _check_prunable

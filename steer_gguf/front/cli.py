@@ -407,10 +407,11 @@ def bake(model, profile, output, method, drop_unbakeable, check, merge, json_out
 @click.option("--heldout", type=click.Path(), help="held-out text for KL and perplexity [default: the built-in "
               "neutral text]")
 @click.option("--seeds", type=int, default=5, show_default=True, help="random prunes of the same size to compare")
-@click.option("--last-layer-stride", type=int, default=4, show_default=True,
-              help="the last layer's saliency from 1 calibration token in N (its experts run for output rows "
-                   "only in prefill, so every token would cost a whole layer); never below 10 tokens per "
-                   "expert; 1: every token")
+@click.option("--last-layer-stride", type=int, default=None,
+              help="the last layer's saliency from 1 calibration token in N (its experts run for the output "
+                   "row only in prefill, so every token costs a whole layer's expert work); default: every "
+                   "token from 25 MoE layers up, else 1 in ceil(25 / MoE layers), keeping that cost under 4%; "
+                   "never below 10 tokens per expert; 1: every token")
 @click.option("--sweep", help="keep fractions to compare, e.g. 0.9,0.75,0.5 (prints size against cost; no file)")
 @click.option("--output", "-o", type=click.Path(), help="the pruned GGUF (required but with --sweep)")
 @click.option("--merge", is_flag=True, help="write one file for a split model (default: split like the source)")
