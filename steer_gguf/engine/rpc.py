@@ -138,8 +138,13 @@ def bound_waits(seconds: float | None = None) -> int:
             fd = int(name)
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
-            s = socket.socket(fileno=os.dup(fd))  # a duplicate: options are the socket's, shared
+            dup = os.dup(fd)  # a duplicate to wrap: options are the socket's, shared by both
         except (OSError, ValueError):
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except (OSError, ValueError):
+            os.close(dup)
             continue
         try:
             if s.type == socket.SOCK_STREAM and tuple(s.getpeername()[:2]) in peers:
