@@ -84,7 +84,14 @@ def build(build_dir: pathlib.Path, jobs: int) -> pathlib.Path:
     if not (src / "CMakeLists.txt").exists():
         shutil.rmtree(src, ignore_errors=True)
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(sdist(cache, pin)) as tf:
-            tf.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, filter="data")
+            else:  # Python < 3.11.4 (Debian 12's 3.11.2): no extraction filters; refuse what they would
+                bad = [m.name for m in tf.getmembers() if m.name.startswith("/") or ".." in pathlib.PurePath(m.name).parts
+                       or m.issym() or m.islnk() or m.isdev()]
+                if bad:
+                    raise SystemExit(f"stock_check: the sdist holds unsafe entries: {bad[:3]}")
+                tf.extractall(tmp)
             shutil.move(str(next(pathlib.Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"), src)
     b = build_dir / "b"
     # the build tools next to this Python first (CI installs them into the venv), then PATH
