@@ -130,13 +130,9 @@ def stock_logits(lib: pathlib.Path, model: pathlib.Path, toks_file: pathlib.Path
 
 
 def compare(ours: np.ndarray, stock: np.ndarray) -> dict:
-    def logsoftmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(axis=1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    from steer_gguf.engine.scoring import kl_divergence, log_softmax
 
-    p, q = logsoftmax(ours), logsoftmax(stock)
-    kl = (np.exp(p) * (p - q)).sum(axis=1)
+    kl = kl_divergence(log_softmax(ours), log_softmax(stock))
     top1 = float((ours.argmax(axis=1) == stock.argmax(axis=1)).mean())
     res = {"positions": int(ours.shape[0]), "top1_agreement": top1, "mean_kl": float(kl.mean()),
            "max_kl": float(kl.max()), "max_abs_logit_diff": float(np.abs(ours - stock).max())}

@@ -28,7 +28,8 @@ def start_server(binary: str | pathlib.Path, port: int | None = None) -> tuple[s
     p = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    for _ in range(600):
+    deadline = time.monotonic() + 120  # a bound on a hang, not a speed: it listens in well under a second
+    while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return p, f"127.0.0.1:{port}"

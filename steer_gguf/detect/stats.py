@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from .risk import accumulate
+
 
 def routing_stats(llm, conversations: list[list[dict]], batch_tokens: int = 2048) -> dict:
     """Per MoE layer: selection counts and shares, routing entropy, load balance."""
@@ -13,9 +15,7 @@ def routing_stats(llm, conversations: list[list[dict]], batch_tokens: int = 2048
     counts = np.zeros((len(info.moe_layers), info.n_expert), dtype=np.int64)
     n_tok = 0
     for ex in llm.trace_many(seqs, batch_tokens=batch_tokens):
-        for j in range(ex.shape[1]):
-            x = ex[:, j, :].ravel()
-            counts[j] += np.bincount(x[x >= 0], minlength=info.n_expert)[: info.n_expert]
+        accumulate(counts, ex)
         n_tok += ex.shape[0]
     layers = []
     for j, il in enumerate(info.moe_layers):

@@ -213,8 +213,7 @@ def _detect(state: ServerState, body: DetectRequest) -> dict:
     llm = state.llm
     with tempfile.TemporaryDirectory() as tmp:
         if body.jsonl is not None:
-            base = os.path.basename(body.name)
-            shown = base if re.fullmatch(_SAFE_NAME, base) else "pairs.jsonl"
+            shown = _page_name(body.name, "pairs.jsonl")
             spec = os.path.join(tmp, shown)
             with open(spec, "w", encoding="utf-8") as f:
                 f.write(body.jsonl)
@@ -243,14 +242,20 @@ def _detect(state: ServerState, body: DetectRequest) -> dict:
     return res
 
 
+def _page_name(name: str, default: str) -> str:
+    """An uploaded file's name as the page gave it, if a plain file name (never "..", never a
+    path), else `default`: it only ever names the file in messages and in the server's temporary
+    folder."""
+    base = os.path.basename(name)
+    return base if re.fullmatch(_SAFE_NAME, base) else default
+
+
 def _load_table(name: str, text: str):
     """A detection table (`detect`'s CSV) read as the CLI reads it; errors name the file as
     the page gave it, never where the server put it."""
     from ..detect.risk import DetectionTable
 
-    base = os.path.basename(name)
-    # the page's name for it, if a plain file name (never "..", never a path): it only ever names the file in errors
-    shown = base if re.fullmatch(_SAFE_NAME, base) else "table.csv"
+    shown = _page_name(name, "table.csv")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, shown)
         with open(path, "w", encoding="utf-8", newline="") as f:
